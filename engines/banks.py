@@ -1,0 +1,138 @@
+"""Memory banks of normal patch embeddings, searched by nearest neighbour in FAISS.
+
+A bank holds M float32 vectors of size d. `nearest` returns, per query, the Euclidean
+distance to its nearest bank vector (and which one). Index kinds:
+
+- ``flat``: exact search (the default);
+- ``ivf``: inverted lists over k-means cells, ``nprobe`` cells searched per query;
+- ``hnsw``: a navigable small-world graph, ``ef_search`` candidates per query.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from engines.errors import ConfigError
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+
+
+@dataclasses.dataclass(frozen=True)
+class BankConfig:
+    """index: one of INDEX_KINDS; nlist / nprobe for ivf (nlist 0: 4*sqrt(M)); m / ef_search for hnsw."""
+
+    index: str = "flat"
+    nlist: int = 0
+    nprobe: int = 8
+    hnsw_m: int = 32
+    ef_search: int = 64
+
+    def __post_init__(self):
+        if self.index not in INDEX_KINDS:
+            raise ConfigError(f"unknown index {self.index!r}; valid kinds: {', '.join(INDEX_KINDS)}")
+
+
+def _faiss():
+    import faiss  # imported where used: faiss-gpu and faiss-cpu both provide it
+
+    return faiss
+
+
+class MemoryBank:
+    """A FAISS index over normal patch embeddings."""
+
+    def __init__(self, index, config: BankConfig):
+        self.index = index
+        self.config = config
+        self._apply_search_params()
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, config: BankConfig = BankConfig()) -> "MemoryBank":
+        """vectors: float32 [M, d], kept in this order (bank id i is row i)."""
+        faiss = _faiss()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        m, d = vectors.shape
+        if config.index == "flat":
+            index = faiss.IndexFlatL2(d)
+        elif config.index == "ivf":
+            nlist = config.nlist or max(1, int(4 * np.sqrt(m)))
+            nlist = min(nlist, max(1, m // 39))  # faiss wants >= 39 training points per cell
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+            index.train(vectors)
+        else:
+            index = faiss.IndexHNSWFlat(d, config.hnsw_m)
+            index.hnsw.efConstruction = 2 * config.hnsw_m
+        index.add(vectors)
+        return cls(index, config)
+
+    def _apply_search_params(self) -> None:
+        if self.config.index == "ivf":
+            self.index.nprobe = self.config.nprobe
+        elif self.config.index == "hnsw":
+            self.index.hnsw.efSearch = self.config.ef_search
+
+    @property
+    def size(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def search(self, queries: np.ndarray, k: int = 1, exclude: tuple[int, int] | None = None):
+        """queries float32 [P, d] -> (distances float32 [P, k] Euclidean, ids int64 [P, k]).
+
+        exclude: a half-open id range [lo, hi) left out of the search (used to score a
+        training image against the bank without its own patches).
+        """
+        faiss = _faiss()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        params = None
+        if exclude is not None:
+            selector = faiss.IDSelectorNot(faiss.IDSelectorRange(int(exclude[0]), int(exclude[1])))
+            if self.config.index == "ivf":
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=self.config.nprobe)
+            elif self.config.index == "hnsw":
+                params = faiss.SearchParametersHNSW(sel=selector, efSearch=self.config.ef_search)
+            else:
+                params = faiss.SearchParameters(sel=selector)
+        dist, ids = self.index.search(queries, k, params=params)
+        np.maximum(dist, 0, out=dist)
+        return np.sqrt(dist, out=dist), ids
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Bank vectors float32 [len(ids), d] for the given ids."""
+        return np.stack([self.index.reconstruct(int(i)) for i in ids])
+
+    def save(self, path: str | Path) -> None:
+        _faiss().write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, config: BankConfig) -> "MemoryBank":
+        return cls(_faiss().read_index(str(path)), config)
+
+
+def image_scores(bank: MemoryBank, queries: np.ndarray, patch_scores: np.ndarray, nearest_ids: np.ndarray,
+                 reweight_k: int = 0) -> np.ndarray:
+    """Image score per image: the maximum patch score, optionally PatchCore-reweighted.
+
+    queries float32 [N, P, d], patch_scores float32 [N, P], nearest_ids int64 [N, P] -> float32 [N].
+    With reweight_k > 0 the maximum s* (query q*, nearest bank vector m*) becomes
+    ``(1 - exp(s*) / sum_{m in kNN(m*)} exp(|q* - m|)) * s*`` (PatchCore, eq. 7).
+    """
+    top = patch_scores.argmax(axis=1)
+    rows = np.arange(len(top))
+    best = patch_scores[rows, top]
+    if reweight_k <= 0 or bank.size < 2:
+        return best.astype(np.float32)
+    k = min(reweight_k, bank.size)
+    _, neighbours = bank.search(bank.vectors(nearest_ids[rows, top]), k)
+    out = np.empty(len(top), np.float32)
+    for i in rows:
+        dists = np.linalg.norm(bank.vectors(neighbours[i]) - queries[i, top[i]], axis=1)
+        shift = max(dists.max(), best[i])  # a stable softmax: the ratio is unchanged
+        out[i] = (1.0 - np.exp(best[i] - shift) / np.exp(dists - shift).sum()) * best[i]
+    return out

@@ -1,0 +1,266 @@
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from calibration.metrics import (
+    au_pro,
+    average_precision,
+    f1_max,
+    image_metrics,
+    pixel_metrics,
+    roc_auc,
+)
+
+RTOL = 1e-9
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def sk_f1_max(scores, labels):
+    p, r, _ = precision_recall_curve(labels, scores)
+    denom = p + r
+    f1 = np.divide(2 * p * r, denom, out=np.zeros_like(denom), where=denom > 0)
+    return f1.max()
+
+
+def ref_au_pro(maps, masks, fpr_limit):
+    """Slow, direct AU-PRO: loop over every distinct threshold."""
+    scores = np.concatenate([m.ravel() for m in maps]).astype(np.float32)
+    normal = np.concatenate([(k == 0).ravel() for k in masks])
+    regions, offset = [], 0
+    for k in masks:
+        lab, n = ndi.label(k != 0, structure=np.ones((3, 3)))
+        for i in range(1, n + 1):
+            region = np.zeros(scores.size, bool)
+            region[offset : offset + k.size] = (lab == i).ravel()
+            regions.append(region)
+        offset += k.size
+
+    fprs, pros = [0.0], [0.0]
+    for t in np.unique(scores)[::-1]:
+        above = scores >= t
+        fprs.append(above[normal].mean())
+        pros.append(np.mean([above[reg].mean() for reg in regions]))
+
+    area = 0.0
+    for i in range(1, len(fprs)):
+        x0, x1, y0, y1 = fprs[i - 1], fprs[i], pros[i - 1], pros[i]
+        if x1 <= fpr_limit:
+            area += (x1 - x0) * (y0 + y1) / 2
+        else:
+            if x0 < fpr_limit:
+                y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+                area += (fpr_limit - x0) * (y0 + y_lim) / 2
+            break
+    return area / fpr_limit
+
+
+def random_images(rng, shapes, decimals=None):
+    """Random maps with several blob regions per mask; defects score higher on average."""
+    maps, masks = [], []
+    for h, w in shapes:
+        mask = np.zeros((h, w), np.uint8)
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            ry, rx = rng.integers(1, 4), rng.integers(1, 4)
+            mask[max(0, y - ry) : y + ry, max(0, x - rx) : x + rx] = 255
+        mask[rng.random((h, w)) < 0.01] = 1  # isolated / diagonal speckles
+        m = rng.random((h, w)).astype(np.float32) + 0.5 * (mask > 0)
+        if decimals is not None:
+            m = np.round(m, decimals)
+        maps.append(m.astype(np.float32))
+        masks.append(mask)
+    return maps, masks
+
+
+SHAPES = [(12, 15), (20, 9), (7, 7), (16, 16)]
+
+
+# ---------------------------------------------------------------- 1-D metrics
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("decimals", [None, 2, 1, 0])
+def test_against_sklearn(seed, decimals):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 500))
+    labels = rng.random(n) < rng.uniform(0.1, 0.6)
+    labels[:2] = [True, False]
+    scores = rng.normal(size=n) + labels
+    if decimals is not None:
+        scores = np.round(scores, decimals)
+    np.testing.assert_allclose(roc_auc(scores, labels), roc_auc_score(labels, scores), rtol=RTOL)
+    np.testing.assert_allclose(
+        average_precision(scores, labels), average_precision_score(labels, scores), rtol=RTOL
+    )
+    np.testing.assert_allclose(f1_max(scores, labels), sk_f1_max(scores, labels), rtol=RTOL)
+
+
+def test_all_tied_scores():
+    labels = np.array([0, 1, 0, 0, 1, 0, 1], dtype=np.int64)
+    scores = np.full(labels.size, 0.7, np.float32)
+    assert roc_auc(scores, labels) == pytest.approx(0.5)
+    np.testing.assert_allclose(average_precision(scores, labels), average_precision_score(labels, scores), rtol=RTOL)
+    np.testing.assert_allclose(f1_max(scores, labels), sk_f1_max(scores, labels), rtol=RTOL)
+    np.testing.assert_allclose(f1_max(scores, labels), 2 * 3 / (3 + 7), rtol=RTOL)
+
+
+def test_perfect_and_inverted():
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    assert image_metrics(scores, labels) == {"auroc": 1.0, "ap": 1.0, "f1max": 1.0}
+    assert roc_auc(-scores, labels) == 0.0
+
+
+def test_label_dtypes_and_float32():
+    rng = np.random.default_rng(7)
+    labels = rng.random(300) < 0.3
+    scores = np.round(rng.random(300), 1).astype(np.float32)
+    ref = roc_auc_score(labels, scores)
+    for lab in (labels, labels.astype(np.uint8), labels.astype(float)):
+        np.testing.assert_allclose(roc_auc(scores, lab), ref, rtol=RTOL)
+
+
+def test_image_metrics_consistent():
+    rng = np.random.default_rng(1)
+    labels = rng.random(200) < 0.4
+    scores = np.round(rng.random(200) + 0.3 * labels, 1)
+    out = image_metrics(scores, labels)
+    assert set(out) == {"auroc", "ap", "f1max"}
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in out.values())
+    assert out["auroc"] == roc_auc(scores, labels)
+    assert out["ap"] == average_precision(scores, labels)
+    assert out["f1max"] == f1_max(scores, labels)
+
+
+# ---------------------------------------------------------------- AU-PRO / pixel metrics
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("decimals", [None, 1])
+@pytest.mark.parametrize("fpr_limit", [0.3, 0.05, 1.0])
+def test_au_pro_against_reference(seed, decimals, fpr_limit):
+    rng = np.random.default_rng(100 + seed)
+    maps, masks = random_images(rng, SHAPES, decimals)
+    np.testing.assert_allclose(
+        au_pro(maps, masks, fpr_limit), ref_au_pro(maps, masks, fpr_limit), rtol=RTOL
+    )
+
+
+def test_au_pro_limit_hits_curve_point_exactly():
+    # 10 normal pixels: FPR 0.3 is reached exactly, with a vertical (tied) step there
+    maps = [np.array([[0.9, 0.9, 0.9, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.5, 0.9]], np.float32)]
+    masks = [np.array([[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]], np.uint8)]
+    for lim in (0.3, 0.25, 0.35):
+        np.testing.assert_allclose(au_pro(maps, masks, lim), ref_au_pro(maps, masks, lim), rtol=RTOL)
+
+
+def test_au_pro_diagonal_regions_are_connected():
+    mask = np.eye(4, dtype=np.uint8)  # one 8-connected region, four 4-connected ones
+    mask[0, 3] = 1  # a second region
+    m = np.zeros((4, 4), np.float32)
+    m[0, 0] = 1.0  # only 1 of 4 pixels of the diagonal region is detected
+    m[0, 3] = 1.0  # the single-pixel region is fully detected
+    # at FPR 0: PRO = (1/4 + 1) / 2 = 0.625 with 8-connectivity (4-connectivity: 2/5 = 0.4)
+    np.testing.assert_allclose(au_pro([m], [mask], 1e-9), 0.625, rtol=1e-6)
+    np.testing.assert_allclose(au_pro([m], [mask], 0.3), ref_au_pro([m], [mask], 0.3), rtol=RTOL)
+
+
+def test_au_pro_perfect_and_inverted():
+    rng = np.random.default_rng(3)
+    maps, masks = random_images(rng, SHAPES)
+    perfect = [np.where(k > 0, 1.0 + r, r).astype(np.float32) for r, k in zip(maps, masks)]
+    inverted = [-p for p in perfect]
+    assert au_pro(perfect, masks) == pytest.approx(1.0, abs=1e-12)
+    assert au_pro(perfect, masks, 0.01) == pytest.approx(1.0, abs=1e-12)
+    assert au_pro(inverted, masks) == pytest.approx(0.0, abs=1e-12)
+    out = pixel_metrics(perfect, masks)
+    assert out == pytest.approx({"auroc": 1.0, "ap": 1.0, "f1max": 1.0, "aupro": 1.0})
+
+
+def test_pixel_negative_scores_signed_zero_and_inf():
+    # the pixel path sorts float32 bit patterns: check the ordering edge cases
+    rng = np.random.default_rng(5)
+    maps, masks = random_images(rng, SHAPES, decimals=1)
+    values = np.array([-np.inf, -1e30, -2.5, -1e-45, -0.0, 0.0, 1e-45, 0.5, 3e38, np.inf], np.float32)
+    maps = [(m - 0.7).astype(np.float32) for m in maps]  # negative and positive scores
+    for m in maps:
+        m.ravel()[rng.integers(0, m.size, 15)] = rng.choice(values, 15)
+    scores = np.concatenate([m.ravel() for m in maps])
+    labels = np.concatenate([k.ravel() != 0 for k in masks])
+    out = pixel_metrics(maps, masks)
+    assert out["auroc"] == roc_auc(scores, labels)  # argsort path, handles inf
+    assert out["ap"] == pytest.approx(average_precision(scores, labels), rel=RTOL)
+    assert out["f1max"] == f1_max(scores, labels)
+    np.testing.assert_allclose(out["aupro"], ref_au_pro(maps, masks, 0.3), rtol=RTOL)
+    finite = [np.clip(m, -1e30, 3e38) for m in maps]  # sklearn rejects inf
+    np.testing.assert_allclose(
+        pixel_metrics(finite, masks)["auroc"],
+        roc_auc_score(labels, np.concatenate([m.ravel() for m in finite])),
+        rtol=RTOL,
+    )
+
+
+def test_pixel_float64_maps_are_scored_as_float32():
+    rng = np.random.default_rng(9)
+    maps, masks = random_images(rng, SHAPES)
+    maps64 = [m.astype(np.float64) + 1e-12 * rng.random(m.shape) for m in maps]
+    assert pixel_metrics(maps64, masks) == pixel_metrics(maps, masks)
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_pixel_metrics_consistent(decimals):
+    rng = np.random.default_rng(11)
+    maps, masks = random_images(rng, SHAPES, decimals)
+    out = pixel_metrics(maps, masks, fpr_limit=0.2)
+    assert set(out) == {"auroc", "ap", "f1max", "aupro"}
+    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in out.values())
+    scores = np.concatenate([m.ravel() for m in maps])
+    labels = np.concatenate([k.ravel() != 0 for k in masks])
+    np.testing.assert_allclose(out["auroc"], roc_auc_score(labels, scores), rtol=RTOL)
+    np.testing.assert_allclose(out["ap"], average_precision_score(labels, scores), rtol=RTOL)
+    np.testing.assert_allclose(out["f1max"], sk_f1_max(scores, labels), rtol=RTOL)
+    assert out["aupro"] == au_pro(maps, masks, fpr_limit=0.2)
+    assert out["auroc"] == roc_auc(scores, labels)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("fn", [roc_auc, average_precision, f1_max, image_metrics])
+def test_one_class_raises(fn):
+    with pytest.raises(ValueError, match="only one class"):
+        fn(np.arange(5.0), np.zeros(5))
+    with pytest.raises(ValueError, match="only one class"):
+        fn(np.arange(5.0), np.ones(5, bool))
+
+
+@pytest.mark.parametrize("fn", [roc_auc, image_metrics])
+def test_bad_inputs_raise(fn):
+    with pytest.raises(ValueError, match="shapes"):
+        fn(np.arange(5.0), np.array([0, 1, 0]))
+    with pytest.raises(ValueError, match="empty"):
+        fn(np.array([]), np.array([]))
+    with pytest.raises(ValueError, match="NaN"):
+        fn(np.array([0.1, np.nan]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="0/1"):
+        fn(np.array([0.1, 0.2]), np.array([0, 2]))
+
+
+@pytest.mark.parametrize("fn", [au_pro, pixel_metrics])
+def test_pixel_errors(fn):
+    m = np.random.default_rng(0).random((5, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match="no defect"):
+        fn([m, m], [np.zeros((5, 6)), np.zeros((5, 6))])
+    with pytest.raises(ValueError, match="no normal"):
+        fn([m], [np.ones((5, 6))])
+    with pytest.raises(ValueError, match="shapes"):
+        fn([m], [np.ones((6, 5))])
+    with pytest.raises(ValueError, match="maps and masks"):
+        fn([m, m], [np.ones((5, 6))])
+    with pytest.raises(ValueError, match="maps and masks"):
+        fn([], [])
+    with pytest.raises(ValueError, match="fpr_limit"):
+        fn([m], [np.eye(5, 6)], fpr_limit=0.0)
