@@ -50,7 +50,7 @@ def train_images(root: str | Path) -> list[Path]:
     return paths
 
 
-def test_samples(root: str | Path) -> list[Sample]:
+def evaluation_samples(root: str | Path) -> list[Sample]:
     """Every image under <root>/test/<type>/, with its mask path for defect types."""
     root = Path(root)
     test = root / "test"

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from calibration import metrics
-from calibration.dataset import iter_batches, read_mask, test_samples
+from calibration.dataset import iter_batches, read_mask, evaluation_samples
 from calibration.model import InspectionModel, normalise, to_original_size
 
 Progress = Callable[[str, int, int], None]
@@ -41,7 +41,7 @@ def evaluate(model: InspectionModel, data: str | Path, batch_size: int = 16, map
     Pixel metrics are computed at each mask's original resolution. scores_dir receives float32
     TIFF score maps at the original size, named by the image's path relative to test/.
     """
-    samples = test_samples(data)
+    samples = evaluation_samples(data)
     size = model.input_size
     maps, scores = [], np.empty(len(samples), np.float32)
     keep = maps_dir is not None

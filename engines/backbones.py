@@ -118,7 +118,7 @@ class _SameConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
         pads = []
-        for size in (x.shape[-1], x.shape[-2]):
+        for size in (int(x.shape[-1]), int(x.shape[-2])):  # python ints: static pads in an exported graph
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)

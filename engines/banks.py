@@ -3,7 +3,9 @@
 A bank holds M float32 vectors of size d. `nearest` returns, per query, the Euclidean
 distance to its nearest bank vector (and which one). Index kinds:
 
-- ``flat``: exact search (the default);
+- ``flat``: exact search (the default). Stored as a FAISS flat index, searched by one torch
+  GEMM per block of queries (``|q|^2 - 2 q.b + |b|^2``, then the k smallest): measured 2.9x
+  faster than faiss-cpu's flat search on this 2-core CPU (bench/bank_search.py);
 - ``ivf``: inverted lists over k-means cells, ``nprobe`` cells searched per query;
 - ``hnsw``: a navigable small-world graph, ``ef_search`` candidates per query.
 """
@@ -48,6 +50,13 @@ class MemoryBank:
         self.index = index
         self.config = config
         self._apply_search_params()
+        self._matrix = None  # flat: the bank as a torch tensor [M, d] and its squared norms [M]
+        if config.index == "flat":
+            import torch
+
+            vectors = _faiss().rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
+            self._matrix = torch.from_numpy(np.array(vectors, np.float32).reshape(index.ntotal, index.d))
+            self._norms = (self._matrix * self._matrix).sum(1)
 
     @classmethod
     def build(cls, vectors: np.ndarray, config: BankConfig = BankConfig()) -> "MemoryBank":
@@ -88,8 +97,10 @@ class MemoryBank:
         exclude: a half-open id range [lo, hi) left out of the search (used to score a
         training image against the bank without its own patches).
         """
-        faiss = _faiss()
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self._matrix is not None:
+            return self._search_exact(queries, k, exclude)
+        faiss = _faiss()
         params = None
         if exclude is not None:
             selector = faiss.IDSelectorNot(faiss.IDSelectorRange(int(exclude[0]), int(exclude[1])))
@@ -102,6 +113,27 @@ class MemoryBank:
         dist, ids = self.index.search(queries, k, params=params)
         np.maximum(dist, 0, out=dist)
         return np.sqrt(dist, out=dist), ids
+
+    def _search_exact(self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None, block: int = 4096):
+        import torch
+
+        q = torch.from_numpy(queries)
+        dist = np.empty((len(queries), k), np.float32)
+        ids = np.empty((len(queries), k), np.int64)
+        with torch.inference_mode():
+            for start in range(0, len(q), block):
+                qb = q[start:start + block]
+                d2 = torch.addmm(self._norms[None, :], qb, self._matrix.T, alpha=-2.0)
+                if exclude is not None:
+                    d2[:, exclude[0]:exclude[1]] = float("inf")
+                if k == 1:
+                    best, idx = d2.min(dim=1, keepdim=True)
+                else:
+                    best, idx = torch.topk(d2, k, dim=1, largest=False)
+                best += (qb * qb).sum(1, keepdim=True)
+                dist[start:start + len(qb)] = best.clamp_(min=0).sqrt_().numpy()
+                ids[start:start + len(qb)] = idx.numpy()
+        return dist, ids
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """Bank vectors float32 [len(ids), d] for the given ids."""

@@ -1,0 +1,145 @@
+"""fit + eval through the CLI on synthetic data with planted defects, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration.dataset import evaluation_samples
+from calibration.metrics import roc_auc
+from pipeline.cli import main
+
+
+def test_fit_eval_round_trip_finds_planted_defects(fitted_model, synthetic_data, tmp_path, capsys):
+    manifest = json.loads((fitted_model / "manifest.json").read_text())
+    assert manifest["kind"] == "memory_bank" and manifest["grid"] == [16, 16]
+    assert manifest["fit"]["bank_size"] == round(0.25 * 12 * 16 * 16)
+    thresholds = json.loads((fitted_model / "thresholds.json").read_text())
+    assert thresholds["image"]["threshold"] > thresholds["image"]["min"] > 0
+
+    out = tmp_path / "metrics.json"
+    code = main(["eval", str(fitted_model), str(synthetic_data), "--json", str(out), "--maps", str(tmp_path / "maps"),
+                 "--scores", str(tmp_path / "scores"), "--threads", "2"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "image_auroc" in table and "pixel_aupro" in table
+    result = json.loads(out.read_text())
+    for key in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["n_images"] == 4 + 3 * 3 and result["images_per_s"] > 0
+    assert result["config"]["backbone"] == "efficientnet_lite0" and result["config"]["bank_size"] == 768
+    # the planted defects must be found, in the image and in the pixels
+    assert result["image_auroc"] >= 0.95
+    assert result["pixel_auroc"] >= 0.9 and result["pixel_aupro"] >= 0.7
+
+    samples = evaluation_samples(synthetic_data)
+    scores = []
+    for sample in samples:
+        tiff = tmp_path / "scores" / sample.rel.replace(".png", ".tiff")
+        score_map = cv2.imread(str(tiff), cv2.IMREAD_UNCHANGED)
+        assert score_map.dtype == np.float32 and score_map.shape == (128, 128)
+        assert (tmp_path / "maps" / sample.rel).is_file()
+        scores.append(score_map.max())
+    # the written maps are the ones the metrics were computed on: recompute pixel AUROC from them
+    maps = [cv2.imread(str(tmp_path / "scores" / s.rel.replace(".png", ".tiff")), cv2.IMREAD_UNCHANGED) for s in samples]
+    masks = [np.zeros((128, 128), bool) if s.mask_path is None else cv2.imread(str(s.mask_path), 0) > 0 for s in samples]
+    pixel = roc_auc(np.concatenate([m.ravel() for m in maps]), np.concatenate([m.ravel() for m in masks]))
+    assert pixel == pytest.approx(result["pixel_auroc"], abs=1e-6)
+
+
+def test_torch_runtime_scores_like_onnxruntime(fitted_model, synthetic_data, tmp_path):
+    results = {}
+    for runtime in ("onnxruntime", "torch"):
+        out = tmp_path / f"{runtime}.json"
+        assert main(["eval", str(fitted_model), str(synthetic_data), "--runtime", runtime, "--json", str(out)]) == 0
+        results[runtime] = json.loads(out.read_text())
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+        assert results["torch"][key] == pytest.approx(results["onnxruntime"][key], abs=2e-3)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_fit_without_train_good(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["fit", str(tmp_path / "empty"), "-o", str(tmp_path / "m")]) == 2
+    line = _error_line(capsys)
+    assert "train/good" in line and str(tmp_path / "empty") in line
+
+
+def test_fit_unreadable_image_is_named(synthetic_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    bad = data / "train" / "good" / "005.png"
+    bad.write_bytes(b"not an image at all")
+    assert main(["fit", str(data), "-o", str(tmp_path / "m"), "--input-size", "64"]) == 2
+    assert str(bad) in _error_line(capsys)
+
+
+def test_unknown_backbone_lists_valid_names(synthetic_data, tmp_path, capsys):
+    assert main(["fit", str(synthetic_data), "-o", str(tmp_path / "m"), "--backbone", "resnet9000"]) == 2
+    line = _error_line(capsys)
+    assert "resnet9000" in line and "efficientnet_lite0" in line and "wide_resnet50_2" in line
+
+
+def test_bad_options_are_refused(synthetic_data, tmp_path, capsys):
+    assert main(["fit", str(synthetic_data), "-o", str(tmp_path / "m"), "--coreset-ratio", "1.5"]) == 2
+    assert "coreset ratio" in _error_line(capsys)
+    assert main(["fit", str(synthetic_data), "-o", str(tmp_path / "m"), "--input-size", "100"]) == 2
+    assert "multiple of 32" in _error_line(capsys)
+    assert main(["fit", str(synthetic_data), "-o", str(tmp_path / "m"), "--layers", "stage2,stage9"]) == 2
+    assert "stage9" in _error_line(capsys)
+
+
+def test_fit_refuses_to_overwrite_foreign_directory(synthetic_data, tmp_path, capsys):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("precious")
+    assert main(["fit", str(synthetic_data), "-o", str(target)]) == 2
+    assert "not a lineguard model" in _error_line(capsys)
+    assert (target / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("damage", ["alter_bank", "delete_onnx", "garbage_manifest", "future_version"])
+def test_damaged_model_is_reported(fitted_model, synthetic_data, tmp_path, capsys, damage):
+    model = tmp_path / "model"
+    shutil.copytree(fitted_model, model)
+    if damage == "alter_bank":
+        with open(model / "bank.faiss", "r+b") as f:
+            f.seek(100)
+            f.write(b"\x01\x02\x03")
+        expected = "bank.faiss"
+    elif damage == "delete_onnx":
+        (model / "model.onnx").unlink()
+        expected = "model.onnx"
+    elif damage == "garbage_manifest":
+        (model / "manifest.json").write_text("{not json")
+        expected = "manifest.json"
+    else:
+        manifest = json.loads((model / "manifest.json").read_text())
+        manifest["format_version"] = 99
+        (model / "manifest.json").write_text(json.dumps(manifest))
+        expected = "version 99"
+    assert main(["eval", str(model), str(synthetic_data)]) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="train/good"):
+        main(["--debug", "fit", str(tmp_path), "-o", str(tmp_path / "m")])
+
+
+def test_wrong_image_shape_for_model_is_named(fitted_model):
+    from calibration.model import InspectionModel
+    from engines.errors import InputError
+
+    with InspectionModel(fitted_model) as model:
+        with pytest.raises(InputError, match=r"\[N, 128, 128, 3\]"):
+            model.score(np.zeros((1, 256, 256, 3), np.uint8))
