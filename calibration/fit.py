@@ -43,11 +43,11 @@ class FitConfig:
     scoring: ScoringConfig = ScoringConfig()
     weights: str | None = None
     coreset_ratio: float = 0.1
-    coreset_max: int = 0
+    coreset_max: int = 8192
     coreset_proj_dim: int = 128
     calib_images: int = 100
     runtime: str = "onnxruntime"
-    batch_size: int = 16
+    batch_size: int = 8
     threads: int | None = None
     seed: int = 0
 
@@ -127,9 +127,7 @@ def fit(data: str | Path, out: str | Path, config: FitConfig = FitConfig(),
     module = PatchEmbedding(config.embedding, config.weights)
     size = config.embedding.input_size
     export_onnx(module, size, out / "model.onnx")
-    engine = make_engine(config.runtime, config.embedding, out / "model.onnx", config.weights, config.threads)
-    if config.runtime == "torch":
-        engine.factory = lambda: module
+    engine = make_engine(config.runtime, config.embedding, out / "model.onnx", config.weights, config.threads, module)
     with engine:
         features = extract(engine, paths, size, config.batch_size, progress)
     t_extract = time.perf_counter() - start

@@ -30,11 +30,13 @@ class ScoringConfig:
 
 
 def make_engine(runtime: str, embedding: EmbeddingConfig, onnx_path: Path, weights: str | None,
-                threads: int | None = None) -> Engine:
-    """The patch-embedding engine for a runtime: onnxruntime runs onnx_path, torch rebuilds the network."""
+                threads: int | None = None, module: PatchEmbedding | None = None) -> Engine:
+    """The patch-embedding engine for a runtime: onnxruntime runs onnx_path; torch runs `module`,
+    or rebuilds the network from the config and weights."""
     check_runtime(runtime)
     if runtime == "torch":
-        return TorchEngine(lambda: PatchEmbedding(embedding, weights), embedding.input_size, threads)
+        factory = (lambda: module) if module is not None else (lambda: PatchEmbedding(embedding, weights))
+        return TorchEngine(factory, embedding.input_size, threads)
     return OnnxRuntimeEngine(onnx_path, embedding.input_size, threads)
 
 

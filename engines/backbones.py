@@ -91,13 +91,17 @@ def _load_state(model: nn.Module, path: str | Path, rename: Callable[[str], str 
         raise WeightsError(f"checkpoint {path} could not be read ({exc}); is it a torch state dict?") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict of tensors; "
+                           "save the model with torch.save(model.state_dict(), path)")
     mapped = {}
     for key, value in state.items():
         new = rename(key)
         if new is not None:
             mapped[new] = value
     own = model.state_dict()
-    missing = sorted(set(own) - set(mapped))
+    # BatchNorm batch counters do not affect inference; many published checkpoints omit them
+    missing = sorted(k for k in set(own) - set(mapped) if not k.endswith("num_batches_tracked"))
     if missing:
         raise WeightsError(
             f"checkpoint {path} lacks {len(missing)} tensors this backbone needs (first: {missing[0]}); "
@@ -106,7 +110,7 @@ def _load_state(model: nn.Module, path: str | Path, rename: Callable[[str], str 
     for key, value in mapped.items():
         if key in own and own[key].shape != value.shape:
             raise WeightsError(f"checkpoint {path}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-    model.load_state_dict({k: v for k, v in mapped.items() if k in own})
+    model.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)
 
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite

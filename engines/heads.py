@@ -16,7 +16,7 @@ from engines.errors import ConfigError
 class EmbeddingConfig:
     """How patch embeddings are made; written into the model manifest.
 
-    backbone: registered backbone name; layers: two or more stage names, the first one sets
+    backbone: registered backbone name; layers: one or more stage names, the first one sets
     the grid (input_size / its stride); input_size: square side in pixels the network sees;
     dim: embedding size (0 keeps every channel; smaller values apply a fixed orthogonal
     projection seeded by `seed`).

@@ -50,7 +50,7 @@ class Engine:
         s = self.input_size
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
             got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-            raise InputError(f"engine input must be a uint8 numpy array, got {got}")
+            raise InputError(f"engine input must be a uint8 numpy array of shape [N, {s}, {s}, 3], got {got}")
         if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.shape[0] < 1:
             raise InputError(f"engine input must have shape [N, {s}, {s}, 3], got {list(images.shape)}; "
                              f"resize images to {s}x{s} RGB first")

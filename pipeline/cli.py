@@ -96,8 +96,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """Synthetic product with planted defects -> fit -> eval with defect-map overlays."""
+    from calibration.synthetic import make_dataset
+
+    out = args.out
+    data = make_dataset(out / "data", seed=args.seed)
+    print(f"wrote a synthetic dataset with planted defects to {data}")
+    code = main(["fit", str(data), "-o", str(out / "model"), "--seed", str(args.seed)])
+    if code:
+        return code
+    return main(["eval", str(out / "model"), str(data), "--json", str(out / "metrics.json"),
+                 "--maps", str(out / "maps"), "--scores", str(out / "scores")])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from engines.banks import INDEX_KINDS
+    from calibration.fit import FitConfig
+    from calibration.model import ScoringConfig
+    from engines.banks import INDEX_KINDS, BankConfig
+    from engines.heads import EmbeddingConfig
     from engines.runtimes import RUNTIMES
 
     parser = argparse.ArgumentParser(prog="lineguard", description="Streaming visual inspection.")
@@ -106,23 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="inference runtime")
-        p.add_argument("--batch-size", type=_positive_int, default=16)
+        p.add_argument("--batch-size", type=_positive_int, default=8)
         p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
     fit = sub.add_parser("fit", help="fit a memory-bank model on DATA/train/good")
     fit.add_argument("data", type=Path, help="dataset folder in MVTec AD layout")
     fit.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
-    fit.add_argument("--backbone", default="efficientnet_lite0")
+    fit.add_argument("--backbone", default=EmbeddingConfig.backbone)
     fit.add_argument("--weights", default=None, help="backbone checkpoint path (default: installed weights)")
-    fit.add_argument("--layers", type=_layers, default=("stage2", "stage4"), help="comma-separated stages")
-    fit.add_argument("--input-size", type=int, default=256)
-    fit.add_argument("--dim", type=int, default=0, help="embedding size (0: all channels)")
-    fit.add_argument("--coreset-ratio", type=float, default=0.1)
-    fit.add_argument("--coreset-max", type=int, default=0, help="largest bank size (0: no limit)")
-    fit.add_argument("--index", choices=INDEX_KINDS, default="flat")
-    fit.add_argument("--reweight", type=int, default=0, help="PatchCore image-score reweighting k (0: off)")
-    fit.add_argument("--blur-sigma", type=float, default=4.0)
-    fit.add_argument("--calib-images", type=_positive_int, default=100)
+    fit.add_argument("--layers", type=_layers, default=EmbeddingConfig.layers, help="comma-separated stages")
+    fit.add_argument("--input-size", type=int, default=EmbeddingConfig.input_size)
+    fit.add_argument("--dim", type=int, default=EmbeddingConfig.dim, help="embedding size (0: all channels)")
+    fit.add_argument("--coreset-ratio", type=float, default=FitConfig.coreset_ratio)
+    fit.add_argument("--coreset-max", type=int, default=FitConfig.coreset_max,
+                     help="largest bank size (0: no limit); bounds search time")
+    fit.add_argument("--index", choices=INDEX_KINDS, default=BankConfig.index)
+    fit.add_argument("--reweight", type=int, default=ScoringConfig.reweight_k,
+                     help="PatchCore image-score reweighting k (0: off)")
+    fit.add_argument("--blur-sigma", type=float, default=ScoringConfig.blur_sigma)
+    fit.add_argument("--calib-images", type=_positive_int, default=FitConfig.calib_images)
     fit.add_argument("--seed", type=int, default=0)
     common(fit)
     fit.set_defaults(func=cmd_fit)
@@ -135,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scores", type=Path, default=None, help="write float32 TIFF score maps here")
     common(ev)
     ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="fit and evaluate on a built-in synthetic product (no data needed)")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where data, model and maps go")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,242 @@
+"""Memory-bank search and image scores (engines/banks.py), checked against brute-force numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engines.banks import INDEX_KINDS, BankConfig, MemoryBank, image_scores
+from engines.errors import ConfigError
+
+DIST_ATOL = 1e-4
+
+
+def _brute(bank: np.ndarray, queries: np.ndarray, k: int, exclude=None):
+    """Exact Euclidean kNN in float64: (distances [P, k], ids [P, k], all sorted distances [P, M'])."""
+    ids_all = np.arange(len(bank))
+    if exclude is not None:
+        ids_all = ids_all[(ids_all < exclude[0]) | (ids_all >= exclude[1])]
+    d = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None, ids_all].astype(np.float64)) ** 2).sum(-1))
+    order = np.argsort(d, axis=1, kind="stable")
+    sorted_d = np.take_along_axis(d, order, 1)
+    return sorted_d[:, :k], ids_all[order[:, :k]], sorted_d
+
+
+def _check_against_brute(bank_vectors, queries, dist, ids, k, exclude=None):
+    want_d, want_ids, sorted_d = _brute(bank_vectors, queries, k, exclude)
+    assert dist.shape == ids.shape == (len(queries), k)
+    assert dist.dtype == np.float32 and ids.dtype == np.int64
+    np.testing.assert_allclose(dist, want_d, rtol=0, atol=DIST_ATOL)
+    # the returned ids are at the returned distances (holds with ties too)
+    actual = np.linalg.norm(queries[:, None, :].astype(np.float64) - bank_vectors[ids].astype(np.float64), axis=2)
+    np.testing.assert_allclose(actual, dist, rtol=0, atol=DIST_ATOL)
+    # ids equal wherever the first k+1 neighbours are separated by more than the tolerance
+    gaps = np.diff(sorted_d[:, :k + 1], axis=1).min(axis=1)
+    clear = gaps > 10 * DIST_ATOL
+    assert clear.mean() > 0.9  # the data is tie-free enough for this to mean something
+    np.testing.assert_array_equal(ids[clear], want_ids[clear])
+
+
+@pytest.fixture(scope="module")
+def flat_data():
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((2000, 16)).astype(np.float32)
+    queries = rng.standard_normal((300, 16)).astype(np.float32)
+    return bank, queries, MemoryBank.build(bank)
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """4000 bank points around 50 Gaussian centres (dim 32), 400 queries from the same mixture."""
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((50, 32)).astype(np.float32) * 4
+    bank = (centres[rng.integers(50, size=4000)] + rng.standard_normal((4000, 32))).astype(np.float32)
+    queries = (centres[rng.integers(50, size=400)] + rng.standard_normal((400, 32))).astype(np.float32)
+    flat = MemoryBank.build(bank)
+    return bank, queries, flat
+
+
+# ----------------------------------------------------------------------------- flat
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_flat_search_equals_brute_force(flat_data, k):
+    bank, queries, index = flat_data
+    assert index.size == 2000 and index.dim == 16
+    dist, ids = index.search(queries, k)
+    _check_against_brute(bank, queries, dist, ids, k)
+    assert np.all(np.diff(dist, axis=1) >= 0)
+
+
+def test_flat_search_accepts_float64_and_noncontiguous(flat_data):
+    bank, queries, index = flat_data
+    d1, i1 = index.search(queries[::2], 2)
+    d2, i2 = index.search(queries.astype(np.float64)[::2], 2)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_flat_search_exclude(flat_data, k):
+    bank, queries, index = flat_data
+    lo, hi = 500, 900
+    # the realistic use: rows of the excluded range (an image's own patches) plus outside queries
+    q = np.concatenate([bank[lo:lo + 100], queries[:100]])
+    dist, ids = index.search(q, k, exclude=(lo, hi))
+    assert not np.any((ids >= lo) & (ids < hi))
+    _check_against_brute(bank, q, dist, ids, k, exclude=(lo, hi))
+
+
+def test_flat_save_load_round_trip(flat_data, tmp_path):
+    bank, queries, index = flat_data
+    path = tmp_path / "bank.faiss"
+    index.save(path)
+    loaded = MemoryBank.load(path, BankConfig())
+    assert loaded.size == index.size and loaded.dim == index.dim
+    for k, exclude in [(1, None), (3, None), (2, (0, 1000))]:
+        d0, i0 = index.search(queries, k, exclude=exclude)
+        d1, i1 = loaded.search(queries, k, exclude=exclude)
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_array_equal(d0, d1)
+    np.testing.assert_array_equal(loaded.vectors(np.array([0, 7, 1999])), bank[[0, 7, 1999]])
+
+
+def test_flat_search_self_distance_is_zero(clustered):
+    bank, _, flat = clustered
+    shifted = bank + np.float32(5.0)  # larger norms, as un-centred CNN features have
+    index = MemoryBank.build(shifted)
+    dist, ids = index.search(shifted[:500], 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(500))
+    assert dist.max() <= 1e-3, f"self distance up to {dist.max()}"
+
+
+def test_flat_exclude_never_returns_excluded_ids_even_when_k_exceeds_rest(flat_data):
+    bank, queries, _ = flat_data
+    index = MemoryBank.build(bank[:10])
+    dist, ids = index.search(queries[:5], 4, exclude=(0, 8))  # only 2 rows left
+    assert not np.any((ids >= 0) & (ids < 8)), ids
+
+
+# ----------------------------------------------------------------------------- approximate indexes
+
+
+def _recall_at_1(index: MemoryBank, flat: MemoryBank, queries: np.ndarray, exclude=None) -> float:
+    _, approx = index.search(queries, 1, exclude=exclude)
+    _, exact = flat.search(queries, 1, exclude=exclude)
+    return float((approx[:, 0] == exact[:, 0]).mean())
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_recall(kind, clustered):
+    bank, queries, flat = clustered
+    index = MemoryBank.build(bank, BankConfig(index=kind))
+    assert index.size == 4000 and index.dim == 32
+    assert _recall_at_1(index, flat, queries) >= 0.9
+    # approximate distances are true distances to the returned rows
+    dist, ids = index.search(queries, 3)
+    actual = np.linalg.norm(queries[:, None, :] - bank[ids], axis=2)
+    np.testing.assert_allclose(dist, actual, rtol=0, atol=DIST_ATOL)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_exclude(kind, clustered):
+    bank, queries, flat = clustered
+    index = MemoryBank.build(bank, BankConfig(index=kind))
+    lo, hi = 1000, 1200
+    q = np.concatenate([bank[lo:hi], queries[:200]])
+    dist, ids = index.search(q, 3, exclude=(lo, hi))
+    assert not np.any((ids >= lo) & (ids < hi))
+    assert np.all(ids >= 0)
+    assert _recall_at_1(index, flat, q, exclude=(lo, hi)) >= 0.9
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_save_load(kind, clustered, tmp_path):
+    bank, queries, _ = clustered
+    config = BankConfig(index=kind, nprobe=4, ef_search=32)
+    index = MemoryBank.build(bank, config)
+    index.save(tmp_path / "bank.faiss")
+    loaded = MemoryBank.load(tmp_path / "bank.faiss", config)
+    d0, i0 = index.search(queries, 2)
+    d1, i1 = loaded.search(queries, 2)
+    np.testing.assert_array_equal(i0, i1)
+    np.testing.assert_array_equal(d0, d1)
+
+
+def test_bank_config_unknown_kind_lists_kinds():
+    with pytest.raises(ConfigError) as err:
+        BankConfig(index="annoy")
+    msg = str(err.value)
+    assert "annoy" in msg
+    for kind in INDEX_KINDS:
+        assert kind in msg
+    assert set(INDEX_KINDS) == {"flat", "ivf", "hnsw"}
+
+
+# ----------------------------------------------------------------------------- image scores
+
+
+def _score_inputs(bank_vectors: np.ndarray, n_images: int = 5, patches: int = 20, seed: int = 2):
+    rng = np.random.default_rng(seed)
+    queries = rng.standard_normal((n_images, patches, bank_vectors.shape[1])).astype(np.float32)
+    d, ids, _ = _brute(bank_vectors, queries.reshape(-1, bank_vectors.shape[1]), 1)
+    return queries, d[:, 0].reshape(n_images, patches).astype(np.float32), ids[:, 0].reshape(n_images, patches)
+
+
+def _patchcore_reweighted(bank_vectors, queries, patch_scores, nearest_ids, k):
+    """PatchCore eq. 7, written out: w = 1 - exp|q*-m*| / sum_{m in kNN(m*)} exp|q*-m|, score = w |q*-m*|."""
+    out = []
+    for q, s, nn in zip(queries, patch_scores, nearest_ids):
+        top = int(np.argmax(s))
+        q_star = q[top].astype(np.float64)
+        m_star = bank_vectors[nn[top]].astype(np.float64)
+        _, neigh, _ = _brute(bank_vectors, m_star[None], k)  # includes m* itself
+        d_star = np.linalg.norm(q_star - m_star)
+        d_neigh = np.linalg.norm(bank_vectors[neigh[0]].astype(np.float64) - q_star, axis=1)
+        w = 1.0 - np.exp(d_star) / np.exp(d_neigh).sum()
+        out.append(w * d_star)
+    return np.array(out)
+
+
+def test_image_scores_plain_max(flat_data):
+    bank, _, index = flat_data
+    queries, scores, ids = _score_inputs(bank)
+    got = image_scores(index, queries, scores, ids, reweight_k=0)
+    assert got.dtype == np.float32 and got.shape == (5,)
+    np.testing.assert_array_equal(got, scores.max(axis=1))
+
+
+@pytest.mark.parametrize("k", [3, 9])
+def test_image_scores_reweighted_matches_patchcore(flat_data, k):
+    bank, _, index = flat_data
+    queries, scores, ids = _score_inputs(bank, seed=k)
+    got = image_scores(index, queries, scores, ids, reweight_k=k)
+    want = _patchcore_reweighted(bank, queries, scores, ids, k)
+    assert got.dtype == np.float32 and got.shape == (5,)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.all(got < scores.max(axis=1))  # the weight is in (0, 1)
+
+
+def test_image_scores_reweighted_hnsw(clustered):
+    bank, _, _ = clustered
+    index = MemoryBank.build(bank, BankConfig(index="hnsw", ef_search=256))
+    queries, scores, ids = _score_inputs(bank, seed=7)
+    got = image_scores(index, queries, scores, ids, reweight_k=4)
+    np.testing.assert_allclose(got, _patchcore_reweighted(bank, queries, scores, ids, 4), rtol=1e-4, atol=1e-5)
+
+
+def test_image_scores_reweighted_ivf(clustered):
+    bank, _, _ = clustered
+    index = MemoryBank.build(bank, BankConfig(index="ivf", nprobe=64))
+    queries, scores, ids = _score_inputs(bank, seed=7)
+    got = image_scores(index, queries, scores, ids, reweight_k=4)
+    np.testing.assert_allclose(got, _patchcore_reweighted(bank, queries, scores, ids, 4), rtol=1e-4, atol=1e-5)
+
+
+def test_image_scores_reweight_on_tiny_bank_is_plain_max():
+    bank = np.zeros((1, 4), np.float32)
+    index = MemoryBank.build(bank)
+    queries = np.ones((2, 3, 4), np.float32)
+    scores = np.array([[1, 3, 2], [0.5, 0.2, 0.1]], np.float32)
+    got = image_scores(index, queries, scores, np.zeros((2, 3), np.int64), reweight_k=3)
+    np.testing.assert_array_equal(got, [3, 0.5])

@@ -1,0 +1,268 @@
+"""Reading MVTec-layout datasets and images (calibration/dataset.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration.dataset import (
+    DataError,
+    decode_image,
+    evaluation_samples,
+    iter_batches,
+    read_image,
+    read_mask,
+    resize_to_input,
+    train_images,
+)
+from engines.errors import LineguardError
+
+
+def _write(path: Path, array: np.ndarray) -> Path:
+    """Write an array exactly as cv2 takes it (BGR / BGRA channel order)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array), path
+    return path
+
+
+def _write_rgb(path: Path, rgb: np.ndarray) -> Path:
+    return _write(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def _noise(h: int, w: int, c: int | None = 3, seed: int = 0, dtype=np.uint8) -> np.ndarray:
+    hi = 256 if dtype == np.uint8 else 65536
+    shape = (h, w) if c is None else (h, w, c)
+    return np.random.default_rng(seed).integers(0, hi, shape).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def test_rgb_png_round_trip(tmp_path):
+    rgb = _noise(20, 30)
+    got = read_image(_write_rgb(tmp_path / "x.png", rgb))
+    assert got.dtype == np.uint8 and got.shape == (20, 30, 3)
+    np.testing.assert_array_equal(got, rgb)
+
+
+def test_bgr_to_rgb_order(tmp_path):
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[:, :, 2] = 255  # pure red in cv2's BGR order
+    got = read_image(_write(tmp_path / "red.png", red))
+    assert np.all(got[:, :, 0] == 255) and np.all(got[:, :, 1:] == 0)
+
+
+def test_grey_png_repeated_to_three_channels(tmp_path):
+    grey = _noise(12, 16, None)
+    got = read_image(_write(tmp_path / "grey.png", grey))
+    assert got.shape == (12, 16, 3) and got.dtype == np.uint8
+    for c in range(3):
+        np.testing.assert_array_equal(got[:, :, c], grey)
+
+
+def test_rgba_png_drops_alpha(tmp_path):
+    bgra = _noise(10, 10, 4)
+    got = read_image(_write(tmp_path / "rgba.png", bgra))
+    assert got.shape == (10, 10, 3)
+    np.testing.assert_array_equal(got, bgra[:, :, [2, 1, 0]])  # alpha dropped, not blended
+
+
+def test_16bit_png_scaled_to_8bit(tmp_path):
+    bgr16 = _noise(9, 11, 3, dtype=np.uint16)
+    got = read_image(_write(tmp_path / "deep.png", bgr16))
+    assert got.dtype == np.uint8 and got.shape == (9, 11, 3)
+    np.testing.assert_array_equal(got, (bgr16 >> 8).astype(np.uint8)[:, :, ::-1])
+    grey16 = _noise(9, 11, None, dtype=np.uint16)
+    got = read_image(_write(tmp_path / "deep_grey.png", grey16))
+    np.testing.assert_array_equal(got, np.repeat((grey16 >> 8).astype(np.uint8)[:, :, None], 3, axis=2))
+
+
+def test_decode_image_from_bytes_and_array(tmp_path):
+    rgb = _noise(6, 7, seed=3)
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    np.testing.assert_array_equal(decode_image(encoded.tobytes(), "mem"), rgb)
+    np.testing.assert_array_equal(decode_image(encoded.ravel(), "mem"), rgb)
+    with pytest.raises(DataError, match="in-memory.png"):
+        decode_image(b"", "in-memory.png")
+
+
+def test_corrupt_file_names_path(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError) as err:
+        read_image(path)
+    assert str(path) in str(err.value)
+    assert isinstance(err.value, LineguardError)
+
+
+def test_empty_file_names_path(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        read_image(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_names_path(tmp_path):
+    path = tmp_path / "nowhere" / "gone.png"
+    with pytest.raises(DataError) as err:
+        read_image(path)
+    assert str(path) in str(err.value)
+
+
+# ----------------------------------------------------------------------------- dataset layout
+
+
+def test_train_images_missing_folder(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError) as err:
+        train_images(tmp_path)
+    assert "train/good" in str(err.value)
+
+
+def test_train_images_empty_folder(tmp_path):
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    (tmp_path / "train" / "good" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError) as err:
+        train_images(tmp_path)
+    assert str(tmp_path / "train" / "good") in str(err.value)
+
+
+def test_train_images_lists_only_images_sorted(tmp_path):
+    good = tmp_path / "train" / "good"
+    img = _noise(4, 4)
+    for name in ("b.png", "a.JPG", "d.bmp", "c.jpeg", "e.tiff"):
+        _write(good / name, img)
+    (good / "readme.txt").write_text("x")
+    (good / "f.png.bak").write_text("x")
+    (good / "sub.png").mkdir()  # a folder with an image suffix is not an image
+    _write(good / "sub.png" / "inner.png", img)
+    got = train_images(str(tmp_path))
+    assert [p.name for p in got] == ["a.JPG", "b.png", "c.jpeg", "d.bmp", "e.tiff"]
+    assert all(isinstance(p, Path) and p.parent == good for p in got)
+
+
+def _mvtec(root: Path) -> Path:
+    img = _noise(16, 16)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 255
+    for rel in ("test/good/000.png", "test/good/001.png", "test/crack/000.png", "test/crack/001.png",
+                "test/scratch/000.png"):
+        _write_rgb(root / rel, img)
+    for rel in ("ground_truth/crack/000_mask.png", "ground_truth/crack/001_mask.png",
+                "ground_truth/scratch/000_mask.png"):
+        _write(root / rel, mask)
+    return root
+
+
+def test_evaluation_samples_labels_rel_and_masks(tmp_path):
+    root = _mvtec(tmp_path)
+    samples = evaluation_samples(root)
+    assert [s.rel for s in samples] == ["crack/000.png", "crack/001.png", "good/000.png", "good/001.png",
+                                        "scratch/000.png"]
+    assert [s.label for s in samples] == [1, 1, 0, 0, 1]
+    by_rel = {s.rel: s for s in samples}
+    assert by_rel["crack/001.png"].path == root / "test" / "crack" / "001.png"
+    assert by_rel["crack/001.png"].mask_path == root / "ground_truth" / "crack" / "001_mask.png"
+    assert by_rel["scratch/000.png"].mask_path == root / "ground_truth" / "scratch" / "000_mask.png"
+    assert by_rel["good/000.png"].mask_path is None
+    for s in samples:
+        if s.mask_path is not None:
+            assert s.mask_path.is_file()
+
+
+def test_evaluation_samples_missing_mask_names_it(tmp_path):
+    root = _mvtec(tmp_path)
+    missing = root / "ground_truth" / "crack" / "001_mask.png"
+    missing.unlink()
+    with pytest.raises(DataError) as err:
+        evaluation_samples(root)
+    assert str(missing) in str(err.value)
+
+
+def test_evaluation_samples_missing_test_folder(tmp_path):
+    with pytest.raises(DataError, match="test"):
+        evaluation_samples(tmp_path)
+
+
+# ----------------------------------------------------------------------------- masks, resizing, batches
+
+
+def test_read_mask(tmp_path):
+    mask = np.zeros((10, 12), np.uint8)
+    mask[2:5, 3:9] = 255
+    mask[0, 0] = 1  # any non-zero value is defect
+    path = _write(tmp_path / "m.png", mask)
+    got = read_mask(path, (10, 12))
+    assert got.dtype == bool and got.shape == (10, 12)
+    np.testing.assert_array_equal(got, mask > 0)
+    none = read_mask(None, (3, 4))
+    assert none.dtype == bool and none.shape == (3, 4) and not none.any()
+
+
+def test_read_mask_wrong_size(tmp_path):
+    path = _write(tmp_path / "m.png", np.zeros((10, 12), np.uint8))
+    with pytest.raises(DataError) as err:
+        read_mask(path, (12, 10))
+    assert str(path) in str(err.value)
+
+
+def test_read_mask_missing(tmp_path):
+    with pytest.raises(DataError):
+        read_mask(tmp_path / "missing_mask.png", (4, 4))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (100, 80), (32, 48), (30, 200)])
+def test_resize_to_input(shape):
+    image = _noise(*shape)
+    out = resize_to_input(image, 64)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    if shape == (64, 64):
+        assert out is image
+
+
+def test_resize_to_input_keeps_constant_colour():
+    image = np.empty((37, 91, 3), np.uint8)
+    image[:] = (10, 200, 77)
+    assert np.all(resize_to_input(image, 64) == (10, 200, 77))
+
+
+def test_iter_batches_order_sizes_and_original_shapes(tmp_path):
+    shapes = [(64, 64), (80, 100), (40, 30), (64, 128), (200, 64)]
+    colours = [(10 * i + 5, 200 - 20 * i, 3 * i) for i in range(len(shapes))]
+    paths = []
+    for i, (shape, colour) in enumerate(zip(shapes, colours)):
+        image = np.empty(shape + (3,), np.uint8)
+        image[:] = colour
+        paths.append(_write_rgb(tmp_path / f"{i:03d}.png", image))
+
+    batches = list(iter_batches(paths, 64, 2))
+    assert [len(b) for b, _ in batches] == [2, 2, 1]
+    seen_colours, seen_shapes = [], []
+    for images, originals in batches:
+        assert images.dtype == np.uint8 and images.shape[1:] == (64, 64, 3)
+        assert len(originals) == len(images)
+        for image, original in zip(images, originals):
+            seen_colours.append(tuple(int(v) for v in image[32, 32]))
+            seen_shapes.append(tuple(original))
+    assert seen_colours == colours
+    assert seen_shapes == shapes
+
+    kept = list(iter_batches(paths, 64, 3, keep_originals=True))
+    assert [len(b) for b, _ in kept] == [3, 2]
+    originals = [o for _, os in kept for o in os]
+    for path, original in zip(paths, originals):
+        np.testing.assert_array_equal(original, read_image(path))
+
+
+def test_iter_batches_empty_and_errors(tmp_path):
+    assert list(iter_batches([], 64, 4)) == []
+    good = _write_rgb(tmp_path / "ok.png", _noise(8, 8))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.png"):
+        list(iter_batches([good, good, bad], 64, 2))
