@@ -12,7 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.machine import machine_info
+from calibration.artifact import machine_info
 from calibration.evaluate import evaluate
 from calibration.fit import FitConfig, fit
 from calibration.model import InspectionModel

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bench.accuracy import DATA, ROOT
-from bench.machine import machine_info
+from calibration.artifact import machine_info
 from calibration.dataset import evaluation_samples
 from calibration.fit import FitConfig, extract, fit
 from calibration.model import InspectionModel

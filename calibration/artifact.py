@@ -48,6 +48,20 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def machine_info() -> dict:
+    """What a measurement ran on: CPU model, cores, platform and library versions."""
+    import os
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "versions": library_versions()}
+
+
 def write_manifest(model_dir: Path, manifest: dict) -> None:
     """Add format, version, hashes of the required files and library versions; write manifest.json."""
     kind = manifest["kind"]

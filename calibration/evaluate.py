@@ -11,21 +11,10 @@ import numpy as np
 
 from calibration import metrics
 from calibration.dataset import iter_batches, read_mask, evaluation_samples
-from calibration.model import InspectionModel, normalise, to_original_size
+from calibration.maps import normalise, overlay, to_original_size
+from calibration.model import InspectionModel
 
 Progress = Callable[[str, int, int], None]
-
-
-def overlay(image: np.ndarray, heat: np.ndarray, defect: np.ndarray) -> np.ndarray:
-    """RGB uint8 [H, W, 3], normalised map float32 [H, W] in [0, 1], bool [H, W] -> BGR uint8 overlay.
-
-    Heat map blended over the image; defect regions (normalised score >= 0.5) outlined in red.
-    """
-    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    out = cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 0.6, colour, 0.4, 0)
-    contours, _ = cv2.findContours(defect.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(out, contours, -1, (0, 0, 255), 2)
-    return out
 
 
 def _write(path: Path, array: np.ndarray) -> None:

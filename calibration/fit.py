@@ -19,7 +19,8 @@ import numpy as np
 from calibration.artifact import write_manifest
 from calibration.coreset import greedy_coreset
 from calibration.dataset import iter_batches, train_images
-from calibration.model import ScoringConfig, make_engine, score_features, set_threads, smooth_map
+from calibration.maps import smooth_map
+from calibration.model import ScoringConfig, make_engine, score_features, set_threads
 from engines.banks import BankConfig, MemoryBank
 from engines.errors import ConfigError, LineguardError
 from engines.export import export_onnx

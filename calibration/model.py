@@ -6,10 +6,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from calibration.artifact import load_manifest
+from calibration.maps import smooth_map
 from engines.banks import BankConfig, MemoryBank, image_scores
 from engines.errors import ConfigError
 from engines.heads import EmbeddingConfig, PatchEmbedding
@@ -47,22 +47,6 @@ def set_threads(threads: int | None) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def smooth_map(patch_map: np.ndarray, input_size: int, sigma: float) -> np.ndarray:
-    """float32 [h, w] patch scores -> float32 [S, S] bilinear upsampled and Gaussian smoothed."""
-    up = cv2.resize(patch_map, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
-    if sigma > 0:
-        ksize = 2 * int(4 * sigma + 0.5) + 1
-        up = cv2.GaussianBlur(up, (ksize, ksize), sigma, borderType=cv2.BORDER_REFLECT)
-    return up
-
-
-def to_original_size(smoothed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """float32 [S, S] -> float32 [H, W] at an image's original size (bilinear)."""
-    if smoothed.shape == tuple(shape):
-        return smoothed
-    return cv2.resize(smoothed, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
-
-
 def score_features(bank: MemoryBank, features: np.ndarray, scoring: ScoringConfig,
                    exclude: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """features float32 [N, h, w, d] -> (patch maps float32 [N, h, w], image scores float32 [N])."""
@@ -72,12 +56,6 @@ def score_features(bank: MemoryBank, features: np.ndarray, scoring: ScoringConfi
     patch = dist[:, 0].reshape(n, h * w)
     images = image_scores(bank, flat.reshape(n, h * w, d), patch, ids[:, 0].reshape(n, h * w), scoring.reweight_k)
     return patch.reshape(n, h, w), images
-
-
-def normalise(score: np.ndarray | float, stats: dict) -> np.ndarray:
-    """Map raw scores so the threshold is 0.5 and the lowest normal calibration score 0, clipped to [0, 1]."""
-    lo, thr = stats["min"], stats["threshold"]
-    return np.clip(0.5 * (np.asarray(score, np.float32) - lo) / max(thr - lo, 1e-12), 0.0, 1.0)
 
 
 class InspectionModel:

@@ -110,6 +110,111 @@ def cmd_demo(args) -> int:
                  "--maps", str(out / "maps"), "--scores", str(out / "scores")])
 
 
+def cmd_produce(args) -> int:
+    from pipeline.producers import open_source, produce
+
+    source = open_source(args.source, frames=args.frames, size=args.size, seed=args.seed)
+    stats = produce(source, args.frames_endpoint, args.sink, stream=args.stream, mode=args.mode)
+    print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped)", file=sys.stderr)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from pipeline.workers import inference_worker
+
+    stats = inference_worker(args.model, args.frames, args.out, runtime=args.runtime, threads=args.threads,
+                             batch=args.batch_size, batch_ms=args.batch_ms, control=args.control, name=args.name)
+    print(f"{args.name}: {stats.frames} frames in {stats.batches} batches, rejected {stats.rejected}", file=sys.stderr)
+    return 0
+
+
+def cmd_postprocess(args) -> int:
+    from pipeline.workers import postprocess_worker
+
+    stats = postprocess_worker(args.model, args.inp, args.sink, overlays=args.overlays, attach_maps=not args.no_maps,
+                               control=args.control, name=args.name)
+    print(f"{args.name}: {stats.frames} frames, rejected {stats.rejected}", file=sys.stderr)
+    return 0
+
+
+def cmd_sink(args) -> int:
+    from pipeline.sinks import run_sink
+
+    summary = run_sink(args.results, pub_endpoint=args.pub, jsonl=args.jsonl, maps_dir=args.maps,
+                       streams=args.streams, drain_timeout=args.drain_timeout, control=args.control)
+    if args.summary:
+        args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+class StatusLine:
+    """The live status line of `run` (stderr, terminals only)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.enabled = stream.isatty()
+
+    def __call__(self, s: dict) -> None:
+        if self.enabled:
+            self.stream.write(f"\rframes {s['results']:>7} | {s['fps']:6.1f} fps | defects {s['defect']:>6} | "
+                              f"drops {s['dropped']:>5} | errors {s['error']:>5}")
+            self.stream.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+
+
+def print_summary(summary: dict) -> None:
+    lat = summary["latency_ms"]
+    print(f"{summary['frames_in']} frames in -> {summary['results']} results: {summary['ok']} ok, "
+          f"{summary['defect']} defect, {summary['error']} error ({summary['lost']} lost); "
+          f"{summary['dropped']} dropped; {summary['fps']:.1f} fps; latency p50 {lat['p50']:.1f} ms, "
+          f"p99 {lat['p99']:.1f} ms")
+    if summary.get("rejected"):
+        print(f"rejected messages: {summary['rejected']}")
+    for restart in summary.get("worker_restarts", []):
+        print(f"inference worker {restart['worker']} died (exit {restart['exit_code']}) and was restarted")
+
+
+def cmd_run(args) -> int:
+    from pipeline.run import RunConfig, run_pipeline
+
+    config = RunConfig(model=args.model, source=args.source, out=args.out, frames=args.frames, workers=args.workers,
+                       post_workers=args.post_workers, batch=args.batch_size, batch_ms=args.batch_ms,
+                       runtime=args.runtime, threads=args.threads, mode=args.mode, stream=args.stream, pub=args.pub,
+                       drain_timeout=args.drain_timeout, respawn=not args.no_respawn)
+    status = StatusLine()
+    try:
+        summary = run_pipeline(config, status)
+    finally:
+        status.end()
+    print_summary(summary)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from pipeline.benchmark import benchmark
+
+    result = benchmark(args.model, frames=args.frames, batch=args.batch_size, runtime=args.runtime,
+                       threads=args.threads, transport_frames=args.transport_frames)
+    c, p, t = result["compute"], result["pipeline"], result["transport"]
+    print(f"bare compute   {c['fps']:7.1f} fps  (batch {c['batch']}, engine {c['engine_ms_per_frame']:.1f} ms + "
+          f"bank {c['bank_ms_per_frame']:.1f} ms per frame)")
+    print(f"pipeline       {p['fps']:7.1f} fps  latency p50 {p['latency_ms']['p50']:.1f} ms p99 "
+          f"{p['latency_ms']['p99']:.1f} ms  ({p['results']} results, {p['error']} errors)")
+    print(f"efficiency     {result['efficiency']:.3f}  (pipeline / bare compute)")
+    print(f"transport      {t['wire_fps']:.0f} vs {t['raw_fps']:.0f} frames/s of 1920x1080 RGB over ipc: "
+          f"ratio {t['ratio']:.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from calibration.fit import FitConfig
     from calibration.model import ScoringConfig
@@ -154,6 +259,75 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scores", type=Path, default=None, help="write float32 TIFF score maps here")
     common(ev)
     ev.set_defaults(func=cmd_eval)
+
+    run = sub.add_parser("run", help="run the streaming pipeline on a source until it ends")
+    run.add_argument("model", type=Path)
+    run.add_argument("--source", default="synthetic",
+                     help="synthetic | a folder of images | a video file | camera:N | rtsp://...")
+    run.add_argument("--frames", type=int, default=0, help="frames to take from the source (0: all; synthetic: 300)")
+    run.add_argument("--out", type=Path, default=None, help="results.jsonl, maps/ and overlays/ go here")
+    run.add_argument("--json", type=Path, default=None, help="write the summary here")
+    run.add_argument("--workers", type=_positive_int, default=1, help="inference worker processes")
+    run.add_argument("--post-workers", type=_positive_int, default=1, help="postprocess worker processes")
+    run.add_argument("--batch-ms", type=float, default=10.0, help="longest wait to fill a batch")
+    run.add_argument("--mode", choices=("lossless", "live"), default=None, help="default: live for cameras")
+    run.add_argument("--stream", default="cam0")
+    run.add_argument("--pub", default=None, help="also publish results on this ZeroMQ endpoint (PUB, bound)")
+    run.add_argument("--drain-timeout", type=float, default=5.0,
+                     help="seconds without results after the end of stream before missing frames count as lost")
+    run.add_argument("--no-respawn", action="store_true", help="do not restart inference workers that die")
+    common(run)
+    run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="bare compute vs the whole pipeline, and the transport alone")
+    bench.add_argument("model", type=Path)
+    bench.add_argument("--frames", type=_positive_int, default=500)
+    bench.add_argument("--transport-frames", type=_positive_int, default=300)
+    bench.add_argument("--json", type=Path, default=None)
+    common(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    produce = sub.add_parser("produce", help="one stage: send a source's frames (PUSH, bound)")
+    produce.add_argument("source")
+    produce.add_argument("--frames-endpoint", required=True, help="e.g. tcp://*:5555")
+    produce.add_argument("--sink", required=True, help="the sink's results endpoint, for end of stream")
+    produce.add_argument("--stream", default="cam0")
+    produce.add_argument("--frames", type=int, default=0)
+    produce.add_argument("--mode", choices=("lossless", "live"), default=None)
+    produce.add_argument("--size", type=_positive_int, default=256, help="synthetic frame size")
+    produce.add_argument("--seed", type=int, default=0)
+    produce.set_defaults(func=cmd_produce)
+
+    worker = sub.add_parser("worker", help="one stage: an inference worker")
+    worker.add_argument("model", type=Path)
+    worker.add_argument("--frames", required=True, help="the producer's endpoint (connect)")
+    worker.add_argument("--out", required=True, action="append", help="postprocess endpoint(s) (connect)")
+    worker.add_argument("--batch-ms", type=float, default=10.0)
+    worker.add_argument("--control", default=None, help=argparse.SUPPRESS)
+    worker.add_argument("--name", default="infer0")
+    common(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    post = sub.add_parser("postprocess", help="one stage: a postprocess worker")
+    post.add_argument("model", type=Path)
+    post.add_argument("--in", dest="inp", required=True, help="endpoint to bind, e.g. tcp://*:5556")
+    post.add_argument("--sink", required=True, help="the sink's results endpoint (connect)")
+    post.add_argument("--overlays", type=Path, default=None, help="write overlay PNGs of defective frames here")
+    post.add_argument("--no-maps", action="store_true", help="do not attach defect maps to results")
+    post.add_argument("--control", default=None, help=argparse.SUPPRESS)
+    post.add_argument("--name", default="post0")
+    post.set_defaults(func=cmd_postprocess)
+
+    sink = sub.add_parser("sink", help="one stage: collect, order and write results")
+    sink.add_argument("--results", required=True, help="endpoint to bind, e.g. tcp://*:5557")
+    sink.add_argument("--pub", default=None, help="publish results here (PUB, bound)")
+    sink.add_argument("--jsonl", type=Path, default=None)
+    sink.add_argument("--maps", type=Path, default=None, help="write defect maps of defective frames here")
+    sink.add_argument("--streams", type=int, default=0, help="stop after this many streams ended (0: never)")
+    sink.add_argument("--drain-timeout", type=float, default=5.0)
+    sink.add_argument("--summary", type=Path, default=None)
+    sink.add_argument("--control", default=None, help=argparse.SUPPRESS)
+    sink.set_defaults(func=cmd_sink)
 
     demo = sub.add_parser("demo", help="fit and evaluate on a built-in synthetic product (no data needed)")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where data, model and maps go")

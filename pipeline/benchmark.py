@@ -1,0 +1,114 @@
+"""`lineguard bench`: in one run, on the same synthetic frames and batch size,
+
+(a) the bare compute: engine + bank on pre-batched arrays in this process;
+(b) the whole pipeline over ipc, producer, workers and sink as separate processes;
+efficiency = fps(b) / fps(a); and (c) the transport alone: 1920x1080 RGB frames through the
+wire layer vs raw pyzmq, both over ipc between two processes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from pipeline import wire
+
+
+def bare_compute(model_dir: Path, frames: np.ndarray, batch: int, runtime: str, threads: int | None) -> dict:
+    """frames uint8 [N, S, S, 3]: fps of engine + bank (scores and patch maps) in this process."""
+    from calibration.model import InspectionModel, score_features
+
+    model = InspectionModel(model_dir, runtime=runtime, threads=threads)
+    with model:
+        model.score(frames[:batch])  # warm up
+        engine = bank = 0.0
+        for i in range(0, len(frames), batch):
+            t0 = time.perf_counter()
+            features = model.engine.infer(frames[i:i + batch])
+            t1 = time.perf_counter()
+            score_features(model.bank, features, model.scoring)
+            bank += time.perf_counter() - t1
+            engine += t1 - t0
+    n = len(frames)
+    return {"fps": n / (engine + bank), "batch": batch, "frames": n, "engine_ms_per_frame": 1000 * engine / n,
+            "bank_ms_per_frame": 1000 * bank / n}
+
+
+def _send_frames(endpoint: str, count: int, use_wire: bool) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 16)
+    sock.connect(endpoint)
+    image = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    raw = memoryview(image).cast("B")
+    for seq in range(count):
+        if use_wire:
+            sock.send_multipart(wire.encode_frame("bench", seq, image), copy=False)
+        else:
+            sock.send(raw, copy=False)
+    sock.close(linger=-1)
+    ctx.term()
+
+
+def _receive(endpoint: str, count: int, use_wire: bool) -> float:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 16)
+    sock.setsockopt(zmq.RCVTIMEO, 30000)
+    sock.bind(endpoint)
+    sender = multiprocessing.get_context("spawn").Process(target=_send_frames, args=(endpoint, count, use_wire))
+    sender.start()
+    try:
+        sock.recv_multipart(copy=False)  # the first frame starts the clock
+        start = time.perf_counter()
+        for _ in range(count - 1):
+            if use_wire:
+                image = wire.decode(sock.recv_multipart(copy=False)).image()
+                assert image.shape == (1080, 1920, 3)
+            else:
+                frame = sock.recv(copy=False)
+                image = np.frombuffer(frame.buffer, np.uint8).reshape(1080, 1920, 3)
+        elapsed = time.perf_counter() - start
+    finally:
+        sender.join()
+        sock.close(linger=0)
+        ctx.term()
+    return (count - 1) / elapsed
+
+
+def transport(count: int = 300) -> dict:
+    """Frames per second of 1920x1080 RGB over ipc: raw pyzmq (one buffer) vs wire encode/decode."""
+    results = {"raw": [], "wire": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        _receive(f"ipc://{tmp}/warmup", count, False)  # first runs pay for page faults and imports
+        order = (False, True, True, False, False, True, True, False, False, True)  # ABBA: speed drifts here
+        for i, use_wire in enumerate(order):
+            results["wire" if use_wire else "raw"].append(_receive(f"ipc://{tmp}/t{i}", count, use_wire))
+    raw, wired = float(np.median(results["raw"])), float(np.median(results["wire"]))
+    return {"frames": count, "shape": [1080, 1920, 3], "raw_fps": raw, "wire_fps": wired, "ratio": wired / raw,
+            "runs": results, "method": "median of 5 interleaved (ABBA) runs each, after a warm-up run"}
+
+
+def benchmark(model_dir: Path, frames: int = 500, batch: int = 8, runtime: str = "onnxruntime",
+              threads: int | None = None, transport_frames: int = 300) -> dict:
+    """Run (a), (b) and (c); returns a JSON-able dict with the machine and versions."""
+    from calibration.artifact import load_manifest, machine_info
+    from pipeline.producers import SyntheticSource
+    from pipeline.run import RunConfig, run_pipeline
+
+    size = load_manifest(model_dir)["embedding"]["input_size"]
+    source = SyntheticSource(frames, size=size)
+    pool = np.stack([image for image, _ in source.pool])
+    arrays = pool[np.arange(frames) % len(pool)]
+    compute = bare_compute(model_dir, arrays, batch, runtime, threads)
+    pipeline = run_pipeline(RunConfig(model=Path(model_dir), source="synthetic", frames=frames, batch=batch,
+                                      runtime=runtime, threads=threads))
+    return {"compute": compute, "pipeline": pipeline, "efficiency": pipeline["fps"] / compute["fps"],
+            "transport": transport(transport_frames), "machine": machine_info(),
+            "config": {"model": str(model_dir), "frames": frames, "batch": batch, "runtime": runtime,
+                       "threads": threads, "input_size": size}}

@@ -1,0 +1,257 @@
+"""Frame sources and the producer that sends their frames over ZeroMQ.
+
+A source yields `SourceFrame`s: raw RGB / grey pixels, or an encoded file sent as it is (the
+worker decodes it once). Delivery modes:
+
+- lossless (files, video files, synthetic): the sender blocks on backpressure (high-water
+  marks), so nothing is dropped and the source is read no faster than the line consumes it;
+- live (cameras): a capture thread never blocks on the camera; frames wait in a small ring and
+  the oldest is dropped, counted and reported when the sender falls behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import zmq
+
+from calibration.dataset import IMAGE_SUFFIXES, DataError, to_rgb
+from calibration.synthetic import DEFECT_TYPES, normal_frame, plant_defect
+from engines.errors import ConfigError, LineguardError
+from pipeline import wire
+
+MODES = ("lossless", "live")
+
+
+class SourceError(LineguardError):
+    """A source that cannot be opened or read."""
+
+
+@dataclasses.dataclass
+class SourceFrame:
+    """pixels: uint8 [H, W, C] (RGB) for raw frames; or encoded: the bytes of a jpeg / png file with its shape."""
+
+    pixels: np.ndarray | None = None
+    encoded: bytes | None = None
+    encoding: str = "raw"
+    shape: tuple[int, int, int] | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+class Source:
+    """Iterable of SourceFrame; `live` sources are read by a capture thread that never blocks."""
+
+    live = False
+    name = "source"
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FolderSource(Source):
+    """Every image file under a folder (recursively, sorted); jpeg / png files are sent undecoded."""
+
+    def __init__(self, folder: Path, repeat: int = 1):
+        self.folder = Path(folder)
+        self.name = str(folder)
+        if not self.folder.is_dir():
+            raise SourceError(f"source folder {self.folder} not found; give a folder of images")
+        self.paths = sorted(p for p in self.folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise SourceError(f"source folder {self.folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self.repeat = repeat
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        for _ in range(self.repeat):
+            for path in self.paths:
+                yield self.read(path)
+
+    def read(self, path: Path) -> SourceFrame:
+        data = path.read_bytes()
+        rel = str(path.relative_to(self.folder))
+        encoding = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}.get(path.suffix.lower())
+        size = wire.file_size(memoryview(data), encoding) if encoding else None
+        eight_bit = encoding == "jpeg" or (len(data) > 24 and data[24] == 8)  # png bit depth in IHDR
+        if size is not None and eight_bit:  # sent as the file; the worker decodes it once, to RGB
+            return SourceFrame(encoded=data, encoding=encoding, shape=(size[0], size[1], 3), meta={"file": rel})
+        # other formats, 16-bit files and files whose header we cannot read: decode here, send raw
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            return SourceFrame(meta={"file": rel, "error": f"{path}: not a readable image"})
+        try:
+            return SourceFrame(pixels=to_rgb(image, str(path)), meta={"file": rel})
+        except DataError as exc:
+            return SourceFrame(meta={"file": rel, "error": str(exc)})
+
+
+class VideoSource(Source):
+    """Frames of a video file (lossless) or an OpenCV camera / RTSP stream (live)."""
+
+    def __init__(self, target: str | int, live: bool, limit: int = 0):
+        self.target, self.live, self.limit = target, live, limit
+        self.name = str(target)
+        self.capture = cv2.VideoCapture(target)
+        if not self.capture.isOpened():
+            what = "camera" if live else "video file"
+            raise SourceError(f"cannot open {what} {target!r}; check the device index, URL or path "
+                              "(OpenCV must support its format)")
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        n = 0
+        while not self.limit or n < self.limit:
+            ok, bgr = self.capture.read()
+            if not ok:
+                return
+            n += 1
+            yield SourceFrame(pixels=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), meta={"frame": n - 1})
+
+    def close(self) -> None:
+        self.capture.release()
+
+
+class SyntheticSource(Source):
+    """Textured product frames, a fraction with planted defects (meta "planted": kind), from a cycled pool."""
+
+    name = "synthetic"
+
+    def __init__(self, frames: int, size: int = 256, defect_rate: float = 0.25, seed: int = 0, pool: int = 48):
+        if not 0.0 <= defect_rate <= 1.0:
+            raise ConfigError(f"defect rate {defect_rate} must be in [0, 1]")
+        rng = np.random.default_rng(seed + 1000)  # not the fitting seed: these are unseen frames
+        self.pool = []
+        for i in range(pool):
+            image = normal_frame(rng, size)
+            kind = DEFECT_TYPES[i % len(DEFECT_TYPES)] if rng.random() < defect_rate else None
+            if kind:
+                image, _ = plant_defect(image, rng, kind)
+            self.pool.append((image, kind))
+        self.frames = frames
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        for i in range(self.frames):
+            image, kind = self.pool[i % len(self.pool)]
+            yield SourceFrame(pixels=image, meta={"planted": kind} if kind else {})
+
+
+def open_source(spec: str, frames: int = 0, size: int = 256, seed: int = 0) -> Source:
+    """'synthetic', a folder, a video file, 'camera:N' or an rtsp:// / http:// URL."""
+    if spec == "synthetic":
+        return SyntheticSource(frames or 300, size=size, seed=seed)
+    if spec.startswith("camera:"):
+        index = spec.split(":", 1)[1]
+        if not index.isdigit():
+            raise ConfigError(f"camera source {spec!r}: expected camera:N with N a device index, e.g. camera:0")
+        return VideoSource(int(index), live=True, limit=frames)
+    if spec.startswith(("rtsp://", "rtsps://", "http://", "https://")):
+        return VideoSource(spec, live=True, limit=frames)
+    path = Path(spec)
+    if path.is_dir():
+        return FolderSource(path)
+    if path.is_file():
+        return VideoSource(str(path), live=False, limit=frames)
+    raise SourceError(f"source {spec!r} not found; give 'synthetic', a folder of images, a video file, "
+                      "camera:N or an rtsp:// URL")
+
+
+@dataclasses.dataclass
+class ProducerStats:
+    sent: int = 0
+    dropped: int = 0
+    unreadable: int = 0
+
+
+def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: str = "cam0", mode: str | None = None,
+            ring: int = 4, hwm: int = 8, stop: threading.Event | None = None) -> ProducerStats:
+    """Send every frame of source to frames_endpoint (PUSH, bound), then eos to sink_endpoint (PUSH, connected).
+
+    Frames a source could not read are sent too (as a 1x1 frame with meta "error"), so the
+    sink accounts for them as error results. Returns the counters.
+    """
+    mode = mode or ("live" if source.live else "lossless")
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    stop = stop or threading.Event()
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, hwm)
+    out.setsockopt(zmq.LINGER, -1)
+    out.bind(frames_endpoint)
+    eos = ctx.socket(zmq.PUSH)
+    eos.setsockopt(zmq.LINGER, 5000)
+    eos.connect(sink_endpoint)
+    stats = ProducerStats()
+    try:
+        frames = _live_frames(source, ring, stats, stop) if mode == "live" else iter(source)
+        for seq, item in enumerate(frames):
+            if stop.is_set():
+                break
+            _send(out, stream, seq, item, stop)
+            stats.sent += 1
+        eos.send_multipart(wire.encode_eos(stream, stats.sent, stats.dropped))
+    finally:
+        source.close()
+        out.close()
+        eos.close()
+        ctx.term()
+    return stats
+
+
+def _send(sock: zmq.Socket, stream: str, seq: int, item: SourceFrame, stop: threading.Event) -> None:
+    meta = dict(item.meta)
+    if item.encoded is not None:
+        message = wire.encode_frame_encoded(stream, seq, item.encoded, item.shape, item.encoding, meta=meta)
+    elif item.pixels is not None:
+        message = wire.encode_frame(stream, seq, item.pixels, meta=meta)
+    else:  # unreadable source frame: still sent, so it ends as an error result
+        message = wire.encode_frame(stream, seq, np.zeros((1, 1, 1), np.uint8), meta=meta)
+    while not stop.is_set():  # block on backpressure, but wake up to notice a stop request
+        try:
+            sock.send_multipart(message, copy=False, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            sock.poll(100, zmq.POLLOUT)
+
+
+def _live_frames(source: Source, ring: int, stats: ProducerStats, stop: threading.Event) -> Iterator[SourceFrame]:
+    """Frames from a capture thread that never waits for the sender: the oldest is dropped when the ring is full."""
+    frames: collections.deque = collections.deque()
+    cond = threading.Condition()
+    done = threading.Event()
+
+    def capture():
+        try:
+            for item in source:
+                with cond:
+                    if len(frames) >= ring:
+                        frames.popleft()
+                        stats.dropped += 1
+                    frames.append(item)
+                    cond.notify()
+                if stop.is_set():
+                    break
+        finally:
+            with cond:
+                done.set()
+                cond.notify()
+
+    thread = threading.Thread(target=capture, name="capture", daemon=True)
+    thread.start()
+    while True:
+        with cond:
+            while not frames and not done.is_set():
+                cond.wait(0.1)
+            if not frames and done.is_set():
+                break
+            item = frames.popleft()
+        yield item
+    thread.join(timeout=1.0)

@@ -1,0 +1,240 @@
+"""`lineguard run`: a whole topology on one machine, each stage its own process over ipc.
+
+    producer -> inference worker(s) -> postprocess worker(s) -> sink
+
+Every stage is the same command a user can start alone on another host (`lineguard produce`,
+`worker`, `postprocess`, `sink` with tcp:// endpoints). The supervisor waits for every stage's
+"ready" on its control socket before the producer starts (a handshake, no sleeps), shows a live
+status line, restarts an inference worker that dies (its frames are reported lost by the sink,
+by sequence number), and on the end of the stream, Ctrl-C or SIGTERM stops every process it
+started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from calibration.artifact import load_manifest
+from engines.errors import ConfigError, LineguardError
+from engines.runtimes import check_runtime
+from pipeline import wire
+
+
+class RunError(LineguardError):
+    """A stage of the pipeline failed to start or died."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """workers / post_workers: process counts; batch, batch_ms: dynamic batching; threads: per
+    inference worker (default: cores / workers); mode: lossless | live (default by source)."""
+
+    model: Path
+    source: str = "synthetic"
+    out: Path | None = None
+    frames: int = 0
+    workers: int = 1
+    post_workers: int = 1
+    batch: int = 8
+    batch_ms: float = 10.0
+    runtime: str = "onnxruntime"
+    threads: int | None = None
+    mode: str | None = None
+    stream: str = "cam0"
+    pub: str | None = None
+    drain_timeout: float = 5.0
+    overlays: bool = True
+    respawn: bool = True
+    ready_timeout: float = 120.0
+
+    def __post_init__(self):
+        check_runtime(self.runtime)
+        if self.workers < 1 or self.post_workers < 1 or self.batch < 1 or self.batch_ms < 0:
+            raise ConfigError("workers, post-workers and batch must be >= 1 and batch-ms >= 0")
+        if self.mode not in (None, "lossless", "live"):
+            raise ConfigError(f"unknown mode {self.mode!r}; valid modes: lossless, live")
+
+
+class Supervisor:
+    """Starts, watches and stops the stage processes of one run."""
+
+    def __init__(self, config: RunConfig, status: Callable[[dict], None] | None = None):
+        self.config = config
+        self.status = status
+        self.tmp = Path(tempfile.mkdtemp(prefix="lineguard-run-"))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self.stats: dict[str, dict] = {}
+        self.restarts: list[dict] = []
+        self.stop = threading.Event()
+
+    def endpoint(self, name: str) -> str:
+        return f"ipc://{self.tmp / name}"
+
+    def spawn(self, name: str, args: list[str]) -> None:
+        log = self.tmp / f"{name}.log"
+        self.logs[name] = log
+        with open(log, "wb") as f:
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=f,
+                                                stdin=subprocess.DEVNULL)
+
+    def log_tail(self, name: str) -> str:
+        lines = self.logs[name].read_text(errors="replace").strip().splitlines()
+        errors = [l for l in lines if l.startswith("lineguard: error")]
+        return (errors or lines or ["(no output)"])[-1]
+
+    def worker_args(self, name: str) -> list[str]:
+        c = self.config
+        threads = c.threads or max(1, (os.cpu_count() or 1) // c.workers)
+        args = ["worker", str(c.model), "--frames", self.endpoint("frames"), "--runtime", c.runtime,
+                "--threads", str(threads), "--batch-size", str(c.batch), "--batch-ms", str(c.batch_ms),
+                "--control", self.endpoint("control"), "--name", name]
+        for i in range(c.post_workers):
+            args += ["--out", self.endpoint(f"post{i}")]
+        return args
+
+    def run(self) -> dict:
+        c = self.config
+        ctx = zmq.Context()
+        control = ctx.socket(zmq.PULL)
+        control.bind(self.endpoint("control"))
+        try:
+            out = c.out
+            sink_args = ["sink", "--results", self.endpoint("results"), "--streams", "1",
+                         "--drain-timeout", str(c.drain_timeout), "--summary", str(self.tmp / "summary.json"),
+                         "--control", self.endpoint("control")]
+            if out is not None:
+                sink_args += ["--jsonl", str(out / "results.jsonl"), "--maps", str(out / "maps")]
+            if c.pub:
+                sink_args += ["--pub", c.pub]
+            self.spawn("sink", sink_args)
+            for i in range(c.post_workers):
+                args = ["postprocess", str(c.model), "--in", self.endpoint(f"post{i}"), "--sink",
+                        self.endpoint("results"), "--control", self.endpoint("control"), "--name", f"post{i}"]
+                if out is not None and c.overlays:
+                    args += ["--overlays", str(out / "overlays")]
+                self.spawn(f"post{i}", args)
+            for i in range(c.workers):
+                self.spawn(f"infer{i}", self.worker_args(f"infer{i}"))
+            self.wait_ready(control, set(self.procs))
+            size = load_manifest(c.model)["embedding"]["input_size"]
+            produce = ["produce", c.source, "--frames-endpoint", self.endpoint("frames"), "--sink",
+                       self.endpoint("results"), "--stream", c.stream, "--frames", str(c.frames), "--size", str(size)]
+            if c.mode:
+                produce += ["--mode", c.mode]
+            self.spawn("producer", produce)
+            return self.watch(control)
+        finally:
+            control.close(linger=0)
+            ctx.term()
+            self.shutdown()
+
+    def wait_ready(self, control: zmq.Socket, names: set[str]) -> None:
+        waiting = set(names)
+        deadline = time.monotonic() + self.config.ready_timeout
+        while waiting:
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+            for name in list(waiting):
+                if self.procs[name].poll() is not None:
+                    raise RunError(f"{name} exited while starting: {self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise RunError(f"{', '.join(sorted(waiting))} not ready after {self.config.ready_timeout:g} s")
+            if control.poll(100):
+                msg = self._control(control)
+                if msg is not None and msg.event == "ready":
+                    waiting.discard(msg.name)
+
+    def _control(self, control: zmq.Socket) -> wire.Control | None:
+        try:
+            msg = wire.decode(control.recv_multipart(copy=False))
+        except wire.WireError:
+            return None
+        if not isinstance(msg, wire.Control):
+            return None
+        if msg.event == "stats":
+            self.stats[msg.name] = msg.data
+        elif msg.event == "status" and self.status is not None:
+            self.status(msg.data)
+        return msg
+
+    def watch(self, control: zmq.Socket) -> dict:
+        sink = self.procs["sink"]
+        while sink.poll() is None:
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+            if control.poll(200):
+                self._control(control)
+            producer = self.procs["producer"]
+            if producer.poll() not in (None, 0):
+                raise RunError(f"producer failed: {self.log_tail('producer')}")
+            for name, proc in list(self.procs.items()):
+                if name.startswith("infer") and proc.poll() is not None:
+                    self.restarts.append({"worker": name, "exit_code": proc.returncode, "t": time.time()})
+                    del self.procs[name]
+                    if not self.config.respawn:
+                        continue
+                    new = f"infer{len(self.restarts) + self.config.workers - 1}"
+                    self.spawn(new, self.worker_args(new))
+                elif name.startswith("post") and proc.poll() is not None:
+                    raise RunError(f"{name} died: {self.log_tail(name)}")
+            if not any(n.startswith("infer") for n in self.procs):
+                raise RunError("every inference worker died and restarts are off (--no-respawn)")
+        while control.poll(100):  # the sink's last stats may still be queued
+            self._control(control)
+        if sink.returncode != 0:
+            raise RunError(f"sink failed: {self.log_tail('sink')}")
+        summary = json.loads((self.tmp / "summary.json").read_text())
+        rejected = dict(summary.get("rejected", {}))
+        for name, data in self.stats.items():
+            if name.startswith(("infer", "post")):
+                for reason, n in data.get("rejected", {}).items():
+                    rejected[reason] = rejected.get(reason, 0) + n
+        summary["rejected"] = rejected
+        summary["worker_restarts"] = self.restarts
+        summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.config).items()}
+        return summary
+
+    def shutdown(self, grace: float = 5.0) -> None:
+        """SIGTERM every stage still running, SIGKILL what is left after `grace` seconds; remove the ipc folder."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_pipeline(config: RunConfig, status: Callable[[dict], None] | None = None) -> dict:
+    """Run the topology until the source ends (or Ctrl-C / SIGTERM); returns the sink's summary."""
+    load_manifest(config.model)  # a bad model is one clear error here, not a dead worker later
+    if config.out is not None:
+        config.out.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(config, status)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: supervisor.stop.set())
+    try:
+        return supervisor.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,255 @@
+"""The sink: results in, each stream delivered in sequence order, every frame accounted for.
+
+Outputs, any combination: a ZeroMQ PUB result stream (the wire's result messages, unchanged),
+a JSONL log (one line per result, in sequence order per stream), and PNG defect maps of
+defective frames. A frame whose result never comes (a worker died holding it) is reported as
+an error result with error "lost: ..." once its stream has ended and the pipeline has drained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import zmq
+
+from pipeline import wire
+
+
+@dataclasses.dataclass
+class Ledger:
+    """One stream's accounting. Results are released in seq order; a gap is skipped (and recorded)
+    only when more than `window` later results wait behind it; a result for a skipped seq is then
+    released late, flagged as such. Every seq is released exactly once."""
+
+    stream: str
+    window: int
+    next_seq: int = 0
+    pending: dict = dataclasses.field(default_factory=dict)
+    skipped: set = dataclasses.field(default_factory=set)
+    expected: int | None = None
+    dropped: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    late: int = 0
+
+    def accept(self, result: wire.Result) -> list[tuple[wire.Result, bool]]:
+        """Add a result; returns [(result, late)] now releasable, in order."""
+        seq = result.seq
+        if seq < self.next_seq:
+            if seq in self.skipped:
+                self.skipped.discard(seq)
+                self.late += 1
+                return [(result, True)]
+            self.duplicates += 1
+            return []
+        if seq in self.pending:
+            self.duplicates += 1
+            return []
+        self.pending[seq] = result
+        out = self._release()
+        if len(self.pending) > self.window:
+            first = min(self.pending)
+            self.skipped.update(range(self.next_seq, first))
+            self.gaps += first - self.next_seq
+            self.next_seq = first
+            out += self._release()
+        return out
+
+    def _release(self) -> list[tuple[wire.Result, bool]]:
+        out = []
+        while self.next_seq in self.pending:
+            out.append((self.pending.pop(self.next_seq), False))
+            self.next_seq += 1
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return self.expected is not None and self.next_seq >= self.expected and not self.pending and not self.skipped
+
+    def missing(self) -> list[int]:
+        """Seqs without a result (only meaningful after end of stream)."""
+        end = max(self.expected or 0, self.next_seq, max(self.pending, default=-1) + 1)
+        waiting = set(self.pending)
+        return sorted(self.skipped | {s for s in range(self.next_seq, end) if s not in waiting})
+
+    def flush(self, lost_message: str) -> list[tuple[wire.Result, bool]]:
+        """Release everything left, in seq order: waiting results, and a lost error result per missing seq."""
+        rest = {s: wire.Result(self.stream, s, 0, "error", error=lost_message) for s in self.missing()}
+        rest.update(self.pending)
+        out = [(rest[s], s < self.next_seq) for s in sorted(rest)]
+        self.pending.clear()
+        self.skipped.clear()
+        self.next_seq = max(self.next_seq, max(rest, default=-1) + 1)
+        return out
+
+
+class Sink:
+    """Counts, orders and writes results; see the module docstring."""
+
+    def __init__(self, jsonl: Path | None = None, maps_dir: Path | None = None, pub: zmq.Socket | None = None,
+                 window: int = 256):
+        self.jsonl = open(jsonl, "w") if jsonl else None
+        self.maps_dir = maps_dir
+        self.pub = pub
+        self.window = window
+        self.streams: dict[str, Ledger] = {}
+        self.counts = {"ok": 0, "defect": 0, "error": 0}
+        self.lost = 0
+        self.rejected: dict[str, int] = {}
+        self.latencies: list[float] = []
+        self.timing: dict[str, list[float]] = {}
+        self.first_t_ns: int | None = None
+        self.last_ns: int | None = None
+        self.eos = 0
+
+    def ledger(self, stream: str) -> Ledger:
+        if stream not in self.streams:
+            self.streams[stream] = Ledger(stream, self.window)
+        return self.streams[stream]
+
+    def handle(self, message: list) -> None:
+        now = time.time_ns()
+        try:
+            item = wire.decode(message)
+        except wire.WireError as exc:
+            self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+            return
+        if isinstance(item, wire.Eos):
+            ledger = self.ledger(item.stream)
+            ledger.expected, ledger.dropped = item.count, item.dropped
+            self.eos += 1
+        elif isinstance(item, wire.Result):
+            if item.verdict != "error" or item.t_ns:
+                self.latencies.append((now - item.t_ns) / 1e6)
+                self.first_t_ns = item.t_ns if self.first_t_ns is None else min(self.first_t_ns, item.t_ns)
+            self.last_ns = now
+            for stage, ms in item.timing.items():
+                self.timing.setdefault(stage, []).append(ms)
+            self._emit(self.ledger(item.stream).accept(item))
+        else:
+            self.rejected["bad_kind"] = self.rejected.get("bad_kind", 0) + 1
+
+    def _emit(self, released: list[tuple[wire.Result, bool]]) -> None:
+        for result, late in released:
+            self.counts[result.verdict] += 1
+            if result.error and result.error.startswith("lost"):
+                self.lost += 1
+            if self.pub is not None:
+                self.pub.send_multipart(wire.encode_result(result), copy=False)
+            if self.jsonl is not None:
+                record = {"stream": result.stream, "seq": result.seq, "verdict": result.verdict,
+                          "score": result.score, "regions": [{"bbox": list(r.bbox), "area": r.area, "score": r.score}
+                                                             for r in result.regions],
+                          "timing": result.timing, "error": result.error, "t_ns": result.t_ns}
+                if result.meta:
+                    record["meta"] = result.meta
+                if late:
+                    record["late"] = True
+                self.jsonl.write(json.dumps(record) + "\n")
+            if self.maps_dir is not None and result.defect_map is not None:
+                self.maps_dir.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(self.maps_dir / f"{result.stream}-{result.seq:08d}.png"), result.defect_map)
+
+    def complete(self, streams: int) -> bool:
+        return streams > 0 and self.eos >= streams and all(l.complete for l in self.streams.values())
+
+    def drain(self, why: str) -> None:
+        """Declare every missing frame of every ended stream lost."""
+        for ledger in self.streams.values():
+            if ledger.expected is not None:
+                self._emit(ledger.flush(f"lost: no result arrived ({why})"))
+
+    @property
+    def results(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        span = (self.last_ns - self.first_t_ns) / 1e9 if self.last_ns and self.first_t_ns else 0.0
+        stages = {k: {"mean": float(np.mean(v)), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+                  for k, v in self.timing.items() if k != "batch"}
+        batch = self.timing.get("batch")
+        return {
+            "frames_in": sum(l.expected or 0 for l in self.streams.values()),
+            "results": self.results, **self.counts,
+            "lost": self.lost,
+            "dropped": sum(l.dropped for l in self.streams.values()),
+            "rejected": dict(self.rejected),
+            "duplicates": sum(l.duplicates for l in self.streams.values()),
+            "out_of_order_gaps": sum(l.gaps for l in self.streams.values()),
+            "fps": self.results / span if span > 0 else 0.0,
+            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
+            "stage_ms": stages,
+            "mean_batch": float(np.mean(batch)) if batch else 0.0,
+            "streams": {name: {"expected": l.expected, "missing": l.missing()[:1000]} for name, l in self.streams.items()},
+        }
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: Path | None = None,
+             maps_dir: Path | None = None, streams: int = 1, drain_timeout: float = 5.0, window: int = 256,
+             control: str | None = None, stop: threading.Event | None = None) -> dict:
+    """PULL results and eos (bound at results_endpoint) until `streams` streams have ended and drained.
+
+    streams = 0 runs until stopped. A stream that has ended but still misses results after
+    drain_timeout seconds without any new result has them declared lost. Returns the summary.
+    """
+    from pipeline.workers import Control, stop_on_signals
+
+    stop = stop or threading.Event()
+    stop_on_signals(stop)
+    ctx = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.bind(results_endpoint)
+    pub = None
+    if pub_endpoint:
+        pub = ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, 10000)
+        pub.bind(pub_endpoint)
+    ctl = Control(ctx, control, "sink", "sink")
+    sink = Sink(jsonl, maps_dir, pub, window)
+    ctl.send("ready")
+    last_activity = time.monotonic()
+    last_status = 0.0
+    try:
+        while not stop.is_set():
+            if inp.poll(100):
+                sink.handle(inp.recv_multipart(copy=False))
+                last_activity = time.monotonic()
+                while inp.poll(0):  # drain what is queued before checking anything else
+                    sink.handle(inp.recv_multipart(copy=False))
+            if sink.complete(streams):
+                break
+            ended = streams > 0 and sink.eos >= streams
+            if ended and time.monotonic() - last_activity > drain_timeout:
+                sink.drain(f"none within {drain_timeout:g} s after the last result; a worker may have died")
+                break
+            if time.monotonic() - last_status > 0.5:
+                last_status = time.monotonic()
+                ctl.send("status", **_status(sink))
+        summary = sink.summary()
+        ctl.send("stats", **summary)
+        return summary
+    finally:
+        sink.close()
+        ctl.close()
+        inp.close(linger=0)
+        if pub is not None:
+            pub.close(linger=1000)
+        ctx.term()
+
+
+def _status(sink: Sink) -> dict:
+    span = (sink.last_ns - sink.first_t_ns) / 1e9 if sink.last_ns and sink.first_t_ns else 0.0
+    return {"results": sink.results, "fps": sink.results / span if span > 0 else 0.0,
+            "defect": sink.counts["defect"], "error": sink.counts["error"],
+            "dropped": sum(l.dropped for l in sink.streams.values())}
