@@ -111,10 +111,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_produce(args) -> int:
-    from pipeline.producers import open_source, produce
+    import threading
 
+    from pipeline.producers import open_source, produce
+    from pipeline.workers import stop_on_signals
+
+    stop = threading.Event()
+    stop_on_signals(stop)
     source = open_source(args.source, frames=args.frames, size=args.size, seed=args.seed)
-    stats = produce(source, args.frames_endpoint, args.sink, stream=args.stream, mode=args.mode)
+    stats = produce(source, args.frames_endpoint, args.sink, stream=args.stream, mode=args.mode, hold=args.hold,
+                    stop=stop)
     print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped)", file=sys.stderr)
     return 0
 
@@ -296,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--mode", choices=("lossless", "live"), default=None)
     produce.add_argument("--size", type=_positive_int, default=256, help="synthetic frame size")
     produce.add_argument("--seed", type=int, default=0)
+    produce.add_argument("--hold", type=float, default=30.0,
+                         help="seconds to stay connected after the end of stream, so frames in flight arrive")
     produce.set_defaults(func=cmd_produce)
 
     worker = sub.add_parser("worker", help="one stage: an inference worker")

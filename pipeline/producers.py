@@ -143,6 +143,19 @@ class SyntheticSource(Source):
             yield SourceFrame(pixels=image, meta={"planted": kind} if kind else {})
 
 
+def check_source(spec: str) -> None:
+    """Raise the error open_source would, without opening a device (for a supervisor, before it starts stages)."""
+    if spec == "synthetic" or spec.startswith(("rtsp://", "rtsps://", "http://", "https://")):
+        return
+    if spec.startswith("camera:"):
+        if not spec.split(":", 1)[1].isdigit():
+            raise ConfigError(f"camera source {spec!r}: expected camera:N with N a device index, e.g. camera:0")
+        return
+    if not Path(spec).exists():
+        raise SourceError(f"source {spec!r} not found; give 'synthetic', a folder of images, a video file, "
+                          "camera:N or an rtsp:// URL")
+
+
 def open_source(spec: str, frames: int = 0, size: int = 256, seed: int = 0) -> Source:
     """'synthetic', a folder, a video file, 'camera:N' or an rtsp:// / http:// URL."""
     if spec == "synthetic":
@@ -171,8 +184,12 @@ class ProducerStats:
 
 
 def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: str = "cam0", mode: str | None = None,
-            ring: int = 4, hwm: int = 8, stop: threading.Event | None = None) -> ProducerStats:
+            ring: int = 4, hwm: int = 8, hold: float | None = None,
+            stop: threading.Event | None = None) -> ProducerStats:
     """Send every frame of source to frames_endpoint (PUSH, bound), then eos to sink_endpoint (PUSH, connected).
+
+    After the end of the stream the sockets stay open until `stop` is set (a supervisor does
+    that once the sink has every result) or `hold` seconds have passed (None: until stopped).
 
     Frames a source could not read are sent too (as a 1x1 frame with meta "error"), so the
     sink accounts for them as error results. Returns the counters.
@@ -198,6 +215,9 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
             _send(out, stream, seq, item, stop)
             stats.sent += 1
         eos.send_multipart(wire.encode_eos(stream, stats.sent, stats.dropped))
+        # Stay connected: when a sender closes, ZeroMQ drops what the receiver had not yet taken
+        # off the connection (its queue was full), so the last frames would be lost.
+        stop.wait(hold)
     finally:
         source.close()
         out.close()

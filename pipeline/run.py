@@ -132,7 +132,8 @@ class Supervisor:
             self.wait_ready(control, set(self.procs))
             size = load_manifest(c.model)["embedding"]["input_size"]
             produce = ["produce", c.source, "--frames-endpoint", self.endpoint("frames"), "--sink",
-                       self.endpoint("results"), "--stream", c.stream, "--frames", str(c.frames), "--size", str(size)]
+                       self.endpoint("results"), "--stream", c.stream, "--frames", str(c.frames), "--size", str(size),
+                       "--hold", "86400"]  # stopped by shutdown() once the sink has every result
             if c.mode:
                 produce += ["--mode", c.mode]
             self.spawn("producer", produce)
@@ -225,7 +226,10 @@ class Supervisor:
 
 def run_pipeline(config: RunConfig, status: Callable[[dict], None] | None = None) -> dict:
     """Run the topology until the source ends (or Ctrl-C / SIGTERM); returns the sink's summary."""
-    load_manifest(config.model)  # a bad model is one clear error here, not a dead worker later
+    from pipeline.producers import check_source
+
+    load_manifest(config.model)  # a bad model or source is one clear error here, not a dead stage later
+    check_source(config.source)
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(config, status)

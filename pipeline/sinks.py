@@ -37,6 +37,7 @@ class Ledger:
     duplicates: int = 0
     gaps: int = 0
     late: int = 0
+    lost_seqs: list = dataclasses.field(default_factory=list)
 
     def accept(self, result: wire.Result) -> list[tuple[wire.Result, bool]]:
         """Add a result; returns [(result, late)] now releasable, in order."""
@@ -80,6 +81,7 @@ class Ledger:
 
     def flush(self, lost_message: str) -> list[tuple[wire.Result, bool]]:
         """Release everything left, in seq order: waiting results, and a lost error result per missing seq."""
+        self.lost_seqs += self.missing()
         rest = {s: wire.Result(self.stream, s, 0, "error", error=lost_message) for s in self.missing()}
         rest.update(self.pending)
         out = [(rest[s], s < self.next_seq) for s in sorted(rest)]
@@ -187,7 +189,8 @@ class Sink:
             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
             "stage_ms": stages,
             "mean_batch": float(np.mean(batch)) if batch else 0.0,
-            "streams": {name: {"expected": l.expected, "missing": l.missing()[:1000]} for name, l in self.streams.items()},
+            "streams": {name: {"expected": l.expected, "lost": l.lost_seqs[:10000], "late": l.late}
+                        for name, l in self.streams.items()},
         }
 
     def close(self) -> None:

@@ -178,9 +178,10 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                        stop: threading.Event | None = None) -> WorkerStats:
     """PULL scored frames (bound at in_endpoint), emit results to the sink (PUSH, connect).
 
-    Smooths the patch map to the frame's original size, applies the model's thresholds, extracts
-    regions, attaches the 8-bit defect map (normalised score x 255) for defective frames, and
-    writes an overlay PNG of each defective frame into `overlays` when given.
+    Smooths the patch map (model input size), normalises it with the model's pixel threshold: the
+    frame is defective when its maximum reaches 0.5. For defective frames the map is resized to
+    the frame's original size, regions are extracted, the 8-bit defect map (normalised score x 255)
+    is attached and an overlay PNG is written into `overlays` when given.
     """
     from calibration.artifact import load_manifest
     from calibration.maps import defect_regions, normalise, overlay, smooth_map, to_original_size
@@ -225,12 +226,15 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                 stats.reject("bad_kind")
                 continue
             frame = item.frame
-            image_score = float(normalise(item.score, thresholds["image"]))
+            # the verdict and the regions come from the same smoothed map and pixel threshold, so a
+            # defective frame always has a region and an ok frame never has one
+            smoothed = smooth_map(item.patch_map, size, sigma)
+            image_score = float(normalise(smoothed.max(), thresholds["pixel"]))
             defect = image_score >= 0.5
             regions, defect_map = [], None
-            if defect:  # the map is only needed where there is something to show
+            if defect:  # the full-size map is only needed where there is something to show
                 h, w = frame.shape[:2]
-                heat = normalise(to_original_size(smooth_map(item.patch_map, size, sigma), (h, w)), thresholds["pixel"])
+                heat = normalise(to_original_size(smoothed, (h, w)), thresholds["pixel"])
                 regions = [wire.Region(b, a, p) for b, a, p in defect_regions(heat)]
                 defect_map = (heat * 255).astype(np.uint8) if attach_maps else None
                 if overlays is not None:

@@ -1,0 +1,181 @@
+"""The whole pipeline as a user runs it: `lineguard run` in its own process, over ipc."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+
+def _lineguard(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every live descendant of pid."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if state != "Z":
+                parents[int(entry.name)] = (int(ppid), cmd)
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, (ppid, cmd) in parents.items():
+            if ppid == p:
+                found.append((child, cmd))
+                frontier.append(child)
+    return found
+
+
+class Subscriber:
+    """A SUB socket on the run's --pub endpoint, connected before the run starts (ZeroMQ reconnects)."""
+
+    def __init__(self, endpoint: str):
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(endpoint)
+        self.received = 0
+
+    def wait_for(self, count: int, timeout: float, proc: subprocess.Popen) -> None:
+        from pipeline import wire
+
+        deadline = time.monotonic() + timeout
+        while self.received < count:
+            assert proc.poll() is None, f"run ended (exit {proc.returncode}) early: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, f"only {self.received} of {count} results within {timeout} s"
+            if self.sock.poll(200):
+                assert isinstance(wire.decode(self.sock.recv_multipart(copy=False)), wire.Result)
+                self.received += 1
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def _lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def test_synthetic_run_accounts_for_every_frame_and_finds_planted_defects(fitted_model, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "60", "--out",
+                                     str(out), "--json", str(tmp_path / "summary.json"), "--batch-size", "4"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("frames_in", "results", "ok", "defect", "error", "dropped", "fps", "latency_ms"):
+        assert key in summary
+    assert summary["frames_in"] == summary["results"] == 60
+    assert summary["ok"] + summary["defect"] + summary["error"] == 60 and summary["error"] == 0
+    assert summary["dropped"] == 0 and summary["fps"] > 0 and summary["latency_ms"]["p99"] >= summary["latency_ms"]["p50"]
+    lines = _lines(out / "results.jsonl")
+    assert [r["seq"] for r in lines] == list(range(60))
+    planted = [r for r in lines if r.get("meta", {}).get("planted")]
+    normal = [r for r in lines if not r.get("meta", {}).get("planted")]
+    assert planted and normal
+    assert sum(r["verdict"] == "defect" for r in planted) >= 0.8 * len(planted)
+    assert sum(r["verdict"] == "ok" for r in normal) >= 0.6 * len(normal)
+    for r in lines:
+        if r["verdict"] == "defect":
+            assert r["regions"] and (out / "overlays" / f"cam0-{r['seq']:08d}.png").is_file()
+            assert (out / "maps" / f"cam0-{r['seq']:08d}.png").is_file()
+    assert "results" in proc.stdout and "fps" in proc.stdout
+
+
+def test_folder_source_names_each_file(fitted_model, synthetic_data, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(_lineguard("run", str(fitted_model), "--source", str(synthetic_data / "test"), "--out",
+                                     str(out)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = _lines(out / "results.jsonl")
+    files = sorted(str(p.relative_to(synthetic_data / "test")) for p in (synthetic_data / "test").rglob("*.png"))
+    assert sorted(r["meta"]["file"] for r in lines) == files
+    verdicts = {r["meta"]["file"]: r["verdict"] for r in lines}
+    defective = [f for f in files if not f.startswith("good/")]
+    assert sum(verdicts[f] == "defect" for f in defective) >= 0.8 * len(defective)
+
+
+def test_killed_worker_does_not_hang_the_run_and_its_frames_are_reported(fitted_model, tmp_path):
+    out = tmp_path / "out"
+    pub = f"ipc://{tmp_path}/pub"
+    sub = Subscriber(pub)
+    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "300", "--out",
+                                       str(out), "--json", str(tmp_path / "summary.json"), "--drain-timeout", "2",
+                                       "--batch-size", "4", "--pub", pub),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sub.wait_for(20, 120, proc)
+        workers = [pid for pid, cmd in _children(proc.pid) if "pipeline.cli worker" in cmd]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        proc.wait(timeout=180)
+    finally:
+        sub.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, proc.stderr.read()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["frames_in"] == summary["results"] == 300
+    assert len(summary["worker_restarts"]) == 1
+    lines = _lines(out / "results.jsonl")
+    seqs = Counter(r["seq"] for r in lines)
+    assert sorted(seqs) == list(range(300)) and max(seqs.values()) == 1  # every frame exactly once
+    lost = [r for r in lines if r["verdict"] == "error"]
+    assert all(r["error"].startswith("lost") for r in lost)
+    assert summary["lost"] == len(lost) == summary["error"]
+    assert sorted(r["seq"] for r in lost) == summary["streams"]["cam0"]["lost"]
+    assert _children(proc.pid) == []
+
+
+def test_sigterm_stops_every_process(fitted_model, tmp_path):
+    pub = f"ipc://{tmp_path}/pub"
+    sub = Subscriber(pub)
+    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
+                                       "--pub", pub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sub.wait_for(5, 120, proc)
+        children = [pid for pid, _ in _children(proc.pid)]
+        assert len(children) >= 4  # sink, postprocess, worker, producer
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        sub.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+
+
+@pytest.mark.parametrize("case", ["missing_model", "bad_source"])
+def test_run_errors_are_one_line(fitted_model, tmp_path, case, capsys):
+    from pipeline.cli import main
+
+    if case == "missing_model":
+        code = main(["run", str(tmp_path / "nope"), "--frames", "5"])
+        expected = "nope"
+    else:
+        code = main(["run", str(fitted_model), "--source", str(tmp_path / "missing.mp4"), "--frames", "5"])
+        expected = "missing.mp4"
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
