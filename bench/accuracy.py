@@ -15,7 +15,7 @@ from pathlib import Path
 from calibration.artifact import machine_info
 from calibration.evaluate import evaluate
 from calibration.fit import FitConfig, fit
-from calibration.model import InspectionModel
+from calibration.model import Deployment, InspectionModel
 from engines.banks import BankConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def run(dataset: str, config: FitConfig, batch_size: int) -> dict:
     data = DATA / dataset
     with tempfile.TemporaryDirectory() as tmp:
         summary = fit(data, Path(tmp) / "model", config)
-        model = InspectionModel(Path(tmp) / "model", runtime=config.runtime, threads=config.threads)
+        model = InspectionModel(Path(tmp) / "model", config.deployment)
         metrics = evaluate(model, data, batch_size=batch_size)
     return {"dataset": dataset, "metrics": metrics, "fit": summary, "config": dataclasses.asdict(config),
             "eval_batch_size": batch_size, "machine": machine_info()}
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args()
     config = FitConfig(bank=BankConfig(index=args.index), coreset_ratio=args.coreset_ratio,
-                       coreset_max=args.coreset_max, threads=args.threads)
+                       coreset_max=args.coreset_max, deployment=Deployment(threads=args.threads))
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:

@@ -22,7 +22,7 @@ from bench.accuracy import DATA, ROOT
 from calibration.artifact import machine_info
 from calibration.dataset import evaluation_samples
 from calibration.fit import FitConfig, extract, fit
-from calibration.model import InspectionModel
+from calibration.model import Deployment, InspectionModel
 from engines.banks import BankConfig, MemoryBank
 
 
@@ -46,8 +46,9 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     data = DATA / args.dataset
     with tempfile.TemporaryDirectory() as tmp:
-        fit(data, Path(tmp) / "m", FitConfig(threads=args.threads))
-        model = InspectionModel(Path(tmp) / "m", threads=args.threads)
+        deployment = Deployment(threads=args.threads)
+        fit(data, Path(tmp) / "m", FitConfig(deployment=deployment))
+        model = InspectionModel(Path(tmp) / "m", deployment)
         paths = [s.path for s in evaluation_samples(data)][: args.images]
         with model.engine:
             feats = extract(model.engine, paths, model.input_size, 8, None)

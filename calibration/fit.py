@@ -20,12 +20,11 @@ from calibration.artifact import write_manifest
 from calibration.coreset import greedy_coreset
 from calibration.dataset import iter_batches, train_images
 from calibration.maps import smooth_map
-from calibration.model import ScoringConfig, make_engine, score_features, set_threads
+from calibration.model import Deployment, ScoringConfig, make_engine, score_features, set_threads
 from engines.banks import BankConfig, MemoryBank
 from engines.errors import ConfigError, LineguardError
 from engines.export import export_onnx
 from engines.heads import EmbeddingConfig, PatchEmbedding
-from engines.runtimes import check_runtime
 
 Progress = Callable[[str, int, int], None]
 
@@ -47,13 +46,14 @@ class FitConfig:
     coreset_max: int = 8192
     coreset_proj_dim: int = 128
     calib_images: int = 100
-    runtime: str = "onnxruntime"
+    deployment: Deployment = Deployment()
     batch_size: int = 8
-    threads: int | None = None
     seed: int = 0
 
     def __post_init__(self):
-        check_runtime(self.runtime)
+        if self.deployment.runtime == "tensorrt" or self.deployment.precision != "fp32":
+            raise ConfigError("fit extracts features with onnxruntime or torch at fp32 (--runtime, --device); "
+                              "compile other precisions afterwards with lineguard export")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ConfigError(f"coreset ratio {self.coreset_ratio} must be in (0, 1], e.g. 0.1")
         if self.coreset_max < 0 or self.calib_images < 1 or self.batch_size < 1:
@@ -123,12 +123,12 @@ def fit(data: str | Path, out: str | Path, config: FitConfig = FitConfig(),
     start = time.perf_counter()
     data, out = Path(data), Path(out)
     paths = train_images(data)
-    set_threads(config.threads)
+    set_threads(config.deployment.threads)
     _prepare_output(out)
     module = PatchEmbedding(config.embedding, config.weights)
     size = config.embedding.input_size
     export_onnx(module, size, out / "model.onnx")
-    engine = make_engine(config.runtime, config.embedding, out / "model.onnx", config.weights, config.threads, module)
+    engine = make_engine(config.deployment, out, config.embedding, config.weights, module)
     with engine:
         features = extract(engine, paths, size, config.batch_size, progress)
     t_extract = time.perf_counter() - start
@@ -170,6 +170,6 @@ def fit(data: str | Path, out: str | Path, config: FitConfig = FitConfig(),
         "grid": [h, w],
         "input": {"dtype": "uint8", "layout": "NHWC", "channels": "RGB", "size": [size, size]},
         "normalisation": dataclasses.asdict(module.backbone.normalisation),
-        "fit": {**config_dict, **summary},
+        "fit": {**config_dict, **summary, "data": str(data.resolve())},
     })
     return summary

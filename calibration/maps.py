@@ -11,8 +11,29 @@ def smooth_map(patch_map: np.ndarray, input_size: int, sigma: float) -> np.ndarr
     up = cv2.resize(patch_map, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
     if sigma > 0:
         ksize = 2 * int(4 * sigma + 0.5) + 1
-        up = cv2.GaussianBlur(up, (ksize, ksize), sigma, borderType=cv2.BORDER_REFLECT)
+        up = cv2.GaussianBlur(up, (ksize, ksize), sigma, borderType=cv2.BORDER_REFLECT_101)
     return up
+
+
+def smooth_maps_torch(patch: "torch.Tensor", input_size: int, sigma: float) -> "torch.Tensor":
+    """smooth_map for a batch on any torch device: float32 [N, h, w] -> float32 [N, S, S].
+
+    Bilinear (half-pixel centres, as cv2.INTER_LINEAR) and a separable Gaussian with the same
+    kernel size and reflected borders as smooth_map.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    up = F.interpolate(patch[:, None].float(), size=(input_size, input_size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        radius = int(4 * sigma + 0.5)
+        x = torch.arange(-radius, radius + 1, device=patch.device, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+        kernel /= kernel.sum()
+        up = F.pad(up, (radius, radius, radius, radius), mode="reflect")
+        up = F.conv2d(up, kernel.view(1, 1, 1, -1))
+        up = F.conv2d(up, kernel.view(1, 1, -1, 1))
+    return up[:, 0]
 
 
 def to_original_size(smoothed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

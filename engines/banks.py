@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.errors import ConfigError
+from engines.errors import ConfigError, MissingExtraError
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 
@@ -47,9 +47,12 @@ def _faiss():
 class MemoryBank:
     """A FAISS index over normal patch embeddings."""
 
-    def __init__(self, index, config: BankConfig):
+    def __init__(self, index, config: BankConfig, device: str = "cpu", fp16: bool = False):
+        """device: "cpu", or "cuda[:N]" for the flat bank searched by torch on that GPU (no faiss-gpu
+        needed) and for ivf through faiss-gpu on every visible GPU (fp16: store vectors in half)."""
         self.index = index
         self.config = config
+        self.device = device
         self._apply_search_params()
         if config.index == "ivf":
             index.make_direct_map()  # lets vectors() reconstruct bank rows (reweighting)
@@ -58,8 +61,11 @@ class MemoryBank:
             import torch
 
             vectors = _faiss().rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
-            self._matrix = torch.from_numpy(np.array(vectors, np.float32).reshape(index.ntotal, index.d))
-            self._norms = (self._matrix * self._matrix).sum(1)
+            matrix = torch.from_numpy(np.array(vectors, np.float32).reshape(index.ntotal, index.d)).to(device)
+            self._matrix = matrix.half() if fp16 else matrix
+            self._norms = (matrix * matrix).sum(1)
+        elif device != "cpu":
+            self.index = _to_gpus(index, config, fp16)
 
     @classmethod
     def build(cls, vectors: np.ndarray, config: BankConfig = BankConfig()) -> "MemoryBank":
@@ -117,16 +123,31 @@ class MemoryBank:
         np.maximum(dist, 0, out=dist)
         return np.sqrt(dist, out=dist), ids
 
-    def _search_exact(self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None, block: int = 4096):
+    def _search_exact(self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None):
         import torch
 
-        q = torch.from_numpy(queries)
-        dist = np.empty((len(queries), k), np.float32)
-        ids = np.empty((len(queries), k), np.int64)
+        dist, ids = self.search_tensor(torch.from_numpy(queries), k, exclude)
+        return dist.cpu().numpy(), ids.cpu().numpy()
+
+    def search_tensor(self, queries: "torch.Tensor", k: int = 1, exclude: tuple[int, int] | None = None,
+                      block: int = 4096):
+        """Flat banks only: float32 tensor [P, d] (any device) -> (distances float32 [P, k], ids int64 [P, k])
+        as tensors on the bank's device; the GPU path keeps everything there."""
+        import torch
+
+        if self._matrix is None:
+            raise ConfigError(f"search_tensor needs a flat bank; this one is {self.config.index}")
+        q = queries.to(self._matrix.device, torch.float32)
+        dist = torch.empty((len(q), k), dtype=torch.float32, device=q.device)
+        ids = torch.empty((len(q), k), dtype=torch.int64, device=q.device)
+        matrix = self._matrix
         with torch.inference_mode():
             for start in range(0, len(q), block):
                 qb = q[start:start + block]
-                d2 = torch.addmm(self._norms[None, :], qb, self._matrix.T, alpha=-2.0)
+                if matrix.dtype == torch.float16:
+                    d2 = torch.addmm(self._norms[None, :].half(), qb.half(), matrix.T, alpha=-2.0).float()
+                else:
+                    d2 = torch.addmm(self._norms[None, :], qb, matrix.T, alpha=-2.0)
                 if exclude is not None:
                     d2[:, exclude[0]:exclude[1]] = float("inf")
                 if k == 1:
@@ -134,13 +155,13 @@ class MemoryBank:
                 else:
                     best, idx = torch.topk(d2, k, dim=1, largest=False)
                 # the expansion loses precision for near neighbours: recompute the chosen distances directly
-                exact = (qb[:, None, :] - self._matrix[idx]).norm(dim=2)
+                exact = (qb[:, None, :] - matrix[idx].float()).norm(dim=2)
                 exact[torch.isinf(best)] = float("inf")
                 exact, order = exact.sort(dim=1)
                 idx = idx.gather(1, order)
                 idx[torch.isinf(exact)] = -1  # fewer than k rows left outside `exclude`, as FAISS does
-                dist[start:start + len(qb)] = exact.numpy()
-                ids[start:start + len(qb)] = idx.numpy()
+                dist[start:start + len(qb)] = exact
+                ids[start:start + len(qb)] = idx
         return dist, ids
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
@@ -151,8 +172,22 @@ class MemoryBank:
         _faiss().write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: str | Path, config: BankConfig) -> "MemoryBank":
-        return cls(_faiss().read_index(str(path)), config)
+    def load(cls, path: str | Path, config: BankConfig, device: str = "cpu", fp16: bool = False) -> "MemoryBank":
+        return cls(_faiss().read_index(str(path)), config, device, fp16)
+
+
+def _to_gpus(index, config: BankConfig, fp16: bool):
+    """A copy of a CPU ivf index on every visible GPU (faiss-gpu); clear errors where that cannot be."""
+    faiss = _faiss()
+    if config.index != "ivf":
+        raise ConfigError(f"a {config.index} bank has no GPU search in FAISS; fit with --index flat or ivf for a GPU")
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        raise MissingExtraError("an ivf bank on a GPU needs faiss with GPU support; pip install 'lineguard[gpu]' "
+                                "(or fit with --index flat: it is searched on the GPU by torch)")
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = fp16
+    options.shard = True  # split the bank across GPUs rather than copying it to each
+    return faiss.index_cpu_to_all_gpus(index, options)
 
 
 def image_scores(bank: MemoryBank, queries: np.ndarray, patch_scores: np.ndarray, nearest_ids: np.ndarray,

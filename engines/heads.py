@@ -69,7 +69,7 @@ class PatchEmbedding(nn.Module):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        x = (images.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) * self.inv_std
         feats = self.backbone(x, self.config.layers)
         parts = []
         for name in self.config.layers:

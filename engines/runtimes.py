@@ -12,9 +12,10 @@ from typing import Callable
 
 import numpy as np
 
-from engines.errors import ConfigError, InputError
+from engines.errors import ConfigError, InputError, MissingExtraError
 
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "torch", "tensorrt")
+PRECISIONS = {"onnxruntime": ("fp32", "int8"), "torch": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
 
 
 class Engine:
@@ -67,31 +68,84 @@ class Engine:
 
 
 class TorchEngine(Engine):
-    """Runs a torch module built by `factory` (called on activation) on the CPU."""
+    """Runs a torch module built by `factory` (called on activation).
+
+    device "cpu" or "cuda[:N]"; on CUDA: precision fp16 (half weights and activations),
+    channels-last memory, and optionally one CUDA graph captured per batch size (the batch is
+    copied into the graph's static input, the graph replayed). Output is always float32.
+    """
 
     name = "torch"
 
-    def __init__(self, factory: Callable[[], "object"], input_size: int, threads: int | None = None):
+    def __init__(self, factory: Callable[[], "object"], input_size: int, threads: int | None = None,
+                 device: str = "cpu", precision: str = "fp32", cuda_graphs: bool = False):
         super().__init__(input_size)
+        if precision not in PRECISIONS["torch"]:
+            raise ConfigError(f"torch runtime precision {precision!r}; valid: {', '.join(PRECISIONS['torch'])}")
+        if device == "cpu" and (precision != "fp32" or cuda_graphs):
+            raise ConfigError("fp16 and CUDA graphs need --device cuda; on the CPU use fp32 (or onnxruntime int8)")
         self.factory = factory
         self.threads = threads
+        self.device = device
+        self.precision = precision
+        self.cuda_graphs = cuda_graphs
         self.module = None
+        self._graphs: dict[int, tuple] = {}
 
     def _activate_impl(self) -> None:
         import torch
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.module = self.factory().eval()
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+        module = self.factory().eval().to(self.device)
+        if self.device != "cpu":
+            module = module.to(memory_format=torch.channels_last)
+        if self.precision == "fp16":
+            module = module.half()
+        self.module = module
 
-    def _infer_impl(self, images: np.ndarray) -> np.ndarray:
+    def infer_device(self, images: np.ndarray):
+        """Like infer, but returns a float32 torch tensor left on the engine's device (for a GPU bank)."""
         import torch
 
         with torch.inference_mode():
-            return self.module(torch.from_numpy(images)).numpy()
+            x = torch.from_numpy(images)
+            if self.device == "cpu":
+                return self.module(x).float()
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            if not self.cuda_graphs:
+                return self.module(x).float()
+            return self._replay(x).clone()
+
+    def _replay(self, x):
+        import torch
+
+        n = x.shape[0]
+        if n not in self._graphs:
+            static_in = x.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up runs before capture, as torch.cuda.graphs asks
+                    self.module(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.module(static_in).float()
+            self._graphs[n] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[n]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    def _infer_impl(self, images: np.ndarray) -> np.ndarray:
+        return self.infer_device(images).cpu().numpy()
 
     def _deactivate_impl(self) -> None:
         self.module = None
+        self._graphs.clear()
 
 
 class OnnxRuntimeEngine(Engine):
@@ -123,7 +177,17 @@ class OnnxRuntimeEngine(Engine):
         self.session = None
 
 
-def check_runtime(name: str) -> str:
+def check_runtime(name: str, precision: str = "fp32") -> str:
+    """Validate a runtime name and precision, and that the runtime is installed (one line naming the extra)."""
     if name not in RUNTIMES:
         raise ConfigError(f"unknown runtime {name!r}; valid runtimes: {', '.join(RUNTIMES)}")
+    if precision not in PRECISIONS[name]:
+        raise ConfigError(f"runtime {name} has no precision {precision!r}; valid: {', '.join(PRECISIONS[name])}")
+    if name == "tensorrt":
+        import importlib.util
+
+        missing = [m for m in ("tensorrt", "pycuda") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingExtraError(f"the tensorrt runtime needs {' and '.join(missing)}, which are not installed; "
+                                    "pip install 'lineguard[gpu]' on a machine with an NVIDIA GPU and CUDA")
     return name

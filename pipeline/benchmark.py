@@ -8,6 +8,7 @@ wire layer vs raw pyzmq, both over ipc between two processes.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import tempfile
 import time
@@ -19,11 +20,11 @@ import zmq
 from pipeline import wire
 
 
-def bare_compute(model_dir: Path, frames: np.ndarray, batch: int, runtime: str, threads: int | None) -> dict:
+def bare_compute(model_dir: Path, frames: np.ndarray, batch: int, deployment) -> dict:
     """frames uint8 [N, S, S, 3]: fps of engine + bank (scores and patch maps) in this process."""
     from calibration.model import InspectionModel, score_features
 
-    model = InspectionModel(model_dir, runtime=runtime, threads=threads)
+    model = InspectionModel(model_dir, deployment)
     with model:
         model.score(frames[:batch])  # warm up
         engine = bank = 0.0
@@ -94,8 +95,7 @@ def transport(count: int = 300) -> dict:
             "runs": results, "method": "median of 5 interleaved (ABBA) runs each, after a warm-up run"}
 
 
-def benchmark(model_dir: Path, frames: int = 500, batch: int = 8, runtime: str = "onnxruntime",
-              threads: int | None = None, transport_frames: int = 300) -> dict:
+def benchmark(model_dir: Path, deployment, frames: int = 500, batch: int = 8, transport_frames: int = 300) -> dict:
     """Run (a), (b) and (c); returns a JSON-able dict with the machine and versions."""
     from calibration.artifact import load_manifest, machine_info
     from pipeline.producers import SyntheticSource
@@ -105,10 +105,10 @@ def benchmark(model_dir: Path, frames: int = 500, batch: int = 8, runtime: str =
     source = SyntheticSource(frames, size=size)
     pool = np.stack([image for image, _ in source.pool])
     arrays = pool[np.arange(frames) % len(pool)]
-    compute = bare_compute(model_dir, arrays, batch, runtime, threads)
+    compute = bare_compute(model_dir, arrays, batch, deployment)
     pipeline = run_pipeline(RunConfig(model=Path(model_dir), source="synthetic", frames=frames, batch=batch,
-                                      runtime=runtime, threads=threads))
+                                      deployment=deployment))
     return {"compute": compute, "pipeline": pipeline, "efficiency": pipeline["fps"] / compute["fps"],
             "transport": transport(transport_frames), "machine": machine_info(),
-            "config": {"model": str(model_dir), "frames": frames, "batch": batch, "runtime": runtime,
-                       "threads": threads, "input_size": size}}
+            "config": {"model": str(model_dir), "frames": frames, "batch": batch, "input_size": size,
+                       "deployment": dataclasses.asdict(deployment)}}

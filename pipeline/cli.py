@@ -47,6 +47,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _deployment(args):
+    from calibration.model import Deployment
+
+    return Deployment(runtime=args.runtime, precision=args.precision, device=args.device, threads=args.threads,
+                      cuda_graphs=args.cuda_graphs)
+
+
 def cmd_fit(args) -> int:
     from calibration.fit import FitConfig, fit
     from calibration.model import ScoringConfig
@@ -59,8 +66,7 @@ def cmd_fit(args) -> int:
         bank=BankConfig(index=args.index),
         scoring=ScoringConfig(reweight_k=args.reweight, blur_sigma=args.blur_sigma),
         weights=args.weights, coreset_ratio=args.coreset_ratio, coreset_max=args.coreset_max,
-        calib_images=args.calib_images, runtime=args.runtime, batch_size=args.batch_size,
-        threads=args.threads, seed=args.seed,
+        calib_images=args.calib_images, deployment=_deployment(args), batch_size=args.batch_size, seed=args.seed,
     )
     summary = fit(args.data, args.output, config, progress=ProgressBar())
     print(f"fitted {args.output}: {summary['train_images']} images, {summary['patches']} patches -> bank "
@@ -74,12 +80,13 @@ def cmd_eval(args) -> int:
     from calibration.evaluate import evaluate
     from calibration.model import InspectionModel
 
-    model = InspectionModel(args.model, runtime=args.runtime, threads=args.threads)
+    model = InspectionModel(args.model, _deployment(args))
     result = evaluate(model, args.data, batch_size=args.batch_size, maps_dir=args.maps, scores_dir=args.scores,
                       progress=ProgressBar())
     fit_info = model.manifest["fit"]
     result["config"] = {
-        "model": str(args.model), "data": str(args.data), "runtime": args.runtime,
+        "model": str(args.model), "data": str(args.data), "runtime": args.runtime, "precision": args.precision,
+        "device": args.device,
         "backbone": model.embedding.backbone, "layers": list(model.embedding.layers),
         "input_size": model.embedding.input_size, "dim": model.manifest["feature_dim"],
         "coreset_ratio": fit_info["coreset_ratio"], "bank_size": model.bank.size, "index": model.bank.config.index,
@@ -128,8 +135,7 @@ def cmd_produce(args) -> int:
 def cmd_worker(args) -> int:
     from pipeline.workers import inference_worker
 
-    stats = inference_worker(args.model, args.frames, args.out, runtime=args.runtime, threads=args.threads,
-                             batch=args.batch_size, batch_ms=args.batch_ms, control=args.control, name=args.name)
+    stats = inference_worker(args.model, args.frames, args.out, deployment=_deployment(args), batch=args.batch_size, batch_ms=args.batch_ms, control=args.control, name=args.name)
     print(f"{args.name}: {stats.frames} frames in {stats.batches} batches, rejected {stats.rejected}", file=sys.stderr)
     return 0
 
@@ -188,7 +194,7 @@ def cmd_run(args) -> int:
 
     config = RunConfig(model=args.model, source=args.source, out=args.out, frames=args.frames, workers=args.workers,
                        post_workers=args.post_workers, batch=args.batch_size, batch_ms=args.batch_ms,
-                       runtime=args.runtime, threads=args.threads, mode=args.mode, stream=args.stream, pub=args.pub,
+                       deployment=_deployment(args), mode=args.mode, stream=args.stream, pub=args.pub,
                        drain_timeout=args.drain_timeout, respawn=not args.no_respawn)
     status = StatusLine()
     try:
@@ -205,8 +211,8 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     from pipeline.benchmark import benchmark
 
-    result = benchmark(args.model, frames=args.frames, batch=args.batch_size, runtime=args.runtime,
-                       threads=args.threads, transport_frames=args.transport_frames)
+    result = benchmark(args.model, _deployment(args), frames=args.frames, batch=args.batch_size,
+                       transport_frames=args.transport_frames)
     c, p, t = result["compute"], result["pipeline"], result["transport"]
     print(f"bare compute   {c['fps']:7.1f} fps  (batch {c['batch']}, engine {c['engine_ms_per_frame']:.1f} ms + "
           f"bank {c['bank_ms_per_frame']:.1f} ms per frame)")
@@ -218,6 +224,41 @@ def cmd_bench(args) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from calibration.artifact import load_manifest
+
+    manifest = load_manifest(args.model)
+    if args.runtime == "onnxruntime":
+        from calibration.int8 import Int8Config, quantize_onnxruntime
+
+        if args.precision != "int8":
+            print(f"{args.model}/model.onnx is the onnxruntime fp32 engine; nothing to build")
+            return 0
+        record = quantize_onnxruntime(args.model, Int8Config(args.calibration, not args.per_tensor, args.calib_images),
+                                      data=args.data)
+        print(f"wrote {args.model}/engines/onnxruntime-int8.onnx ({record['method']}, "
+              f"{'per-channel' if record['per_channel'] else 'per-tensor'}, "
+              f"{len(record['calibration_images'])} calibration images, {record['seconds']} s)")
+        return 0
+    if args.runtime == "tensorrt":
+        from calibration.int8 import calibration_batches, calibration_images
+        from engines.runtimes import check_runtime
+        from engines.tensorrt import build_plan, plan_path
+
+        check_runtime("tensorrt", args.precision)
+        size = manifest["embedding"]["input_size"]
+        calibration = None
+        if args.precision == "int8":
+            calibration = calibration_batches(calibration_images(args.model, args.calib_images, args.data), size,
+                                              batch=8)
+        plan = build_plan(args.model / "model.onnx", plan_path(args.model, args.precision), size, args.precision,
+                          args.max_batch, calibration)
+        print(f"wrote {plan}")
+        return 0
+    print("the torch runtime needs no export: it runs the network directly (--runtime torch)")
     return 0
 
 
@@ -234,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="inference runtime")
+        p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                       help="onnxruntime: fp32 | int8 (after lineguard export); torch: fp32 | fp16 (CUDA); tensorrt: all")
+        p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+        p.add_argument("--cuda-graphs", action="store_true", help="torch on CUDA: replay captured CUDA graphs")
         p.add_argument("--batch-size", type=_positive_int, default=8)
         p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 
@@ -265,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scores", type=Path, default=None, help="write float32 TIFF score maps here")
     common(ev)
     ev.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="compile MODEL for a runtime and precision (engines/ folder)")
+    export.add_argument("model", type=Path)
+    export.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), default="minmax",
+                        help="int8 activation range method")
+    export.add_argument("--per-tensor", action="store_true", help="int8: one weight scale per tensor, not per channel")
+    export.add_argument("--calib-images", type=_positive_int, default=32, help="normal training images to calibrate on")
+    export.add_argument("--data", type=Path, default=None, help="the training data, if it moved since fit")
+    export.add_argument("--max-batch", type=_positive_int, default=32, help="tensorrt: largest batch")
+    common(export)
+    export.set_defaults(func=cmd_export)
 
     run = sub.add_parser("run", help="run the streaming pipeline on a source until it ends")
     run.add_argument("model", type=Path)

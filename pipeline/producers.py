@@ -201,7 +201,6 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.SNDHWM, hwm)
-    out.setsockopt(zmq.LINGER, -1)
     out.bind(frames_endpoint)
     eos = ctx.socket(zmq.PUSH)
     eos.setsockopt(zmq.LINGER, 5000)
@@ -210,9 +209,8 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
     try:
         frames = _live_frames(source, ring, stats, stop) if mode == "live" else iter(source)
         for seq, item in enumerate(frames):
-            if stop.is_set():
+            if stop.is_set() or not _send(out, stream, seq, item, stop):
                 break
-            _send(out, stream, seq, item, stop)
             stats.sent += 1
         eos.send_multipart(wire.encode_eos(stream, stats.sent, stats.dropped))
         # Stay connected: when a sender closes, ZeroMQ drops what the receiver had not yet taken
@@ -220,13 +218,15 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
         stop.wait(hold)
     finally:
         source.close()
-        out.close()
-        eos.close()
+        # after a stop nothing in flight is wanted; otherwise give a slow receiver a moment, never forever
+        out.close(linger=0 if stop.is_set() else 1000)
+        eos.close(linger=0 if stop.is_set() else 5000)
         ctx.term()
     return stats
 
 
-def _send(sock: zmq.Socket, stream: str, seq: int, item: SourceFrame, stop: threading.Event) -> None:
+def _send(sock: zmq.Socket, stream: str, seq: int, item: SourceFrame, stop: threading.Event) -> bool:
+    """Send one frame, blocking on backpressure; False if stopped before it could be sent."""
     meta = dict(item.meta)
     if item.encoded is not None:
         message = wire.encode_frame_encoded(stream, seq, item.encoded, item.shape, item.encoding, meta=meta)
@@ -237,9 +237,10 @@ def _send(sock: zmq.Socket, stream: str, seq: int, item: SourceFrame, stop: thre
     while not stop.is_set():  # block on backpressure, but wake up to notice a stop request
         try:
             sock.send_multipart(message, copy=False, flags=zmq.NOBLOCK)
-            return
+            return True
         except zmq.Again:
             sock.poll(100, zmq.POLLOUT)
+    return False
 
 
 def _live_frames(source: Source, ring: int, stats: ProducerStats, stop: threading.Event) -> Iterator[SourceFrame]:

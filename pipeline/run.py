@@ -28,8 +28,8 @@ from typing import Callable
 import zmq
 
 from calibration.artifact import load_manifest
+from calibration.model import Deployment
 from engines.errors import ConfigError, LineguardError
-from engines.runtimes import check_runtime
 from pipeline import wire
 
 
@@ -50,8 +50,7 @@ class RunConfig:
     post_workers: int = 1
     batch: int = 8
     batch_ms: float = 10.0
-    runtime: str = "onnxruntime"
-    threads: int | None = None
+    deployment: Deployment = Deployment()
     mode: str | None = None
     stream: str = "cam0"
     pub: str | None = None
@@ -61,7 +60,6 @@ class RunConfig:
     ready_timeout: float = 120.0
 
     def __post_init__(self):
-        check_runtime(self.runtime)
         if self.workers < 1 or self.post_workers < 1 or self.batch < 1 or self.batch_ms < 0:
             raise ConfigError("workers, post-workers and batch must be >= 1 and batch-ms >= 0")
         if self.mode not in (None, "lossless", "live"):
@@ -98,10 +96,14 @@ class Supervisor:
 
     def worker_args(self, name: str) -> list[str]:
         c = self.config
-        threads = c.threads or max(1, (os.cpu_count() or 1) // c.workers)
-        args = ["worker", str(c.model), "--frames", self.endpoint("frames"), "--runtime", c.runtime,
-                "--threads", str(threads), "--batch-size", str(c.batch), "--batch-ms", str(c.batch_ms),
+        d = c.deployment
+        threads = d.threads or max(1, (os.cpu_count() or 1) // c.workers)
+        args = ["worker", str(c.model), "--frames", self.endpoint("frames"), "--runtime", d.runtime,
+                "--precision", d.precision, "--device", d.device, "--threads", str(threads),
+                "--batch-size", str(c.batch), "--batch-ms", str(c.batch_ms),
                 "--control", self.endpoint("control"), "--name", name]
+        if d.cuda_graphs:
+            args.append("--cuda-graphs")
         for i in range(c.post_workers):
             args += ["--out", self.endpoint(f"post{i}")]
         return args
@@ -206,7 +208,7 @@ class Supervisor:
                     rejected[reason] = rejected.get(reason, 0) + n
         summary["rejected"] = rejected
         summary["worker_restarts"] = self.restarts
-        summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.config).items()}
+        summary["config"] = json.loads(json.dumps(dataclasses.asdict(self.config), default=str))
         return summary
 
     def shutdown(self, grace: float = 5.0) -> None:

@@ -108,7 +108,6 @@ class Sink:
         self.timing: dict[str, list[float]] = {}
         self.first_t_ns: int | None = None
         self.last_ns: int | None = None
-        self.eos = 0
 
     def ledger(self, stream: str) -> Ledger:
         if stream not in self.streams:
@@ -125,7 +124,6 @@ class Sink:
         if isinstance(item, wire.Eos):
             ledger = self.ledger(item.stream)
             ledger.expected, ledger.dropped = item.count, item.dropped
-            self.eos += 1
         elif isinstance(item, wire.Result):
             if item.verdict != "error" or item.t_ns:
                 self.latencies.append((now - item.t_ns) / 1e6)
@@ -159,7 +157,12 @@ class Sink:
                 cv2.imwrite(str(self.maps_dir / f"{result.stream}-{result.seq:08d}.png"), result.defect_map)
 
     def complete(self, streams: int) -> bool:
-        return streams > 0 and self.eos >= streams and all(l.complete for l in self.streams.values())
+        return streams > 0 and self.ended >= streams and all(l.complete for l in self.streams.values())
+
+    @property
+    def ended(self) -> int:
+        """Streams whose end (eos) has arrived."""
+        return sum(l.expected is not None for l in self.streams.values())
 
     def drain(self, why: str) -> None:
         """Declare every missing frame of every ended stream lost."""
@@ -232,7 +235,7 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
                     sink.handle(inp.recv_multipart(copy=False))
             if sink.complete(streams):
                 break
-            ended = streams > 0 and sink.eos >= streams
+            ended = streams > 0 and sink.ended >= streams
             if ended and time.monotonic() - last_activity > drain_timeout:
                 sink.drain(f"none within {drain_timeout:g} s after the last result; a worker may have died")
                 break

@@ -66,18 +66,18 @@ def _error_result(stream: str, seq: int, t_ns: int, message: str, meta: dict | N
 
 
 def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints: list[str], *,
-                     runtime: str = "onnxruntime", threads: int | None = None, batch: int = 8, batch_ms: float = 10.0,
+                     deployment=None, batch: int = 8, batch_ms: float = 10.0,
                      hwm: int = 4, control: str | None = None, name: str = "infer0",
                      stop: threading.Event | None = None) -> WorkerStats:
     """PULL frames (connect), batch up to `batch` frames or `batch_ms` after the first, score, PUSH on (connect).
 
     Each frame is decoded and resized once, into a reused uint8 [batch, S, S, 3] buffer.
     """
-    from calibration.model import InspectionModel  # torch and onnxruntime load only in this process
+    from calibration.model import Deployment, InspectionModel  # torch and onnxruntime load only here
 
     stop = stop or threading.Event()
     stop_on_signals(stop)
-    model = InspectionModel(model_dir, runtime=runtime, threads=threads)
+    model = InspectionModel(model_dir, deployment or Deployment())
     size = model.input_size
     buffer = np.empty((batch, size, size, 3), np.uint8)
     stats = WorkerStats()
@@ -228,13 +228,16 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
             frame = item.frame
             # the verdict and the regions come from the same smoothed map and pixel threshold, so a
             # defective frame always has a region and an ok frame never has one
-            smoothed = smooth_map(item.patch_map, size, sigma)
-            image_score = float(normalise(smoothed.max(), thresholds["pixel"]))
+            # (at the frame's own size: shrinking can lower the peak; growing cannot raise it, so
+            # large ok frames are decided at the input size and never resized)
+            h, w = frame.shape[:2]
+            heat = normalise(smooth_map(item.patch_map, size, sigma), thresholds["pixel"])
+            if h < size or w < size or heat.max() >= 0.5:
+                heat = to_original_size(heat, (h, w))
+            image_score = float(heat.max())
             defect = image_score >= 0.5
             regions, defect_map = [], None
-            if defect:  # the full-size map is only needed where there is something to show
-                h, w = frame.shape[:2]
-                heat = normalise(to_original_size(smoothed, (h, w)), thresholds["pixel"])
+            if defect:
                 regions = [wire.Region(b, a, p) for b, a, p in defect_regions(heat)]
                 defect_map = (heat * 255).astype(np.uint8) if attach_maps else None
                 if overlays is not None:

@@ -148,22 +148,57 @@ def test_embedding_unknown_layer():
 # ----------------------------------------------------------------------------- runtimes
 
 
-def _make_engine(runtime: str, module: PatchEmbedding, onnx_path) -> "TorchEngine | OnnxRuntimeEngine":
-    builders = {
-        "torch": lambda: TorchEngine(lambda: module, SIZE),
-        "onnxruntime": lambda: OnnxRuntimeEngine(onnx_path, SIZE),
-    }
-    assert runtime in builders, f"runtime {runtime!r} in RUNTIMES has no case in this test: add one"
-    return builders[runtime]()
+def _cuda() -> bool:
+    return torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_runtime_conformance(runtime, module, onnx_path):
+def _tensorrt() -> bool:
+    import importlib.util
+
+    return _cuda() and all(importlib.util.find_spec(m) for m in ("tensorrt", "pycuda"))
+
+
+# every runtime in RUNTIMES, and the GPU variants, each with its stated tolerance (a fraction of max |feature|)
+ENGINES = [
+    pytest.param("torch", 1e-4, id="torch-cpu"),
+    pytest.param("onnxruntime", 1e-4, id="onnxruntime"),
+    pytest.param("torch-cuda", 1e-3, id="torch-cuda-fp32", marks=pytest.mark.gpu),
+    pytest.param("torch-cuda-fp16-graphs", 2e-2, id="torch-cuda-fp16-graphs", marks=pytest.mark.gpu),
+    pytest.param("tensorrt", 1e-3, id="tensorrt-fp32", marks=pytest.mark.gpu),
+]
+
+
+def _make_engine(kind: str, module: PatchEmbedding, onnx_path, tmp_path):
+    if kind.startswith(("torch-cuda", "tensorrt")) and not _cuda():
+        pytest.skip("needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)")
+    if kind == "tensorrt" and not _tensorrt():
+        pytest.skip("needs tensorrt and pycuda (pip install 'lineguard[gpu]')")
+    if kind == "torch":
+        return TorchEngine(lambda: module, SIZE)
+    if kind == "onnxruntime":
+        return OnnxRuntimeEngine(onnx_path, SIZE)
+    if kind == "torch-cuda":
+        return TorchEngine(lambda: module, SIZE, device="cuda")
+    if kind == "torch-cuda-fp16-graphs":
+        return TorchEngine(lambda: module, SIZE, device="cuda", precision="fp16", cuda_graphs=True)
+    from engines.tensorrt import TensorRTEngine, build_plan
+
+    plan = build_plan(onnx_path, tmp_path / "engine.plan", SIZE, "fp32", max_batch=4)
+    return TensorRTEngine(plan, SIZE, max_batch=4)
+
+
+def test_every_runtime_is_covered():
+    kinds = {p.values[0].split("-")[0] for p in ENGINES}
+    assert set(RUNTIMES) <= kinds, f"runtimes without a conformance case: {set(RUNTIMES) - kinds}"
+
+
+@pytest.mark.parametrize("kind, rel_atol", ENGINES)
+def test_runtime_conformance(kind, rel_atol, module, onnx_path, tmp_path):
     images = _images(3, seed=2)
     with torch.no_grad():
         want = module(torch.from_numpy(images)).numpy()
-    atol = REL_ATOL * np.abs(want).max()
-    with _make_engine(runtime, module, onnx_path) as engine:
+    atol = rel_atol * np.abs(want).max()
+    with _make_engine(kind, module, onnx_path, tmp_path) as engine:
         got = engine.infer(images)
         assert isinstance(got, np.ndarray) and got.dtype == np.float32
         assert got.shape == (3, 8, 8, 152)
@@ -187,9 +222,9 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_engine_rejects_bad_input(runtime, module, onnx_path):
-    with _make_engine(runtime, module, onnx_path) as engine:
+@pytest.mark.parametrize("kind, rel_atol", ENGINES)
+def test_engine_rejects_bad_input(kind, rel_atol, module, onnx_path, tmp_path):
+    with _make_engine(kind, module, onnx_path, tmp_path) as engine:
         for label, (bad, needle) in BAD_INPUTS.items():
             with pytest.raises(InputError) as err:
                 engine.infer(bad)
@@ -201,9 +236,9 @@ def test_engine_rejects_bad_input(runtime, module, onnx_path):
                 assert "float32" in msg, (label, msg)
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_engine_lifecycle(runtime, module, onnx_path):
-    engine = _make_engine(runtime, module, onnx_path)
+@pytest.mark.parametrize("kind, rel_atol", ENGINES)
+def test_engine_lifecycle(kind, rel_atol, module, onnx_path, tmp_path):
+    engine = _make_engine(kind, module, onnx_path, tmp_path)
     assert not engine.active
     with pytest.raises(RuntimeError, match="activate"):
         engine.infer(_images(1))

@@ -1,0 +1,394 @@
+"""Workers: dynamic batching (_collect), the inference worker against every kind of malformed message, and
+the postprocess worker (verdicts, regions, defect maps, overlays, pass-through of error results).
+
+Each worker runs in a thread with its own Context and a stop Event; the test's sockets are bound at ipc
+endpoints under tmp_path, wait for the worker's 'ready' on a control socket, and use timeouts throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from calibration.dataset import resize_to_input
+from calibration.maps import smooth_map, to_original_size
+from calibration.synthetic import normal_frame
+from pipeline import wire
+from pipeline.workers import _collect, inference_worker, postprocess_worker
+
+TIMEOUT_S = 30.0  # the most any step may take before the test fails instead of hanging
+
+
+# ---- test-side plumbing ----
+
+class Net:
+    """The test's sockets: one Context, ipc endpoints under tmp_path, timeouts on every socket."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.ctx = zmq.Context()
+        self.sockets: list[zmq.Socket] = []  # kept open until close(), even when a test drops its reference
+
+    def endpoint(self, name: str) -> str:
+        return f"ipc://{self.folder / name}"
+
+    def socket(self, kind: int, *, bind: str | None = None, connect: str | None = None):
+        sock = self.ctx.socket(kind)
+        self.sockets.append(sock)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
+        sock.setsockopt(zmq.SNDTIMEO, int(TIMEOUT_S * 1000))
+        if bind:
+            sock.bind(bind)
+        if connect:
+            sock.connect(connect)
+        return sock
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def net(tmp_path):
+    n = Net(tmp_path)
+    yield n
+    n.close()
+
+
+class Background:
+    """fn(*args, **kwargs) in a thread; finish() joins it with a timeout and returns its result or raises."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self.result = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args, kwargs):
+        try:
+            self.result = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the test thread by finish()
+            self.error = exc
+
+    def finish(self, timeout: float = TIMEOUT_S):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"thread still running {timeout} s after it should have ended"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def wait_ready(control: zmq.Socket, run: Background) -> None:
+    """The worker's 'ready' handshake (or the exception that kept it from starting)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not control.poll(100):
+        if not run.thread.is_alive():
+            run.finish()  # raises what the worker died of
+            raise AssertionError("worker ended before it was ready")
+        assert time.monotonic() < deadline, "worker sent no 'ready'"
+    message = wire.decode(control.recv_multipart())
+    assert isinstance(message, wire.Control) and message.event == "ready"
+
+
+def receive_until(sock: zmq.Socket, last: tuple[str, int]) -> list:
+    """Decoded messages until the one for (stream, seq) `last`: a sentinel sent after everything else, on
+    the same ordered path, so whatever the worker emits for earlier input has come before it."""
+    out = []
+    deadline = time.monotonic() + TIMEOUT_S
+    while not out or _key(out[-1]) != last:
+        assert time.monotonic() < deadline, f"no result for {last} within {TIMEOUT_S} s; got {[_key(m) for m in out]}"
+        if sock.poll(100):
+            out.append(wire.decode(sock.recv_multipart(copy=False)))
+    return out
+
+
+def _key(message) -> tuple[str, int]:
+    frame = message.frame if isinstance(message, wire.Scored) else message
+    return frame.stream, frame.seq
+
+
+def frame_header(seq: int, **changes) -> bytes:
+    """A packed version-1 frame header for cam0 / seq, t_ns 123, shape [4, 5, 3] uint8 raw, fields changed."""
+    header = {"v": 1, "kind": "frame", "stream": "cam0", "seq": seq, "t_ns": 123, "shape": [4, 5, 3],
+              "dtype": "uint8", "encoding": "raw", "product": None, "meta": {}}
+    return msgpack.packb({**header, **changes})
+
+
+def png_bytes(image_rgb: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return data.tobytes()
+
+
+def decoded(message: list) -> wire.Frame:
+    """A wire.Frame as a receiver sees it (for building scored messages)."""
+    return wire.decode([bytes(part) for part in message])
+
+
+# ---- _collect ----
+
+@pytest.fixture
+def pipe(net):
+    """(push, pull) over inproc in the test's one Context; both used in this thread only."""
+    pull = net.socket(zmq.PULL, bind="inproc://collect")
+    push = net.socket(zmq.PUSH, connect="inproc://collect")
+    return push, pull
+
+
+def test_collect_returns_at_most_batch_messages(pipe):
+    push, pull = pipe
+    for i in range(5):
+        push.send(b"%d" % i)
+    stop = threading.Event()
+    first = _collect(pull, 3, 50.0, stop)
+    assert [m[0].bytes for m in first] == [b"0", b"1", b"2"]
+    rest = _collect(pull, 3, 0.0, stop)  # batch_ms 0: whatever is queued, no waiting
+    assert [m[0].bytes for m in rest] == [b"3", b"4"]
+
+
+def test_collect_returns_fewer_after_batch_ms(pipe):
+    push, pull = pipe
+    push.send(b"a")
+    push.send_multipart([b"b", b"payload"])
+    t0 = time.perf_counter()
+    got = _collect(pull, 8, 30.0, threading.Event())
+    elapsed = time.perf_counter() - t0
+    assert [[f.bytes for f in m] for m in got] == [[b"a"], [b"b", b"payload"]]
+    assert 0.025 <= elapsed < 1.0  # waited about batch_ms for more (poll rounds down to whole ms), then gave up
+
+
+def test_collect_returns_nothing_once_stopped(pipe):
+    push, pull = pipe
+    stop = threading.Event()
+    stop.set()
+    push.send(b"queued")
+    assert _collect(pull, 4, 10.0, stop) == []
+    assert pull.poll(0)  # left for whoever reads next
+
+    assert len(_collect(pull, 4, 0.0, threading.Event())) == 1  # empty the socket
+    stop_later = threading.Event()
+    timer = threading.Timer(0.05, stop_later.set)  # stops a _collect that waits on an empty socket
+    timer.start()
+    try:
+        t0 = time.perf_counter()
+        assert _collect(pull, 4, 10.0, stop_later) == []
+        assert time.perf_counter() - t0 < 1.0
+    finally:
+        timer.join(TIMEOUT_S)
+        assert not timer.is_alive()
+
+
+# ---- inference worker ----
+
+@pytest.fixture
+def scoring_model(fitted_model):
+    """The fitted model, in this thread, to compute what the worker should answer."""
+    from calibration.model import Deployment, InspectionModel
+
+    model = InspectionModel(fitted_model, Deployment(runtime="onnxruntime", threads=1))
+    with model:
+        yield model
+
+
+def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model, scoring_model, net):
+    rng = np.random.default_rng(0)
+    square = normal_frame(rng, 128)
+    grey = rng.integers(0, 255, (300, 200, 1), endpoint=True).astype(np.uint8)
+    small = normal_frame(rng, 96)[:, :80]
+    small_png = png_bytes(small)
+    later = normal_frame(rng, 128)
+    deep = rng.integers(0, 65535, (50, 70, 4), endpoint=True).astype(np.uint16)
+    pix = np.arange(60, dtype=np.uint8).tobytes()  # [4, 5, 3] uint8
+    messages = [
+        wire.encode_frame("cam0", 0, square),
+        wire.encode_frame("cam0", 1, grey),
+        wire.encode_frame_encoded("cam0", 2, small_png, (96, 80, 3), "png"),
+        [b"\xc1 these bytes are not msgpack", pix],  # not attributable: nothing comes back
+        [msgpack.packb([1, "frame", "cam0", 3]), pix],  # a msgpack list, not a map: nothing
+        [frame_header(4, v=2), pix],  # another version: its fields mean nothing to us
+        [frame_header(5), pix[:-1]],  # raw payload one byte short
+        [frame_header(6, dtype="float64"), pix * 8],
+        [frame_header(7, shape=[4, 5, 2]), pix[:40]],
+        wire.encode_frame_encoded("cam0", 8, b"no jpeg in here", (8, 8, 3), "jpeg", t_ns=123),
+        wire.encode_eos("cam0", 9),  # a worker takes frames only
+        wire.encode_frame("cam0", 9, np.zeros((1, 1, 1), np.uint8), t_ns=123, meta={"error": "unreadable"}),
+        wire.encode_frame("cam0", 10, later),  # after all of that, still served
+        wire.encode_frame("cam0", 11, deep),
+        wire.encode_frame("cam0", 12, square),  # the sentinel
+    ]
+    stop = threading.Event()
+    frames_ep, out_ep, control_ep = net.endpoint("frames"), net.endpoint("scored"), net.endpoint("control")
+    push = net.socket(zmq.PUSH, bind=frames_ep)
+    pull = net.socket(zmq.PULL, bind=out_ep)
+    control = net.socket(zmq.PULL, bind=control_ep)
+    from calibration.model import Deployment
+
+    run = Background(inference_worker, fitted_model, frames_ep, [out_ep],
+                     deployment=Deployment(runtime="onnxruntime", threads=1), batch=4, batch_ms=5.0,
+                     control=control_ep, stop=stop)
+    try:
+        wait_ready(control, run)
+        for message in messages:
+            push.send_multipart(message)
+        out = receive_until(pull, ("cam0", 12))
+        assert not pull.poll(0)
+    finally:
+        stop.set()
+        run.thread.join(TIMEOUT_S)
+        assert not run.thread.is_alive(), "inference worker did not end on stop"
+    stats = run.finish(0)
+
+    by_seq = {_key(m)[1]: m for m in out}
+    assert len(by_seq) == len(out)  # one answer per frame
+    assert sorted(by_seq) == [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12]
+
+    # valid frames: a scored message with the patch map and the frame as it was sent
+    originals = {0: square, 1: grey, 2: small, 10: later, 11: deep, 12: square}
+    for seq, image in originals.items():
+        scored = by_seq[seq]
+        assert isinstance(scored, wire.Scored)
+        frame = scored.frame
+        assert (frame.stream, frame.seq, frame.shape) == ("cam0", seq, image.shape)
+        assert frame.encoding == ("png" if seq == 2 else "raw")
+        assert bytes(frame.payload) == (small_png if seq == 2 else image.tobytes())
+        assert scored.patch_map.shape == (16, 16) and scored.patch_map.dtype == np.float32
+        assert set(scored.timing) == {"queue", "preprocess", "infer", "batch"}
+        assert 1 <= scored.timing["batch"] <= 4
+        # the worker's preprocessing: 16-bit to 8, grey to RGB, alpha dropped, resized to the input size
+        rgb = (image >> 8).astype(np.uint8) if image.dtype == np.uint16 else image
+        rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb[:, :, :3]
+        patch, score = scoring_model.score(resize_to_input(np.ascontiguousarray(rgb), 128)[None])
+        np.testing.assert_allclose(scored.patch_map, patch[0], rtol=1e-3, atol=1e-3)
+        assert scored.score == pytest.approx(float(score[0]), rel=1e-3, abs=1e-3)
+
+    # malformed frames whose header named stream and seq: an error result saying why
+    reasons = {5: "payload", 6: "dtype", 7: "channels", 8: "jpeg"}
+    for seq, word in reasons.items():
+        result = by_seq[seq]
+        assert isinstance(result, wire.Result) and result.verdict == "error"
+        assert result.error.startswith("rejected:") and word in result.error
+        assert result.t_ns == 123
+    unreadable = by_seq[9]
+    assert isinstance(unreadable, wire.Result) and unreadable.verdict == "error"
+    assert unreadable.error == "unreadable" and unreadable.meta == {"error": "unreadable"}
+
+    assert stats.rejected == {"not_msgpack": 2, "bad_version": 1, "payload_size": 1, "bad_dtype": 1,
+                              "bad_shape": 1, "bad_payload": 1, "bad_kind": 1}
+    assert stats.errors == 5 and stats.frames == 6 and 2 <= stats.batches <= 6
+
+
+# ---- postprocess worker ----
+
+@pytest.fixture
+def model_config(fitted_model) -> dict:
+    manifest = json.loads((fitted_model / "manifest.json").read_text())
+    thresholds = json.loads((fitted_model / "thresholds.json").read_text())
+    return {"size": manifest["embedding"]["input_size"], "sigma": manifest["scoring"]["blur_sigma"],
+            "pixel": thresholds["pixel"]}
+
+
+def start_postprocess(net: Net, fitted_model: Path, stop: threading.Event, **kwargs):
+    """postprocess_worker in a thread: (it, a PUSH to its input, a PULL bound as its sink) once it is ready."""
+    in_ep, sink_ep, control_ep = net.endpoint("post-in"), net.endpoint("results"), net.endpoint("control")
+    sink = net.socket(zmq.PULL, bind=sink_ep)
+    control = net.socket(zmq.PULL, bind=control_ep)
+    run = Background(postprocess_worker, fitted_model, in_ep, sink_ep, control=control_ep, stop=stop, **kwargs)
+    try:
+        wait_ready(control, run)
+    except BaseException:
+        stop_worker(run, stop)
+        raise
+    return run, net.socket(zmq.PUSH, connect=in_ep), sink
+
+
+def stop_worker(run: Background, stop: threading.Event) -> None:
+    stop.set()
+    run.thread.join(TIMEOUT_S)
+    assert not run.thread.is_alive(), "worker did not end on stop"
+
+
+def test_postprocess_worker_turns_scored_frames_into_results(fitted_model, model_config, net, tmp_path):
+    overlays = tmp_path / "overlays"
+    rng = np.random.default_rng(1)
+    plain = decoded(wire.encode_frame("cam0", 0, normal_frame(rng, 128)[:60, :90], t_ns=111, meta={"file": "a.png"}))
+    image = normal_frame(rng, 160)[:96]  # 96 x 160
+    hot = decoded(wire.encode_frame_encoded("cam0", 1, png_bytes(image), (96, 160, 3), "png", t_ns=222))
+    patch = np.zeros((16, 16), np.float32)
+    patch[2:6, 10:14] = 100.0  # far above the pixel threshold, in the top right
+    error = wire.Result("cam0", 2, 333, "error", error="rejected: bad payload", meta={"file": "c.png"})
+    third = decoded(wire.encode_frame("cam0", 3, np.zeros((8, 8, 3), np.uint8), t_ns=444))
+    broken = wire.encode_scored(third, 0.0, np.zeros((16, 16), np.float32), {})
+    broken = [broken[0], bytes(broken[1])[:-4], broken[2]]  # patch map 4 bytes short, stream / seq known
+    sentinel = decoded(wire.encode_frame("cam0", 4, np.zeros((8, 8, 3), np.uint8)))
+    stop = threading.Event()
+    run, push, sink = start_postprocess(net, fitted_model, stop, overlays=overlays)
+    try:
+        push.send_multipart(wire.encode_scored(plain, 0.0, np.zeros((16, 16), np.float32), {"infer": 1.5}))
+        push.send_multipart(wire.encode_scored(hot, 100.0, patch, {"infer": 2.5}))
+        push.send_multipart(wire.encode_result(error))
+        push.send_multipart([b"\xc1 garbage"])
+        push.send_multipart(wire.encode_frame("cam0", 9, np.zeros((2, 2, 3), np.uint8)))  # a frame, not scored
+        push.send_multipart(broken)
+        push.send_multipart(wire.encode_scored(sentinel, 0.0, np.zeros((16, 16), np.float32), {}))
+        out = receive_until(sink, ("cam0", 4))
+        assert not sink.poll(0)
+    finally:
+        stop_worker(run, stop)
+    stats = run.finish(0)
+
+    assert all(isinstance(r, wire.Result) for r in out)
+    by_seq = {r.seq: r for r in out}
+    assert sorted(by_seq) == [0, 1, 2, 3, 4] and len(out) == 5
+
+    ok = by_seq[0]
+    assert (ok.verdict, ok.score, ok.regions, ok.defect_map, ok.error) == ("ok", 0.0, (), None, None)
+    assert ok.t_ns == 111 and ok.meta == {"file": "a.png"}
+    assert ok.timing["infer"] == 1.5 and ok.timing["post"] >= 0
+
+    defect = by_seq[1]
+    assert defect.verdict == "defect" and defect.score == pytest.approx(1.0) and defect.t_ns == 222
+    assert defect.regions and all(r.score >= 0.5 for r in defect.regions)
+    assert defect.defect_map.dtype == np.uint8 and defect.defect_map.shape == (96, 160)
+    x, y, w, h = defect.regions[0].bbox
+    assert x <= 120 < x + w and y <= 24 < y + h  # the hot patches' centre, in frame pixels
+    assert defect.defect_map[24, 120] == 255 and defect.defect_map[80, 20] < 128  # hot corner, quiet corner
+    assert sorted(p.name for p in overlays.iterdir()) == ["cam0-00000001.png"]  # defective frames only
+    assert cv2.imread(str(overlays / "cam0-00000001.png")).shape == (96, 160, 3)
+
+    assert by_seq[2] == error  # passed on unchanged
+    assert by_seq[3].verdict == "error" and by_seq[3].error.startswith("rejected:") and by_seq[3].t_ns == 444
+    assert "patch map" in by_seq[3].error
+    assert by_seq[4].verdict == "ok"
+
+    assert stats.rejected == {"not_msgpack": 1, "bad_kind": 1, "payload_size": 1}
+    assert stats.frames == 3 and stats.errors == 1
+
+
+def test_postprocess_a_defective_small_frame_has_a_region(fitted_model, model_config, net):
+    # a single hot patch whose smoothed peak normalises to 0.55: defective, but not by much
+    delta = np.zeros((16, 16), np.float32)
+    delta[5, 5] = 1.0
+    lo, thr = model_config["pixel"]["min"], model_config["pixel"]["threshold"]
+    # the verdict is taken at the frame's own size (shrinking the map lowers its peak)
+    peak = to_original_size(smooth_map(delta, model_config["size"], model_config["sigma"]), (24, 32)).max()
+    value = (2 * 0.55 * (thr - lo) + lo) / peak
+    frame = decoded(wire.encode_frame("cam0", 0, np.full((24, 32, 3), 128, np.uint8)))
+    stop = threading.Event()
+    run, push, sink = start_postprocess(net, fitted_model, stop)
+    try:
+        push.send_multipart(wire.encode_scored(frame, float(value), delta * value, {}))
+        assert sink.poll(int(TIMEOUT_S * 1000))
+        result = wire.decode(sink.recv_multipart())
+    finally:
+        stop_worker(run, stop)
+    run.finish(0)
+    assert result.verdict == "defect" and result.score == pytest.approx(0.55, abs=2e-2)
+    assert result.regions and result.defect_map.max() >= 128 and result.defect_map.shape == (24, 32)
