@@ -12,8 +12,11 @@ and per-channel weights were chosen by measurement (bench/results/int8-*.json).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -95,19 +98,82 @@ def quantize_onnxruntime(model_dir: str | Path, config: Int8Config = Int8Config(
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.method]
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    chatter = io.StringIO()  # the quantisation tools print model fragments and progress
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(chatter), _quiet_logging():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(model_dir / "model.onnx"), str(prepared))
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QOperator,
                         per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method,
                         op_types_to_quantize=list(QUANTISED_OPS))
-    record = {"runtime": "onnxruntime", "precision": "int8", **dataclasses.asdict(config),
+    uint8_input = feed_uint8_input(out)
+    record = {"runtime": "onnxruntime", "precision": "int8", **dataclasses.asdict(config), "uint8_input": uint8_input,
               "quantised_ops": list(QUANTISED_OPS), "format": "QOperator", "weights": "int8", "activations": "uint8",
               "calibration_images": [str(p) for p in paths], "source_sha256": manifest["files"]["model.onnx"],
               "sha256": sha256(out), "seconds": round(time.perf_counter() - start, 2)}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def feed_uint8_input(path: Path) -> bool:
+    """Let the first QLinearConv read the uint8 image itself when the normalisation is one integer
+    mean and one scale for all channels (EfficientNet-Lite: (x - 127) / 128).
+
+    (x - mean) * inv_std is exactly a dequantisation of x with zero point `mean` and scale
+    `inv_std`, so Cast -> Sub -> Mul -> QuantizeLinear (two float passes over the image and a
+    rounding) becomes nothing. Returns whether the graph was rewritten.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    by_output = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    quant = next((n for n in graph.node if n.op_type == "QuantizeLinear"), None)
+    chain = []
+    node = quant
+    for op in ("Mul", "Sub", "Cast"):
+        node = by_output.get(node.input[0]) if node is not None else None
+        if node is None or node.op_type != op:
+            return False
+        chain.append(node)
+    mul, sub, cast = chain
+    if mul.input[1] not in inits or sub.input[1] not in inits:
+        return False
+    inv_std = numpy_helper.to_array(inits[mul.input[1]]).ravel()
+    mean = numpy_helper.to_array(inits[sub.input[1]]).ravel()
+    if np.ptp(inv_std) or np.ptp(mean) or mean[0] != round(mean[0]) or not 0 <= mean[0] <= 255:
+        return False
+    users = consumers.get(quant.output[0], [])
+    if not users or any(u.op_type != "QLinearConv" for u in users):
+        return False
+    scale = numpy_helper.from_array(np.array(inv_std[0], np.float32), "uint8_input_scale")
+    zero = numpy_helper.from_array(np.array(mean[0], np.uint8), "uint8_input_zero_point")
+    graph.initializer.extend([scale, zero])
+    for conv in users:
+        conv.input[0], conv.input[1], conv.input[2] = cast.input[0], scale.name, zero.name
+    for dead in (quant, mul, sub, cast):
+        if all(o not in {i for n in graph.node if n is not dead for i in n.input} for o in dead.output):
+            graph.node.remove(dead)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return True
 
 
 def check_engine(model_dir: Path, runtime: str, precision: str) -> Path:

@@ -65,6 +65,8 @@ class PatchEmbedding(nn.Module):
         else:
             projection = torch.diag(scales)
         self.register_buffer("projection", projection)  # [C_total, d]
+        self.register_buffer("scales", scales)  # [C_total]: the diagonal, applied as a cheaper product
+        self.diagonal = projection.shape[0] == projection.shape[1]
         self.dim = projection.shape[1]
         self.eval()
 
@@ -78,4 +80,4 @@ class PatchEmbedding(nn.Module):
                 f = F.interpolate(f, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
             parts.append(f)
         x = torch.cat(parts, dim=1).permute(0, 2, 3, 1)  # [N, h, w, C_total]
-        return x @ self.projection
+        return x * self.scales if self.diagonal else x @ self.projection
