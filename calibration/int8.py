@@ -167,6 +167,12 @@ def feed_uint8_input(path: Path) -> bool:
     zero = numpy_helper.from_array(np.array(mean[0], np.uint8), "uint8_input_zero_point")
     graph.initializer.extend([scale, zero])
     for conv in users:
+        # the int32 bias is quantised with scale x_scale * w_scale: rescale it to the new x_scale
+        old_scale = float(numpy_helper.to_array(inits[conv.input[1]]))
+        if len(conv.input) > 8 and conv.input[8]:
+            bias = inits[conv.input[8]]
+            values = numpy_helper.to_array(bias).astype(np.float64) * (old_scale / float(inv_std[0]))
+            bias.CopyFrom(numpy_helper.from_array(np.round(values).astype(np.int32), bias.name))
         conv.input[0], conv.input[1], conv.input[2] = cast.input[0], scale.name, zero.name
     for dead in (quant, mul, sub, cast):
         if all(o not in {i for n in graph.node if n is not dead for i in n.input} for o in dead.output):

@@ -48,6 +48,12 @@ class Deployment:
             raise ConfigError("the onnxruntime runtime runs on the CPU here; on a GPU use --runtime tensorrt or torch")
         if self.runtime == "tensorrt" and self.device == "cpu":
             raise ConfigError("the tensorrt runtime needs --device cuda")
+        if self.device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device!r} asked for, but no CUDA GPU is visible to torch; "
+                                  "use --device cpu")
 
 
 def make_engine(deployment: Deployment, model_dir: Path, embedding: EmbeddingConfig, weights: str | None,

@@ -130,7 +130,7 @@ class MemoryBank:
         return dist.cpu().numpy(), ids.cpu().numpy()
 
     def search_tensor(self, queries: "torch.Tensor", k: int = 1, exclude: tuple[int, int] | None = None,
-                      block: int = 4096):
+                      block: int = 512):
         """Flat banks only: float32 tensor [P, d] (any device) -> (distances float32 [P, k], ids int64 [P, k])
         as tensors on the bank's device; the GPU path keeps everything there."""
         import torch

@@ -110,11 +110,20 @@ def cmd_demo(args) -> int:
     out = args.out
     data = make_dataset(out / "data", seed=args.seed)
     print(f"wrote a synthetic dataset with planted defects to {data}")
-    code = main(["fit", str(data), "-o", str(out / "model"), "--seed", str(args.seed)])
-    if code:
-        return code
-    return main(["eval", str(out / "model"), str(data), "--json", str(out / "metrics.json"),
-                 "--maps", str(out / "maps"), "--scores", str(out / "scores")])
+    steps = [
+        ["fit", str(data), "-o", str(out / "model"), "--seed", str(args.seed)],
+        ["eval", str(out / "model"), str(data), "--json", str(out / "metrics.json"), "--maps", str(out / "maps"),
+         "--scores", str(out / "scores")],
+        ["run", str(out / "model"), "--source", "synthetic", "--frames", str(args.frames), "--out", str(out / "run"),
+         "--json", str(out / "run" / "summary.json")],
+    ]
+    for step in steps:
+        print(f"\n$ lineguard {' '.join(step)}")
+        code = main(step)
+        if code:
+            return code
+    print(f"\nresults: {out / 'run' / 'results.jsonl'}; defective frames: {out / 'run' / 'overlays'}")
+    return 0
 
 
 def cmd_produce(args) -> int:
@@ -396,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="fit and evaluate on a built-in synthetic product (no data needed)")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where data, model and maps go")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--frames", type=_positive_int, default=300, help="synthetic frames to stream")
     demo.set_defaults(func=cmd_demo)
     return parser
 
