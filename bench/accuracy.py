@@ -15,6 +15,7 @@ from pathlib import Path
 from calibration.artifact import machine_info
 from calibration.evaluate import evaluate
 from calibration.fit import FitConfig, fit
+from calibration.int8 import quantize_onnxruntime
 from calibration.model import Deployment, InspectionModel
 from engines.banks import BankConfig
 
@@ -23,14 +24,17 @@ DATA = ROOT.parent / "shared" / "data"
 DATASETS = ("mvtec_subset/hazelnut", "mpdd/metal_plate", "magnetic_tile/tile")
 
 
-def run(dataset: str, config: FitConfig, batch_size: int) -> dict:
+def run(dataset: str, config: FitConfig, batch_size: int, serve: Deployment) -> dict:
+    """Fit with `config`, evaluate as `serve` runs (exporting the int8 engine first if asked)."""
     data = DATA / dataset
     with tempfile.TemporaryDirectory() as tmp:
         summary = fit(data, Path(tmp) / "model", config)
-        model = InspectionModel(Path(tmp) / "model", config.deployment)
+        if serve.precision == "int8":
+            quantize_onnxruntime(Path(tmp) / "model")
+        model = InspectionModel(Path(tmp) / "model", serve)
         metrics = evaluate(model, data, batch_size=batch_size)
     return {"dataset": dataset, "metrics": metrics, "fit": summary, "config": dataclasses.asdict(config),
-            "eval_batch_size": batch_size, "machine": machine_info()}
+            "serve": dataclasses.asdict(serve), "eval_batch_size": batch_size, "machine": machine_info()}
 
 
 def main() -> None:
@@ -41,6 +45,8 @@ def main() -> None:
     parser.add_argument("--coreset-max", type=int, default=FitConfig.coreset_max)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="onnxruntime engine")
+    parser.add_argument("--bank-precision", choices=("fp32", "int8"), default="fp32")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args()
     config = FitConfig(bank=BankConfig(index=args.index), coreset_ratio=args.coreset_ratio,
@@ -48,7 +54,8 @@ def main() -> None:
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:
-        result = run(dataset, config, args.batch_size)
+        serve = Deployment(precision=args.precision, bank_precision=args.bank_precision, threads=args.threads)
+        result = run(dataset, config, args.batch_size, serve)
         name = dataset.split("/")[-1] + (f"-{args.tag}" if args.tag else "")
         (out_dir / f"accuracy-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         m, f = result["metrics"], result["fit"]

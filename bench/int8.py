@@ -31,8 +31,9 @@ VARIANTS = {"default": [Int8Config()],
             "all": [Int8Config(m, pc) for m in ("minmax", "entropy", "percentile") for pc in (True, False)]}
 
 
-def engine_speed(fp32: Path, int8: Path, images: np.ndarray, batch: int, threads: int, repeats: int = 5) -> dict:
-    """ms per image of both engines on the same uint8 images, alternating runs; the best of each."""
+def engine_speed(fp32: Path, int8: Path, images: np.ndarray, batch: int, threads: int, repeats: int = 9) -> dict:
+    """ms per image of both engines on the same uint8 images, alternating runs (this machine's speed
+    drifts): the best of each, and the median of the per-pair ratios."""
     engines = {"fp32": OnnxRuntimeEngine(fp32, images.shape[1], threads),
                "int8": OnnxRuntimeEngine(int8, images.shape[1], threads)}
     times = {k: [] for k in engines}
@@ -48,9 +49,10 @@ def engine_speed(fp32: Path, int8: Path, images: np.ndarray, batch: int, threads
     for e in engines.values():
         e.deactivate()
     best = {k: min(v) for k, v in times.items()}
+    ratios = [a / b for a, b in zip(times["fp32"], times["int8"])]
     return {"fp32_ms_per_image": best["fp32"], "int8_ms_per_image": best["int8"],
-            "speedup": best["fp32"] / best["int8"], "runs_ms": times, "batch": batch, "threads": threads,
-            "images": len(images)}
+            "speedup": best["fp32"] / best["int8"], "median_pair_speedup": float(np.median(ratios)),
+            "runs_ms": times, "batch": batch, "threads": threads, "images": len(images)}
 
 
 def main() -> None:
@@ -83,7 +85,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{dataset:<24} {config.method:<10} {'per-channel' if config.per_channel else 'per-tensor ':<11} "
                       f"engine {row['fp32_ms_per_image']:.2f} -> {row['int8_ms_per_image']:.2f} ms/image "
-                      f"(x{row['speedup']:.2f})  image AUROC {fp32['image_auroc']:.4f} -> {int8['image_auroc']:.4f}  "
+                      f"(x{row['speedup']:.2f}, median pair x{row['median_pair_speedup']:.2f})  image AUROC {fp32['image_auroc']:.4f} -> {int8['image_auroc']:.4f}  "
                       f"pixel AUROC {fp32['pixel_auroc']:.4f} -> {int8['pixel_auroc']:.4f}", flush=True)
                 shutil.rmtree(model_dir / "engines")
         result = {"dataset": dataset, "fp32": {k: fp32[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")},

@@ -16,7 +16,7 @@ def accuracy_table() -> str:
     rows = ["| dataset | image AUROC | pixel AUROC | pixel AU-PRO | image AP | pixel AP | bank | fit s | images/s |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in _load("accuracy-*.json"):
-        if r["config"]["bank"]["index"] != "flat":
+        if r["config"]["bank"]["index"] != "flat" or r.get("serve", {}).get("precision", "fp32") != "fp32":
             continue
         m, f = r["metrics"], r["fit"]
         rows.append(f"| {r['dataset']} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | {m['pixel_aupro']:.3f} | "

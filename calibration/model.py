@@ -10,7 +10,7 @@ import numpy as np
 
 from calibration.artifact import load_manifest
 from calibration.maps import smooth_map
-from engines.banks import BankConfig, MemoryBank, image_scores
+from engines.banks import BANK_PRECISIONS, BankConfig, MemoryBank, image_scores
 from engines.errors import ConfigError
 from engines.heads import EmbeddingConfig, PatchEmbedding
 from engines.runtimes import Engine, OnnxRuntimeEngine, TorchEngine, check_runtime
@@ -32,16 +32,20 @@ class ScoringConfig:
 @dataclasses.dataclass(frozen=True)
 class Deployment:
     """How a model runs: runtime (onnxruntime | torch | tensorrt), precision (fp32 | fp16 | int8,
-    as the runtime allows), device (cpu | cuda | cuda:N), CPU threads, CUDA graphs (torch on CUDA)."""
+    as the runtime allows), device (cpu | cuda | cuda:N), CPU threads, CUDA graphs (torch on CUDA),
+    and the precision of the bank's distance products (engines.banks.MemoryBank)."""
 
     runtime: str = "onnxruntime"
     precision: str = "fp32"
     device: str = "cpu"
     threads: int | None = None
     cuda_graphs: bool = False
+    bank_precision: str = "fp32"
 
     def __post_init__(self):
         check_runtime(self.runtime, self.precision)
+        if self.bank_precision not in BANK_PRECISIONS:
+            raise ConfigError(f"bank precision {self.bank_precision!r}; valid: {', '.join(BANK_PRECISIONS)}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"unknown device {self.device!r}; valid: cpu, cuda, cuda:N")
         if self.runtime == "onnxruntime" and self.device != "cpu":
@@ -107,7 +111,8 @@ class InspectionModel:
         self.embedding = EmbeddingConfig(**self.manifest["embedding"])
         self.scoring = ScoringConfig(**self.manifest["scoring"])
         bank_device = deployment.device if deployment.runtime != "onnxruntime" else "cpu"
-        self.bank = MemoryBank.load(self.dir / "bank.faiss", BankConfig(**self.manifest["bank"]), bank_device)
+        self.bank = MemoryBank.load(self.dir / "bank.faiss", BankConfig(**self.manifest["bank"]), bank_device,
+                                    deployment.bank_precision)
         self.thresholds = json.loads((self.dir / "thresholds.json").read_text())
         self.engine = make_engine(deployment, self.dir, self.embedding, self.manifest.get("weights"))
         set_threads(deployment.threads)

@@ -100,6 +100,7 @@ class Supervisor:
         threads = d.threads or max(1, (os.cpu_count() or 1) // c.workers)
         args = ["worker", str(c.model), "--frames", self.endpoint("frames"), "--runtime", d.runtime,
                 "--precision", d.precision, "--device", d.device, "--threads", str(threads),
+                "--bank-precision", d.bank_precision,
                 "--batch-size", str(c.batch), "--batch-ms", str(c.batch_ms),
                 "--control", self.endpoint("control"), "--name", name]
         if d.cuda_graphs:

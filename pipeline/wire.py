@@ -9,8 +9,10 @@ MAX_HEADER_BYTES; the frames after it are raw buffers. There is no pickle anywhe
              "timing", "error", "map_shape": [H, W] (optional), "meta" (optional: the frame's meta)}
                                                                     + a uint8 defect map iff map_shape
     eos     {"v": 1, "kind": "eos", "stream", "count", "dropped"}   no payload
-    scored  {"v": 1, "kind": "scored", <frame fields>, "score", "grid": [h, w], "timing"}
-                                    + float32 patch map [h, w] + the frame's payload (worker -> postprocess)
+    scored  {"v": 1, "kind": "scored", "stream", "seq", "t_ns", "shape", "product", "meta", "score",
+             "grid": [h, w], "size": S, "timing"}
+                                    + float32 patch map [h, w] + uint8 RGB model input [S, S, 3]
+                                    (inference worker -> postprocess worker)
     control {"v": 1, "kind": "control", "event": "ready" | "stats" | "status", "role", "name", "data"}
                                     no payload (stages -> the supervisor of a run)
 
@@ -55,7 +57,7 @@ _FRAME_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "shape", "dtype", "encodi
 _RESULT_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "verdict", "score", "regions", "timing", "error",
                   "map_shape", "meta"}
 _EOS_FIELDS = {"v", "kind", "stream", "count", "dropped"}
-_SCORED_FIELDS = _FRAME_FIELDS | {"score", "grid", "timing"}
+_SCORED_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "shape", "product", "meta", "score", "grid", "size", "timing"}
 _CONTROL_FIELDS = {"v", "kind", "event", "role", "name", "data"}
 CONTROL_EVENTS = ("ready", "stats", "status")
 _UNPACK_LIMITS = dict(max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, max_ext_len=MAX_HEADER_BYTES,
@@ -325,19 +327,38 @@ class Eos:
 
 @dataclass(frozen=True, eq=False)
 class Scored:
-    """A frame with its patch scores, from an inference worker to a postprocess worker.
+    """A frame's patch scores, from an inference worker to a postprocess worker.
 
-    patch_map: float32 [h, w] (a read-only view into the received buffer once decoded);
-    score: the raw image score; timing: per-stage ms so far.
+    stream, seq, t_ns, shape ([H, W, C] of the original frame), product, meta: the frame's;
+    score: the raw image score; patch_map: float32 [h, w]; image: the uint8 RGB model input
+    [S, S, 3] the scores belong to (for overlays: the original is not sent again); both are
+    read-only views into the received buffers once decoded. timing: per-stage ms so far.
     """
 
     kind: ClassVar[str] = "scored"
-    frame: Frame
+    stream: str
+    seq: int
+    t_ns: int
+    shape: tuple[int, int, int]
     score: float
     patch_map: np.ndarray = field(repr=False)
+    image: np.ndarray = field(repr=False)
     timing: dict[str, float] = field(default_factory=dict)
+    product: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        _str("stream", self.stream)
+        _set(self, "seq", _int("seq", self.seq))
+        _set(self, "t_ns", _int("t_ns", self.t_ns))
+        _set(self, "shape", _image_shape(self.shape))
+        _str("product", self.product, optional=True)
+        if not isinstance(self.meta, dict) or not all(isinstance(k, str) for k in self.meta):
+            raise WireError("bad_field", f"meta must be a map with str keys, got {_show(self.meta)}")
+        im = self.image
+        if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise WireError("bad_shape", f"image must be a uint8 [S, S, 3] array, got "
+                                         f"{getattr(im, 'dtype', type(im).__name__)} {getattr(im, 'shape', '')}")
         _set(self, "score", _float("score", self.score))
         m = self.patch_map
         if not isinstance(m, np.ndarray) or m.dtype != np.float32:
@@ -435,12 +456,16 @@ def encode_eos(stream: str, count: int, dropped: int = 0) -> list:
     return [_pack({"v": VERSION, "kind": "eos", "stream": eos.stream, "count": eos.count, "dropped": eos.dropped})]
 
 
-def encode_scored(frame: Frame, score: float, patch_map: np.ndarray, timing: dict[str, float]) -> list:
-    """[header, float32 patch map, frame payload]; the frame's payload is forwarded without a copy."""
-    scored = Scored(frame, score, np.ascontiguousarray(patch_map, np.float32), dict(timing))
-    header = {**_frame_header(frame), "kind": "scored", "score": scored.score,
-              "grid": list(scored.patch_map.shape), "timing": scored.timing}
-    return [_pack(header), _flat(scored.patch_map), frame.payload]
+def encode_scored(frame: Frame, score: float, patch_map: np.ndarray, image: np.ndarray,
+                  timing: dict[str, float]) -> list:
+    """[header, float32 patch map, uint8 model input]; both buffers are sent without a copy, so the
+    caller must not reuse them until sent (pass copies of reused batch buffers)."""
+    s = Scored(frame.stream, frame.seq, frame.t_ns, frame.shape, score, np.ascontiguousarray(patch_map, np.float32),
+               np.ascontiguousarray(image), dict(timing), frame.product, frame.meta)
+    header = {"v": VERSION, "kind": "scored", "stream": s.stream, "seq": s.seq, "t_ns": s.t_ns,
+              "shape": list(s.shape), "product": s.product, "meta": s.meta, "score": s.score,
+              "grid": list(s.patch_map.shape), "size": s.image.shape[0], "timing": s.timing}
+    return [_pack(header), _flat(s.patch_map), _flat(s.image)]
 
 
 def encode_control(event: str, role: str, name: str, data: dict[str, Any] | None = None) -> list:
@@ -532,13 +557,16 @@ def _decode_scored(header: dict, rest: list) -> Scored:
     _keys("scored", header, _SCORED_FIELDS, _SCORED_FIELDS - {"product", "meta", "timing"})
     _frame_count("scored", rest, 2)
     h, w = _sides("grid", header["grid"], 2)
+    size = _int("size", header["size"], 1, MAX_SIDE)
     if len(rest[0]) != h * w * 4:
         raise WireError("payload_size", f"patch map is {len(rest[0])} bytes; grid [{h}, {w}] float32 needs {h * w * 4}")
+    if len(rest[1]) != size * size * 3:
+        raise WireError("payload_size", f"model input is {len(rest[1])} bytes; size {size} RGB needs {size * size * 3}")
     patch_map = np.frombuffer(rest[0], "<f4").reshape(h, w)
-    patch_map.flags.writeable = False
-    frame = Frame(header["stream"], header["seq"], header["t_ns"], header["shape"], header["dtype"],
-                  header["encoding"], rest[1], header.get("product"), header.get("meta", {}))
-    return Scored(frame, header["score"], patch_map, header.get("timing", {}))
+    image = np.frombuffer(rest[1], np.uint8).reshape(size, size, 3)
+    patch_map.flags.writeable = image.flags.writeable = False
+    return Scored(header["stream"], header["seq"], header["t_ns"], header["shape"], header["score"], patch_map, image,
+                  header.get("timing", {}), header.get("product"), header.get("meta", {}))
 
 
 def _decode_result(header: dict, rest: list) -> Result:

@@ -167,8 +167,9 @@ def _score_batch(model, messages: list, buffer: np.ndarray, out: zmq.Socket, sta
     timing = {"preprocess": 1000 * (t_pre - start) / n, "infer": 1000 * (t_done - t_pre) / n, "batch": float(n)}
     for k, frame in enumerate(frames):
         queued = max(0.0, (t_recv - frame.t_ns) / 1e6)
-        out.send_multipart(wire.encode_scored(frame, float(scores[k]), patch[k], {"queue": queued, **timing}),
-                           copy=False)
+        # the batch buffer is reused for the next batch: the model input travels as a copy
+        out.send_multipart(wire.encode_scored(frame, float(scores[k]), patch[k], buffer[k].copy(),
+                                              {"queue": queued, **timing}), copy=False)
     stats.frames += n
     stats.batches += 1
 
@@ -225,27 +226,29 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
             if not isinstance(item, wire.Scored):
                 stats.reject("bad_kind")
                 continue
-            frame = item.frame
             # the verdict and the regions come from the same smoothed map and pixel threshold, so a
             # defective frame always has a region and an ok frame never has one
             # (at the frame's own size: shrinking can lower the peak; growing cannot raise it, so
             # large ok frames are decided at the input size and never resized)
-            h, w = frame.shape[:2]
-            heat = normalise(smooth_map(item.patch_map, size, sigma), thresholds["pixel"])
+            h, w = item.shape[:2]
+            small = normalise(smooth_map(item.patch_map, size, sigma), thresholds["pixel"])
+            heat = small
             if h < size or w < size or heat.max() >= 0.5:
-                heat = to_original_size(heat, (h, w))
+                heat = to_original_size(small, (h, w))
             image_score = float(heat.max())
             defect = image_score >= 0.5
             regions, defect_map = [], None
             if defect:
                 regions = [wire.Region(b, a, p) for b, a, p in defect_regions(heat)]
                 defect_map = (heat * 255).astype(np.uint8) if attach_maps else None
-                if overlays is not None:
-                    _write_overlay(overlays, frame, heat, overlay)
+                if overlays is not None:  # drawn at the model's input size: line rate, not print quality
+                    overlays.mkdir(parents=True, exist_ok=True)
+                    cv2.imwrite(str(overlays / f"{item.stream}-{item.seq:08d}.png"),
+                                overlay(np.ascontiguousarray(item.image), small, small >= 0.5))
             timing = dict(item.timing)
             timing["post"] = 1000 * (time.perf_counter() - start)
-            result = wire.Result(frame.stream, frame.seq, frame.t_ns, "defect" if defect else "ok", image_score,
-                                 tuple(regions), timing, None, defect_map, frame.meta)
+            result = wire.Result(item.stream, item.seq, item.t_ns, "defect" if defect else "ok", image_score,
+                                 tuple(regions), timing, None, defect_map, item.meta)
             out.send_multipart(wire.encode_result(result), copy=False)
             stats.frames += 1
             if time.monotonic() - last_stats > 0.5:
@@ -258,17 +261,3 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
         out.close()
         ctx.term()
     return stats
-
-
-def _write_overlay(folder: Path, frame: wire.Frame, heat: np.ndarray, overlay) -> None:
-    try:
-        image = frame.image()
-    except wire.WireError:
-        return
-    if image.dtype != np.uint8:
-        image = (image >> 8).astype(np.uint8)
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    image = np.ascontiguousarray(image[:, :, :3])
-    folder.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(folder / f"{frame.stream}-{frame.seq:08d}.png"), overlay(image, heat, heat >= 0.5))

@@ -460,3 +460,26 @@ def test_mutated_messages_raise_only_wire_error():
             assert e.reason in wire.REASONS
             outcomes.add(e.reason)
     assert "ok" in outcomes and "not_msgpack" in outcomes and len(outcomes) >= 5
+
+
+def test_scored_round_trip_and_rejections():
+    frame = wire.decode([bytes(p) for p in wire.encode_frame("cam0", 3, np.zeros((40, 60, 1), np.uint8), t_ns=9,
+                                                             product="lid", meta={"file": "a.png"})])
+    patch = np.arange(16 * 16, dtype=np.float32).reshape(16, 16)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    message = wire.encode_scored(frame, 2.5, patch, image, {"infer": 1.0})
+    scored = wire.decode([bytes(p) for p in message])
+    assert isinstance(scored, wire.Scored)
+    assert (scored.stream, scored.seq, scored.t_ns, scored.shape, scored.product, scored.meta) == \
+        ("cam0", 3, 9, (40, 60, 1), "lid", {"file": "a.png"})
+    assert scored.score == 2.5 and scored.timing == {"infer": 1.0}
+    np.testing.assert_array_equal(scored.patch_map, patch)
+    np.testing.assert_array_equal(scored.image, image)
+    assert not scored.image.flags.writeable
+    short = [message[0], message[1], bytes(message[2])[:-3]]
+    with pytest.raises(wire.WireError) as err:
+        wire.decode(short)
+    assert err.value.reason == "payload_size" and (err.value.stream, err.value.seq) == ("cam0", 3)
+    with pytest.raises(wire.WireError) as err:
+        wire.encode_scored(frame, 1.0, patch, np.zeros((64, 64), np.uint8), {})
+    assert err.value.reason == "bad_shape"

@@ -111,8 +111,7 @@ def receive_until(sock: zmq.Socket, last: tuple[str, int]) -> list:
 
 
 def _key(message) -> tuple[str, int]:
-    frame = message.frame if isinstance(message, wire.Scored) else message
-    return frame.stream, frame.seq
+    return message.stream, message.seq
 
 
 def frame_header(seq: int, **changes) -> bytes:
@@ -250,22 +249,21 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
     assert len(by_seq) == len(out)  # one answer per frame
     assert sorted(by_seq) == [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12]
 
-    # valid frames: a scored message with the patch map and the frame as it was sent
+    # valid frames: a scored message with the patch map and the model input the frame became
     originals = {0: square, 1: grey, 2: small, 10: later, 11: deep, 12: square}
     for seq, image in originals.items():
         scored = by_seq[seq]
         assert isinstance(scored, wire.Scored)
-        frame = scored.frame
-        assert (frame.stream, frame.seq, frame.shape) == ("cam0", seq, image.shape)
-        assert frame.encoding == ("png" if seq == 2 else "raw")
-        assert bytes(frame.payload) == (small_png if seq == 2 else image.tobytes())
+        assert (scored.stream, scored.seq, scored.shape) == ("cam0", seq, image.shape)
         assert scored.patch_map.shape == (16, 16) and scored.patch_map.dtype == np.float32
         assert set(scored.timing) == {"queue", "preprocess", "infer", "batch"}
         assert 1 <= scored.timing["batch"] <= 4
         # the worker's preprocessing: 16-bit to 8, grey to RGB, alpha dropped, resized to the input size
         rgb = (image >> 8).astype(np.uint8) if image.dtype == np.uint16 else image
         rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb[:, :, :3]
-        patch, score = scoring_model.score(resize_to_input(np.ascontiguousarray(rgb), 128)[None])
+        model_input = resize_to_input(np.ascontiguousarray(rgb), 128)
+        np.testing.assert_array_equal(scored.image, model_input)
+        patch, score = scoring_model.score(model_input[None])
         np.testing.assert_allclose(scored.patch_map, patch[0], rtol=1e-3, atol=1e-3)
         assert scored.score == pytest.approx(float(score[0]), rel=1e-3, abs=1e-3)
 
@@ -325,19 +323,20 @@ def test_postprocess_worker_turns_scored_frames_into_results(fitted_model, model
     patch[2:6, 10:14] = 100.0  # far above the pixel threshold, in the top right
     error = wire.Result("cam0", 2, 333, "error", error="rejected: bad payload", meta={"file": "c.png"})
     third = decoded(wire.encode_frame("cam0", 3, np.zeros((8, 8, 3), np.uint8), t_ns=444))
-    broken = wire.encode_scored(third, 0.0, np.zeros((16, 16), np.float32), {})
+    blank = np.zeros((128, 128, 3), np.uint8)
+    broken = wire.encode_scored(third, 0.0, np.zeros((16, 16), np.float32), blank, {})
     broken = [broken[0], bytes(broken[1])[:-4], broken[2]]  # patch map 4 bytes short, stream / seq known
     sentinel = decoded(wire.encode_frame("cam0", 4, np.zeros((8, 8, 3), np.uint8)))
     stop = threading.Event()
     run, push, sink = start_postprocess(net, fitted_model, stop, overlays=overlays)
     try:
-        push.send_multipart(wire.encode_scored(plain, 0.0, np.zeros((16, 16), np.float32), {"infer": 1.5}))
-        push.send_multipart(wire.encode_scored(hot, 100.0, patch, {"infer": 2.5}))
+        push.send_multipart(wire.encode_scored(plain, 0.0, np.zeros((16, 16), np.float32), blank, {"infer": 1.5}))
+        push.send_multipart(wire.encode_scored(hot, 100.0, patch, resize_to_input(image, 128), {"infer": 2.5}))
         push.send_multipart(wire.encode_result(error))
         push.send_multipart([b"\xc1 garbage"])
         push.send_multipart(wire.encode_frame("cam0", 9, np.zeros((2, 2, 3), np.uint8)))  # a frame, not scored
         push.send_multipart(broken)
-        push.send_multipart(wire.encode_scored(sentinel, 0.0, np.zeros((16, 16), np.float32), {}))
+        push.send_multipart(wire.encode_scored(sentinel, 0.0, np.zeros((16, 16), np.float32), blank, {}))
         out = receive_until(sink, ("cam0", 4))
         assert not sink.poll(0)
     finally:
@@ -361,7 +360,7 @@ def test_postprocess_worker_turns_scored_frames_into_results(fitted_model, model
     assert x <= 120 < x + w and y <= 24 < y + h  # the hot patches' centre, in frame pixels
     assert defect.defect_map[24, 120] == 255 and defect.defect_map[80, 20] < 128  # hot corner, quiet corner
     assert sorted(p.name for p in overlays.iterdir()) == ["cam0-00000001.png"]  # defective frames only
-    assert cv2.imread(str(overlays / "cam0-00000001.png")).shape == (96, 160, 3)
+    assert cv2.imread(str(overlays / "cam0-00000001.png")).shape == (128, 128, 3)  # drawn at the model input size
 
     assert by_seq[2] == error  # passed on unchanged
     assert by_seq[3].verdict == "error" and by_seq[3].error.startswith("rejected:") and by_seq[3].t_ns == 444
@@ -384,7 +383,7 @@ def test_postprocess_a_defective_small_frame_has_a_region(fitted_model, model_co
     stop = threading.Event()
     run, push, sink = start_postprocess(net, fitted_model, stop)
     try:
-        push.send_multipart(wire.encode_scored(frame, float(value), delta * value, {}))
+        push.send_multipart(wire.encode_scored(frame, float(value), delta * value, np.zeros((128, 128, 3), np.uint8), {}))
         assert sink.poll(int(TIMEOUT_S * 1000))
         result = wire.decode(sink.recv_multipart())
     finally:
