@@ -85,14 +85,16 @@ def _receive(endpoint: str, count: int, use_wire: bool) -> float:
 def transport(count: int = 300) -> dict:
     """Frames per second of 1920x1080 RGB over ipc: raw pyzmq (one buffer) vs wire encode/decode."""
     results = {"raw": [], "wire": []}
+    pairs = 8
     with tempfile.TemporaryDirectory() as tmp:
         _receive(f"ipc://{tmp}/warmup", count, False)  # first runs pay for page faults and imports
-        order = (False, True, True, False, False, True, True, False, False, True)  # ABBA: speed drifts here
-        for i, use_wire in enumerate(order):
-            results["wire" if use_wire else "raw"].append(_receive(f"ipc://{tmp}/t{i}", count, use_wire))
-    raw, wired = float(np.median(results["raw"])), float(np.median(results["wire"]))
-    return {"frames": count, "shape": [1080, 1920, 3], "raw_fps": raw, "wire_fps": wired, "ratio": wired / raw,
-            "runs": results, "method": "median of 5 interleaved (ABBA) runs each, after a warm-up run"}
+        for i in range(pairs):  # adjacent pairs, alternating which goes first: this machine's speed drifts
+            for use_wire in ((False, True) if i % 2 == 0 else (True, False)):
+                results["wire" if use_wire else "raw"].append(_receive(f"ipc://{tmp}/t{i}{use_wire}", count, use_wire))
+    ratios = [w / r for w, r in zip(results["wire"], results["raw"])]
+    return {"frames": count, "shape": [1080, 1920, 3], "raw_fps": float(np.median(results["raw"])),
+            "wire_fps": float(np.median(results["wire"])), "ratio": float(np.median(ratios)), "pair_ratios": ratios,
+            "runs": results, "method": f"median of {pairs} adjacent raw / wire pair ratios, after a warm-up run"}
 
 
 def benchmark(model_dir: Path, deployment, frames: int = 500, batch: int = 8, transport_frames: int = 300) -> dict:

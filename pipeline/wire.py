@@ -47,6 +47,7 @@ MAX_SIDE = 16384  # per image or defect-map dimension
 MAX_CHANNELS = 4
 
 DTYPES = ("uint8", "uint16")
+_DTYPE_NAMES = {"B": "uint8", "H": "uint16"}
 ENCODINGS = ("raw", "jpeg", "png")
 VERDICTS = ("ok", "defect", "error")
 REASONS = ("frame_count", "header_too_large", "not_msgpack", "bad_version", "bad_kind", "bad_field",
@@ -403,7 +404,8 @@ def encode_frame(stream: str, seq: int, image: np.ndarray, *, t_ns: int | None =
     """
     if not isinstance(image, np.ndarray):
         raise WireError("bad_field", f"image must be a numpy array, got {type(image).__name__}")
-    if image.dtype.name not in DTYPES:
+    dtype = _DTYPE_NAMES.get(image.dtype.char)  # dtype.name is slow: tens of microseconds a frame
+    if dtype is None:
         raise WireError("bad_dtype", f"image dtype is {image.dtype}; expected one of {list(DTYPES)} "
                                      f"(convert with .astype, e.g. np.uint8)")
     if image.ndim == 2:
@@ -412,7 +414,7 @@ def encode_frame(stream: str, seq: int, image: np.ndarray, *, t_ns: int | None =
         raise WireError("bad_shape", f"image has shape {list(image.shape)}; expected [H, W, C] or [H, W]")
     _image_shape(image.shape)  # before taking a view: an empty array has none
     image = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
-    frame = Frame(stream, seq, _now(t_ns), image.shape, image.dtype.name, "raw", _flat(image), product,
+    frame = Frame(stream, seq, _now(t_ns), image.shape, dtype, "raw", _flat(image), product,
                   {} if meta is None else meta)
     return [_pack(_frame_header(frame)), frame.payload]
 
