@@ -46,7 +46,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="onnxruntime engine")
-    parser.add_argument("--bank-precision", choices=("fp32", "int8"), default="fp32")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args()
     config = FitConfig(bank=BankConfig(index=args.index), coreset_ratio=args.coreset_ratio,
@@ -54,7 +53,7 @@ def main() -> None:
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets:
-        serve = Deployment(precision=args.precision, bank_precision=args.bank_precision, threads=args.threads)
+        serve = Deployment(precision=args.precision, threads=args.threads)
         result = run(dataset, config, args.batch_size, serve)
         name = dataset.split("/")[-1] + (f"-{args.tag}" if args.tag else "")
         (out_dir / f"accuracy-{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -21,7 +21,7 @@ import numpy as np
 from engines.errors import ConfigError, MissingExtraError
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
-BANK_PRECISIONS = ("fp32", "fp16", "int8")
+BANK_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +52,11 @@ class MemoryBank:
         """device: "cpu", or "cuda[:N]" for the flat bank searched by torch on that GPU (no faiss-gpu
         needed) and for ivf through faiss-gpu on every visible GPU.
 
-        precision of the flat search's distance products: fp32; fp16 (vectors stored in half, for
-        GPUs); int8 (CPU: one global scale, int8 GEMM with VNNI where the CPU has it, ~4x the fp32
-        GEMM here). Whatever picks the nearest neighbour, its distance is recomputed in fp32.
+        precision of the flat search's distance products: fp32, or fp16 (vectors stored in half,
+        for GPUs). Whatever picks the nearest neighbour, its distance is recomputed in fp32.
         """
         if precision not in BANK_PRECISIONS:
             raise ConfigError(f"bank precision {precision!r}; valid: {', '.join(BANK_PRECISIONS)}")
-        if precision == "int8" and (device != "cpu" or config.index != "flat"):
-            raise ConfigError("int8 bank search is for flat banks on the CPU; use fp16 on a GPU")
         self.precision = precision
         self.index = index
         self.config = config
@@ -75,9 +72,6 @@ class MemoryBank:
             matrix = torch.from_numpy(np.array(vectors, np.float32).reshape(index.ntotal, index.d)).to(device)
             self._matrix = matrix.half() if precision == "fp16" else matrix
             self._norms = (matrix * matrix).sum(1)
-            if precision == "int8":
-                self._scale = max(float(matrix.abs().max()), 1e-12) / 127.0
-                self._int8_t = torch.round(matrix / self._scale).to(torch.int8).T.contiguous()  # [d, M]
         elif device != "cpu":
             self.index = _to_gpus(index, config, precision == "fp16")
 
@@ -158,10 +152,7 @@ class MemoryBank:
         with torch.inference_mode():
             for start in range(0, len(q), block):
                 qb = q[start:start + block]
-                if self.precision == "int8":
-                    qi = torch.round(qb / self._scale).clamp_(-127, 127).to(torch.int8)
-                    d2 = torch._int_mm(qi, self._int8_t).float().mul_(-2.0 * self._scale ** 2).add_(self._norms)
-                elif matrix.dtype == torch.float16:
+                if matrix.dtype == torch.float16:
                     d2 = torch.addmm(self._norms[None, :].half(), qb.half(), matrix.T, alpha=-2.0).float()
                 else:
                     d2 = torch.addmm(self._norms[None, :], qb, matrix.T, alpha=-2.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -56,7 +57,10 @@ def _send_frames(endpoint: str, count: int, use_wire: bool) -> None:
     ctx.term()
 
 
-def _receive(endpoint: str, count: int, use_wire: bool) -> float:
+def _receive(endpoint: str, count: int, use_wire: bool) -> tuple[float, float]:
+    """(frames per second, CPU ms per frame of both processes, ZeroMQ I/O threads included)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = time.process_time()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.RCVHWM, 16)
@@ -79,22 +83,32 @@ def _receive(endpoint: str, count: int, use_wire: bool) -> float:
         sender.join()
         sock.close(linger=0)
         ctx.term()
-    return (count - 1) / elapsed
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (time.process_time() - own) + (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime)
+    return (count - 1) / elapsed, 1000 * cpu / count
 
 
 def transport(count: int = 300) -> dict:
     """Frames per second of 1920x1080 RGB over ipc: raw pyzmq (one buffer) vs wire encode/decode."""
     results = {"raw": [], "wire": []}
-    pairs = 8
+    cpu = {"raw": [], "wire": []}
+    pairs = 10
     with tempfile.TemporaryDirectory() as tmp:
         _receive(f"ipc://{tmp}/warmup", count, False)  # first runs pay for page faults and imports
         for i in range(pairs):  # adjacent pairs, alternating which goes first: this machine's speed drifts
             for use_wire in ((False, True) if i % 2 == 0 else (True, False)):
-                results["wire" if use_wire else "raw"].append(_receive(f"ipc://{tmp}/t{i}{use_wire}", count, use_wire))
+                name = "wire" if use_wire else "raw"
+                fps, ms = _receive(f"ipc://{tmp}/t{i}{name}", count, use_wire)
+                results[name].append(fps)
+                cpu[name].append(ms)
     ratios = [w / r for w, r in zip(results["wire"], results["raw"])]
+    cpu_raw, cpu_wire = float(np.median(cpu["raw"])), float(np.median(cpu["wire"]))
     return {"frames": count, "shape": [1080, 1920, 3], "raw_fps": float(np.median(results["raw"])),
             "wire_fps": float(np.median(results["wire"])), "ratio": float(np.median(ratios)), "pair_ratios": ratios,
-            "runs": results, "method": f"median of {pairs} adjacent raw / wire pair ratios, after a warm-up run"}
+            "cpu_ms_per_frame": {"raw": cpu_raw, "wire": cpu_wire}, "cpu_ratio": cpu_raw / cpu_wire,
+            "runs": results, "cpu_runs": cpu,
+            "method": f"median of {pairs} adjacent raw / wire pair ratios after a warm-up run; cpu_ratio: raw / wire "
+                      "CPU time per frame of sender and receiver, ZeroMQ I/O threads included (less noisy here)"}
 
 
 def benchmark(model_dir: Path, deployment, frames: int = 500, batch: int = 8, transport_frames: int = 300) -> dict:

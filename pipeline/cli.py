@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="onnxruntime: fp32 | int8 (after lineguard export); torch: fp32 | fp16 (CUDA); tensorrt: all")
         p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
         p.add_argument("--cuda-graphs", action="store_true", help="torch on CUDA: replay captured CUDA graphs")
-        p.add_argument("--bank-precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                       help="flat bank search products: fp32 (exact), int8 (CPU, faster), fp16 (GPU)")
+        p.add_argument("--bank-precision", choices=("fp32", "fp16"), default="fp32",
+                       help="flat bank search products: fp32, or fp16 (GPU)")
         p.add_argument("--batch-size", type=_positive_int, default=8)
         p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
 

@@ -11,6 +11,16 @@ from calibration.synthetic import make_dataset
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture
+def net(tmp_path):
+    """A Net (tests/plumbing.py): one Context, ipc endpoints under tmp_path; destroyed after the test."""
+    from plumbing import Net
+
+    n = Net(tmp_path)
+    yield n
+    n.close()
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "product", n_train=12, n_good=4, n_defect=3, size=128)
