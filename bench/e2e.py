@@ -11,7 +11,6 @@ Writes bench/results/e2e-<dataset>.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import tempfile

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def smooth_map(patch_map: np.ndarray, input_size: int, sigma: float) -> np.ndarray:

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engines.errors import ConfigError, MissingExtraError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 BANK_PRECISIONS = ("fp32", "fp16")

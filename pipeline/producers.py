@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 

@@ -447,7 +447,7 @@ def test_stop_ends_produce_promptly(net):
 def test_stop_ends_produce_promptly_while_its_consumer_stalls(net):
     source = endless((256, 256, 3))
     frames_ep, sink_ep = net.endpoint("frames"), net.endpoint("sink")
-    sink = net.socket(zmq.PULL, bind=sink_ep)
+    net.socket(zmq.PULL, bind=sink_ep)  # the eos end exists; nobody reads it
     stop = threading.Event()
     run = Background(produce, source, frames_ep, sink_ep, hwm=1, stop=stop)
     try:

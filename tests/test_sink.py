@@ -6,7 +6,6 @@ import json
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import cv2
 import msgpack
