@@ -36,6 +36,11 @@ class ProgressBar:
         self.stream.flush()
 
 
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def _layers(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
@@ -98,8 +103,7 @@ def cmd_eval(args) -> int:
     print(f"{'images/s':<14}{result['images_per_s']:>8.1f}   ({result['n_images']} images, "
           f"{result['n_defective']} defective)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 
@@ -164,7 +168,7 @@ def cmd_sink(args) -> int:
     summary = run_sink(args.results, pub_endpoint=args.pub, jsonl=args.jsonl, maps_dir=args.maps,
                        streams=args.streams, drain_timeout=args.drain_timeout, control=args.control)
     if args.summary:
-        args.summary.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.summary, summary)
     return 0
 
 
@@ -212,8 +216,7 @@ def cmd_run(args) -> int:
         status.end()
     print_summary(summary)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
     return 0
 
 
@@ -231,8 +234,7 @@ def cmd_bench(args) -> int:
     print(f"transport      {t['wire_fps']:.0f} vs {t['raw_fps']:.0f} frames/s of 1920x1080 RGB over ipc: "
           f"ratio {t['ratio']:.3f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

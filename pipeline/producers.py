@@ -179,7 +179,6 @@ def open_source(spec: str, frames: int = 0, size: int = 256, seed: int = 0) -> S
 class ProducerStats:
     sent: int = 0
     dropped: int = 0
-    unreadable: int = 0
 
 
 def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: str = "cam0", mode: str | None = None,

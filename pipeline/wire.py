@@ -119,6 +119,11 @@ def _float(name: str, x: Any, optional: bool = False) -> float | None:
     return float(x)
 
 
+def _str_map(name: str, x: Any) -> None:
+    if not isinstance(x, dict) or not all(isinstance(k, str) for k in x):
+        raise WireError("bad_field", f"{name} must be a map with str keys, got {_show(x)}")
+
+
 def _sides(name: str, x: Any, n: int) -> tuple[int, ...]:
     if not isinstance(x, (list, tuple)) or len(x) != n or not all(_is_int(s) and s > 0 for s in x):
         form = "[H, W, C]" if n == 3 else "[H, W]"
@@ -207,8 +212,7 @@ class Frame:
         if self.encoding not in ENCODINGS:
             raise WireError("bad_encoding", f"encoding {_show(self.encoding)} is not one of {list(ENCODINGS)}")
         _str("product", self.product, optional=True)
-        if not isinstance(self.meta, dict) or not all(isinstance(k, str) for k in self.meta):
-            raise WireError("bad_field", f"meta must be a map with str keys, got {_show(self.meta)}")
+        _str_map("meta", self.meta)
         _set(self, "payload", _bytes_view(self.payload))
         if self.encoding == "raw":
             h, w, c = self.shape
@@ -291,8 +295,7 @@ class Result:
             raise WireError("bad_field", f"timing must be a map of stage name -> ms, got {_show(self.timing)}")
         _set(self, "timing", {_str("timing stage", k): _float(f"timing[{k!r}]", v) for k, v in self.timing.items()})
         _str("error", self.error, optional=self.verdict != "error")
-        if not isinstance(self.meta, dict) or not all(isinstance(k, str) for k in self.meta):
-            raise WireError("bad_field", f"meta must be a map with str keys, got {_show(self.meta)}")
+        _str_map("meta", self.meta)
         m = self.defect_map
         if m is not None:
             if not isinstance(m, np.ndarray) or m.dtype != np.uint8:
@@ -354,8 +357,7 @@ class Scored:
         _set(self, "t_ns", _int("t_ns", self.t_ns))
         _set(self, "shape", _image_shape(self.shape))
         _str("product", self.product, optional=True)
-        if not isinstance(self.meta, dict) or not all(isinstance(k, str) for k in self.meta):
-            raise WireError("bad_field", f"meta must be a map with str keys, got {_show(self.meta)}")
+        _str_map("meta", self.meta)
         im = self.image
         if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
             raise WireError("bad_shape", f"image must be a uint8 [S, S, 3] array, got "
@@ -386,8 +388,7 @@ class Control:
             raise WireError("bad_field", f"control event {_show(self.event)} is not one of {list(CONTROL_EVENTS)}")
         _str("role", self.role)
         _str("name", self.name)
-        if not isinstance(self.data, dict) or not all(isinstance(k, str) for k in self.data):
-            raise WireError("bad_field", f"control data must be a map with str keys, got {_show(self.data)}")
+        _str_map("control data", self.data)
 
 
 # ---- encoders: return the list of frames for send_multipart(frames, copy=False) ----

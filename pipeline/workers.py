@@ -10,6 +10,7 @@ names its stream and seq), and stops on SIGTERM / SIGINT or a `stop` event.
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import threading
 import time
@@ -61,6 +62,15 @@ class Control:
             self.sock.close()
 
 
+def _shut(ctx: zmq.Context, ctl: Control, stats: WorkerStats, inp: zmq.Socket, out: zmq.Socket) -> None:
+    """A worker's last stats to the supervisor, then its sockets: unread input dropped, results flushed."""
+    ctl.send("stats", **dataclasses.asdict(stats))
+    ctl.close()
+    inp.close(linger=0)
+    out.close()
+    ctx.term()
+
+
 def _error_result(stream: str, seq: int, t_ns: int, message: str, meta: dict | None = None) -> list:
     return wire.encode_result(wire.Result(stream, seq, t_ns, "error", error=message, meta=meta or {}))
 
@@ -101,11 +111,7 @@ def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints:
                     _score_batch(model, messages, buffer, out, stats)
                     ctl.send("stats", **dataclasses.asdict(stats))
     finally:
-        ctl.send("stats", **dataclasses.asdict(stats))
-        ctl.close()
-        inp.close(linger=0)
-        out.close()
-        ctx.term()
+        _shut(ctx, ctl, stats, inp, out)
     return stats
 
 
@@ -190,8 +196,6 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
     stop = stop or threading.Event()
     stop_on_signals(stop)
     manifest = load_manifest(model_dir)
-    import json
-
     thresholds = json.loads((Path(model_dir) / "thresholds.json").read_text())
     size = manifest["embedding"]["input_size"]
     sigma = manifest["scoring"]["blur_sigma"]
@@ -255,9 +259,5 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                 ctl.send("stats", **dataclasses.asdict(stats))
                 last_stats = time.monotonic()
     finally:
-        ctl.send("stats", **dataclasses.asdict(stats))
-        ctl.close()
-        inp.close(linger=0)
-        out.close()
-        ctx.term()
+        _shut(ctx, ctl, stats, inp, out)
     return stats

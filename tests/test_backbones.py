@@ -8,6 +8,7 @@ import torch
 
 from engines.backbones import WideResNet50, backbone_names, create_backbone
 from engines.errors import ConfigError, WeightsError
+from nets import rescale_convs
 
 LITE_STAGES = tuple(f"stage{i}" for i in range(7))
 # EfficientNet-B0 / Lite0 stage table: output channels and cumulative stride.
@@ -16,19 +17,9 @@ LITE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
 WRN_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def _rescale_convs(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """He-normal conv weights: torch's default init shrinks activations ~1e-8 by stage6 (denormals, slow)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.Conv2d):
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (2.0 / mod.weight[0].numel()) ** 0.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def lite():
-    return _rescale_convs(create_backbone("efficientnet_lite0", "random"), seed=0)
+    return rescale_convs(create_backbone("efficientnet_lite0", "random"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from engines.errors import ConfigError, InputError
 from engines.export import export_onnx
 from engines.heads import EmbeddingConfig, PatchEmbedding
 from engines.runtimes import RUNTIMES, OnnxRuntimeEngine, TorchEngine
+from nets import rescale_convs
 
 SIZE = 64
 CONFIG = EmbeddingConfig(layers=("stage2", "stage4"), input_size=SIZE, dim=0)
@@ -18,23 +19,13 @@ CONFIG = EmbeddingConfig(layers=("stage2", "stage4"), input_size=SIZE, dim=0)
 REL_ATOL = 1e-4
 
 
-def _rescale_convs(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """He-normal conv weights: torch's default init shrinks activations to denormals (slow, meaningless atol)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, torch.nn.Conv2d):
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (2.0 / mod.weight[0].numel()) ** 0.5)
-    return model
-
-
 def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
 def module():
-    return _rescale_convs(PatchEmbedding(CONFIG, weights="random"), seed=0)
+    return rescale_convs(PatchEmbedding(CONFIG, weights="random"), seed=0)
 
 
 @pytest.fixture(scope="module")
