@@ -69,8 +69,9 @@ class RunConfig:
 class Supervisor:
     """Starts, watches and stops the stage processes of one run."""
 
-    def __init__(self, config: RunConfig, status: Callable[[dict], None] | None = None):
+    def __init__(self, config: RunConfig, input_size: int, status: Callable[[dict], None] | None = None):
         self.config = config
+        self.input_size = input_size  # the model's, for synthetic frames
         self.status = status
         self.tmp = Path(tempfile.mkdtemp(prefix="lineguard-run-"))
         self.procs: dict[str, subprocess.Popen] = {}
@@ -133,7 +134,7 @@ class Supervisor:
             for i in range(c.workers):
                 self.spawn(f"infer{i}", self.worker_args(f"infer{i}"))
             self.wait_ready(control, set(self.procs))
-            size = load_manifest(c.model)["embedding"]["input_size"]
+            size = self.input_size
             produce = ["produce", c.source, "--frames-endpoint", self.endpoint("frames"), "--sink",
                        self.endpoint("results"), "--stream", c.stream, "--frames", str(c.frames), "--size", str(size),
                        "--hold", "86400"]  # stopped by shutdown() once the sink has every result
@@ -231,11 +232,11 @@ def run_pipeline(config: RunConfig, status: Callable[[dict], None] | None = None
     """Run the topology until the source ends (or Ctrl-C / SIGTERM); returns the sink's summary."""
     from pipeline.producers import check_source
 
-    load_manifest(config.model)  # a bad model or source is one clear error here, not a dead stage later
+    manifest = load_manifest(config.model)  # a bad model or source: one clear error here, not a dead stage later
     check_source(config.source)
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
-    supervisor = Supervisor(config, status)
+    supervisor = Supervisor(config, manifest["embedding"]["input_size"], status)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
