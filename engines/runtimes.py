@@ -168,7 +168,7 @@ class OnnxRuntimeEngine(Engine):
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         # idle ORT threads otherwise spin for a while after each run, taking the cores from the
-        # bank search that follows (measured: bank 14.8 -> 10.3 ms/image with spinning off)
+        # bank search that follows (docs/ARCHITECTURE.md)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name

@@ -405,7 +405,7 @@ def encode_frame(stream: str, seq: int, image: np.ndarray, *, t_ns: int | None =
     """
     if not isinstance(image, np.ndarray):
         raise WireError("bad_field", f"image must be a numpy array, got {type(image).__name__}")
-    dtype = _DTYPE_NAMES.get(image.dtype.char)  # dtype.name is slow: tens of microseconds a frame
+    dtype = _DTYPE_NAMES.get(image.dtype.char)  # dtype.name is a slow Python property
     if dtype is None:
         raise WireError("bad_dtype", f"image dtype is {image.dtype}; expected one of {list(DTYPES)} "
                                      f"(convert with .astype, e.g. np.uint8)")
