@@ -1,66 +1,100 @@
-"""Fit and evaluate on the real datasets in ../shared/data; write bench/results/accuracy-<name>.json.
+"""Fit and evaluate on the real datasets in ../shared/data as a user does (`lineguard fit` + `eval`);
+write bench/results/accuracy-<dataset>[-<tag>].json with the options, the metrics and the machine.
 
-    python -m bench.accuracy                       # every dataset, default settings
-    python -m bench.accuracy --datasets mvtec_subset/hazelnut --index hnsw --tag hnsw
+    python -m bench.accuracy                                     # every dataset, default settings
+    python -m bench.accuracy --datasets magnetic_tile/tile --tag lite2 -- --backbone efficientnet_lite2
+    python -m bench.accuracy --kind reconstruction --tag rec      # any `lineguard fit` option after --
+    python -m bench.accuracy --protocol crop                      # the peer's centre crop (224 of 256)
+
+Protocols: "full" (the product's figure: every frame whole) or "crop" (each train and test image
+and mask resized to 256 x 256 and cropped to its centre 224 x 224 before fitting: the protocol of
+anomalib's figures with `center_crop_size`, for comparison only).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 
+import cv2
+
 from calibration.artifact import machine_info
-from calibration.evaluate import evaluate
-from calibration.fit import FitConfig, fit
-from calibration.int8 import quantize_onnxruntime
-from calibration.model import Deployment, InspectionModel
-from engines.banks import BankConfig
+from pipeline.cli import main as lineguard
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results"
 DATASETS = ("mvtec_subset/hazelnut", "mpdd/metal_plate", "magnetic_tile/tile")
 
 
-def run(dataset: str, config: FitConfig, batch_size: int, serve: Deployment) -> dict:
-    """Fit with `config`, evaluate as `serve` runs (exporting the int8 engine first if asked)."""
-    data = DATA / dataset
+def centre_crop_copy(data: Path, out: Path, resize: int = 256, crop: int = 224) -> Path:
+    """A copy of an MVTec-layout dataset with every image and mask resized to `resize` and centre-cropped."""
+    lo = (resize - crop) // 2
+    for path in sorted(data.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+            continue
+        mask = "ground_truth" in path.parts
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        image = cv2.resize(image, (resize, resize), interpolation=cv2.INTER_NEAREST if mask else cv2.INTER_AREA)
+        target = out / path.relative_to(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(target.with_suffix(".png")), image[lo:lo + crop, lo:lo + crop])
+    return out
+
+
+def run(dataset: str, fit_args: list[str], eval_args: list[str], protocol: str = "full", precision: str = "fp32") -> dict:
+    """Fit with `fit_args`, export int8 if asked, evaluate with `eval_args`: eval's metrics with the manifest."""
     with tempfile.TemporaryDirectory() as tmp:
-        summary = fit(data, Path(tmp) / "model", config)
-        if serve.precision == "int8":
-            quantize_onnxruntime(Path(tmp) / "model")
-        model = InspectionModel(Path(tmp) / "model", serve)
-        metrics = evaluate(model, data, batch_size=batch_size)
-    return {"dataset": dataset, "metrics": metrics, "fit": summary, "config": dataclasses.asdict(config),
-            "serve": dataclasses.asdict(serve), "eval_batch_size": batch_size, "machine": machine_info()}
+        tmp = Path(tmp)
+        data = DATA / dataset
+        if protocol == "crop":
+            data = centre_crop_copy(data, tmp / "data")
+        model = tmp / "model"
+        start = time.perf_counter()
+        if lineguard(["fit", str(data), "-o", str(model), *fit_args]) != 0:
+            raise SystemExit(f"fit failed on {dataset}")
+        fit_seconds = time.perf_counter() - start
+        if precision == "int8" and lineguard(["export", str(model), "--precision", "int8"]) != 0:
+            raise SystemExit(f"int8 export failed on {dataset}")
+        if lineguard(["eval", str(model), str(data), "--json", str(tmp / "m.json"), "--precision", precision,
+                      *eval_args]) != 0:
+            raise SystemExit(f"eval failed on {dataset}")
+        result = json.loads((tmp / "m.json").read_text())
+        manifest = json.loads((model / "manifest.json").read_text())
+    for m in result["categories"].values():
+        m.pop("curves", None)
+    result.pop("curve_plots", None)
+    return {"dataset": dataset, "protocol": protocol, "fit_args": fit_args, "eval_args": eval_args,
+            "fit_wall_seconds": round(fit_seconds, 2), "metrics": {k: v for k, v in result.items() if k != "config"},
+            "manifest": {k: manifest[k] for k in ("kind", "input", "geometry", "maps", manifest["kind"], "fit")},
+            "machine": machine_info()}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
-    parser.add_argument("--index", default="flat")
-    parser.add_argument("--coreset-ratio", type=float, default=FitConfig.coreset_ratio)
-    parser.add_argument("--coreset-max", type=int, default=FitConfig.coreset_max)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--protocol", choices=("full", "crop"), default="full")
+    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="onnxruntime engine of eval")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="onnxruntime engine")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("fit_args", nargs="*", help="lineguard fit options (after --)")
     args = parser.parse_args()
-    config = FitConfig(bank=BankConfig(index=args.index), coreset_ratio=args.coreset_ratio,
-                       coreset_max=args.coreset_max, deployment=Deployment(threads=args.threads))
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fit_args = [*args.fit_args, "--threads", str(args.threads)]
+    eval_args = ["--threads", str(args.threads)]
     for dataset in args.datasets:
-        serve = Deployment(precision=args.precision, threads=args.threads)
-        result = run(dataset, config, args.batch_size, serve)
-        name = dataset.split("/")[-1] + (f"-{args.tag}" if args.tag else "")
-        (out_dir / f"accuracy-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        m, f = result["metrics"], result["fit"]
+        result = run(dataset, fit_args, eval_args, args.protocol, args.precision)
+        tag = "-".join(t for t in (args.protocol if args.protocol != "full" else "", args.precision
+                                   if args.precision != "fp32" else "", args.tag) if t)
+        name = dataset.split("/")[-1] + (f"-{tag}" if tag else "")
+        (RESULTS / f"accuracy-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        m, f = result["metrics"], result["manifest"]["fit"]
         print(f"{dataset:<24} image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  "
-              f"AU-PRO {m['pixel_aupro']:.4f}  bank {f['bank_size']}x{f['dim']}  fit {f['fit_seconds']:.1f} s  "
-              f"{m['images_per_s']:.1f} images/s", flush=True)
+              f"AU-PRO {m['pixel_aupro']:.4f}  fit {f['fit_seconds']:.1f} s  {m['images_per_s']:.1f} images/s  "
+              f"[{result['manifest']['kind']} {' '.join(args.fit_args)}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,46 +1,38 @@
-"""The model artifact: a directory with a manifest, the ONNX graph, the bank and thresholds.
+"""The model artifact: a directory with a manifest, the kind's files and the thresholds.
 
-    manifest.json     format version, kind, embedding and bank config, sha256 of every file, versions
-    model.onnx        uint8 [N, S, S, 3] -> float32 patch embeddings [N, h, w, d]
-    bank.faiss        the memory bank
+    manifest.json     format version 2, kind, input spec, geometry, map config, the kind's own
+                      section, fit settings and timings, sha256 of every file, library versions
     thresholds.json   score normalisation and image / pixel thresholds, and the data they came from
+    roi.png           the region-of-interest mask (only when the model has one)
+    <kind files>      memory_bank: model.onnx, bank.faiss; reconstruction: model.onnx, decoder.pt;
+                      ensemble: members/<i>/ (whole models, validated in turn)
     engines/          compiled engines cached per device and precision (not hashed: rebuildable)
 
-`load_manifest` validates everything before any of it is used.
+`load_manifest` validates everything before any of it is used. Version-1 artifacts (square
+memory banks) are read as the version-2 manifest they are equivalent to.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from pathlib import Path
 
-from engines.errors import LineguardError
+from engines.compiled import sha256
+from engines.errors import ArtifactError
 
 FORMAT = "lineguard-model"
-FORMAT_VERSION = 1
-KINDS = ("memory_bank",)
-REQUIRED_FILES = {"memory_bank": ("model.onnx", "bank.faiss", "thresholds.json")}
+FORMAT_VERSION = 2
 
-
-class ArtifactError(LineguardError):
-    """A model directory that is missing, incomplete, altered or of an unknown format."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["ArtifactError", "FORMAT_VERSION", "load_manifest", "write_manifest", "machine_info", "sha256"]
 
 
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("lineguard", "torch", "onnx", "onnxruntime", "faiss-cpu", "numpy", "opencv-python-headless"):
+    for name in ("lineguard", "torch", "onnx", "onnxruntime", "faiss-cpu", "numpy", "opencv-python-headless",
+                 "pyzmq", "msgpack"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -49,8 +41,10 @@ def library_versions() -> dict[str, str]:
 
 
 def machine_info() -> dict:
-    """What a measurement ran on: CPU model, cores, platform and library versions."""
+    """What a measurement ran on: CPU model and features, cores, platform and library versions."""
     import os
+
+    from engines.compiled import cpu_features
 
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -59,20 +53,49 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "versions": library_versions()}
+    return {"cpu": cpu, "cpu_features": cpu_features(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "versions": library_versions()}
 
 
-def write_manifest(model_dir: Path, manifest: dict) -> None:
+def required_files(manifest: dict) -> list[str]:
+    from calibration.kinds import get_kind
+
+    files = list(get_kind(manifest["kind"]).files(manifest)) + ["thresholds.json"]
+    if manifest.get("geometry", {}).get("roi"):
+        files.append(manifest["geometry"]["roi"])
+    return files
+
+
+def write_manifest(model_dir: Path, manifest: dict) -> dict:
     """Add format, version, hashes of the required files and library versions; write manifest.json."""
-    kind = manifest["kind"]
-    files = {name: sha256(model_dir / name) for name in REQUIRED_FILES[kind]}
+    files = {name: sha256(model_dir / name) for name in required_files(manifest)}
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files,
             "versions": library_versions()}
     (model_dir / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")
+    return full
+
+
+def _upgrade_v1(manifest: dict) -> dict:
+    """A version-1 manifest (square memory bank, max patch image score) as version 2."""
+    emb = dict(manifest["embedding"])
+    size = emb.pop("input_size")
+    emb.update(weighting="equal", context=0)
+    grid = manifest["grid"]
+    out = {k: v for k, v in manifest.items() if k not in ("embedding", "bank", "scoring", "grid", "input")}
+    out.update(format_version=FORMAT_VERSION, upgraded_from=1,
+               input={"height": size, "width": size, "channels": 3, "layout": "NHWC", "dtype": "uint8"},
+               geometry={"tiling": "resize", "scale": 1.0, "overlap": 0.25, "roi": None},
+               maps={"stride": size // grid[0], "blur_sigma": manifest["scoring"]["blur_sigma"], "image_score": "max",
+                     "top_k": 10},
+               memory_bank={"embedding": emb, "bank": manifest["bank"], "feature_dim": manifest["feature_dim"],
+                            "shots": 0})
+    return out
 
 
 def load_manifest(model_dir: str | Path) -> dict:
     """Read and validate a model directory; ArtifactError naming the file and the fix otherwise."""
+    from calibration.kinds import kind_names
+
     model_dir = Path(model_dir)
     refit = f"fit the model again (lineguard fit DATA -o {model_dir})"
     path = model_dir / "manifest.json"
@@ -86,14 +109,20 @@ def load_manifest(model_dir: str | Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); {refit}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a lineguard model manifest; {refit}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format version {manifest.get('format_version')}, this lineguard reads "
-                            f"version {FORMAT_VERSION}; {refit} or use the lineguard that wrote it")
-    kind = manifest.get("kind")
-    if kind not in KINDS:
-        raise ArtifactError(f"{path}: unknown model kind {kind!r}; this lineguard reads {', '.join(KINDS)}")
+    version = manifest.get("format_version")
+    data = manifest.get("fit", {}).get("data")
+    if data:
+        refit = f"fit the model again (lineguard fit {' '.join(data) if isinstance(data, list) else data} -o {model_dir})"
+    if version == 1 and manifest.get("kind") == "memory_bank":
+        manifest = _upgrade_v1(manifest)
+    elif version != FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format version {version}, this lineguard reads versions 1 and "
+                            f"{FORMAT_VERSION}; {refit} or use the lineguard that wrote it")
+    if manifest.get("kind") not in kind_names():
+        raise ArtifactError(f"{path}: unknown model kind {manifest.get('kind')!r}; this lineguard reads "
+                            f"{', '.join(kind_names())}; {refit}")
     files = manifest.get("files", {})
-    for name in REQUIRED_FILES[kind]:
+    for name in required_files(manifest):
         file = model_dir / name
         if not file.is_file():
             raise ArtifactError(f"{file} is missing; {refit}")

@@ -1,4 +1,4 @@
-"""Images on disk in MVTec AD layout, read into RGB uint8 arrays.
+"""Datasets on disk in MVTec AD layout, read into RGB uint8 arrays (decoding: calibration.images).
 
     <root>/train/good/*                      normal images (fit on these)
     <root>/test/<type>/*                     test images, type "good" is normal
@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 
+from calibration import images
 from engines.errors import LineguardError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -72,40 +73,39 @@ def evaluation_samples(root: str | Path) -> list[Sample]:
     return samples
 
 
-def decode_image(data: np.ndarray | bytes, name: str) -> np.ndarray:
-    """Encoded image bytes -> uint8 RGB [H, W, 3] (grey is repeated, alpha dropped, 16-bit scaled)."""
-    buf = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data
-    image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
-    if image is None:
-        raise DataError(f"{name}: not a readable image (corrupt or unsupported format); replace or remove it")
-    return to_rgb(image, name)
-
-
-def to_rgb(image: np.ndarray, name: str, bgr: bool = True) -> np.ndarray:
-    """Any decoded array [H, W] / [H, W, 1|3|4], uint8 or uint16 -> uint8 RGB [H, W, 3]."""
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
-    if image.dtype != np.uint8:
-        raise DataError(f"{name}: pixel type {image.dtype} is not supported; use 8- or 16-bit images")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    channels = image.shape[2] if image.ndim == 3 else 0
-    if channels == 1:
-        return np.repeat(image, 3, axis=2)
-    if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if bgr else image
-    if channels == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
-    raise DataError(f"{name}: image has shape {image.shape}; expected grey, RGB or RGBA")
-
-
 def read_image(path: Path) -> np.ndarray:
     """uint8 RGB [H, W, 3] from a file; DataError naming the file if it cannot be read."""
     try:
         data = np.fromfile(path, np.uint8)
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror}); check the path and permissions") from None
-    return decode_image(data, str(path))
+    try:
+        return images.decode(data, str(path))
+    except images.ImageError as exc:
+        raise DataError(str(exc)) from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file, from its header where it has one (png, jpeg), else by decoding it."""
+    encoding = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(path.suffix.lower())
+    if encoding:
+        with open(path, "rb") as f:
+            size = images.file_size(memoryview(f.read()), encoding)
+        if size is not None:
+            return size
+    return read_image(path).shape[:2]
+
+
+def read_images(paths: Sequence[Path], prefetch: int = 4) -> Iterator[np.ndarray]:
+    """uint8 RGB images of `paths` in order, decoded on a background thread `prefetch` ahead."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = [pool.submit(read_image, p) for p in paths[:prefetch]]
+        for i in range(len(paths)):
+            image = pending[i].result()
+            pending[i] = None
+            if i + prefetch < len(paths):
+                pending.append(pool.submit(read_image, paths[i + prefetch]))
+            yield image
 
 
 def read_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
@@ -119,32 +119,3 @@ def read_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
         raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}; "
                         "masks must match their images' size")
     return mask > 0
-
-
-def resize_to_input(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> uint8 [size, size, 3] (area filter when shrinking, bilinear when growing)."""
-    if image.shape[:2] == (size, size):
-        return image
-    shrink = image.shape[0] > size or image.shape[1] > size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def iter_batches(paths: Sequence[Path], size: int, batch: int,
-                 keep_originals: bool = False) -> Iterator[tuple[np.ndarray, list[np.ndarray | tuple[int, int]]]]:
-    """Yield (uint8 [B, size, size, 3] model inputs, per image its original RGB array or its (H, W)).
-
-    Images are read and resized on a background thread so decoding overlaps inference.
-    """
-
-    def load(path: Path):
-        image = read_image(path)
-        return resize_to_input(image, size), (image if keep_originals else image.shape[:2])
-
-    with ThreadPoolExecutor(1) as pool:
-        chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
-        pending = pool.submit(lambda c: [load(p) for p in c], chunks[0]) if chunks else None
-        for k in range(len(chunks)):
-            loaded = pending.result()
-            if k + 1 < len(chunks):
-                pending = pool.submit(lambda c: [load(p) for p in c], chunks[k + 1])
-            yield np.stack([x for x, _ in loaded]), [o for _, o in loaded]

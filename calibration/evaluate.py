@@ -1,4 +1,11 @@
-"""Score a model on <data>/test and measure it against the ground-truth masks."""
+"""Score a model of any kind on the <data>/test folders of one or more datasets and measure it.
+
+Per dataset (category): image AUROC / AP / F1-max and pixel AUROC / AP / F1-max / IoU-max / AU-PRO
+(the ADer metric set), each defect type on its own against the good images, and the rates a
+quality engineer asks for at the calibrated threshold: false rejects among the good test
+images and misses among the defective ones. Several datasets (a multi-class model) add their
+mean. Pixel metrics are computed at each mask's original resolution.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,15 @@ import cv2
 import numpy as np
 
 from calibration import metrics
-from calibration.dataset import iter_batches, read_mask, evaluation_samples
-from calibration.maps import normalise, overlay, to_original_size
-from calibration.model import InspectionModel
+from calibration.dataset import evaluation_samples, read_images, read_mask
+from calibration.maps import normalise, overlay
+from calibration.model import Inspector, Model
+from engines.runtimes import Deployment
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[..., None]
+IMAGE_KEYS = ("auroc", "ap", "f1max")
+PIXEL_KEYS = ("auroc", "ap", "f1max", "iou_max", "aupro")
+MEAN_KEYS = tuple(f"image_{k}" for k in IMAGE_KEYS) + tuple(f"pixel_{k}" for k in PIXEL_KEYS)
 
 
 def _write(path: Path, array: np.ndarray) -> None:
@@ -23,48 +34,124 @@ def _write(path: Path, array: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def evaluate(model: InspectionModel, data: str | Path, batch_size: int = 16, maps_dir: Path | None = None,
-             scores_dir: Path | None = None, progress: Progress | None = None) -> dict:
-    """Metrics dict (image_/pixel_ AUROC, AP, F1-max, pixel AU-PRO, images_per_s, n_images).
+def _rate(hits: int, n: int) -> dict:
+    return {"rate": hits / n if n else None, "count": hits, "of": n}
 
-    Pixel metrics are computed at each mask's original resolution. scores_dir receives float32
-    TIFF score maps at the original size, named by the image's path relative to test/.
-    """
+
+def score_dataset(inspector: Inspector, data: Path, batch_size: int, maps_dir: Path | None,
+                  scores_dir: Path | None, progress: Progress | None, category: str) -> dict:
+    """Scores, smoothed frame maps and verdicts of every test image of one dataset, and the scoring speed."""
+    model = inspector.model
     samples = evaluation_samples(data)
-    size = model.input_size
-    maps, scores = [], np.empty(len(samples), np.float32)
-    keep = maps_dir is not None
-    seconds, done = 0.0, 0
-    with model:
-        start = time.perf_counter()
-        for images, originals in iter_batches([s.path for s in samples], size, batch_size, keep_originals=keep):
-            patch, image_scores = model.score(images)
-            for k in range(len(images)):
-                shape = originals[k].shape[:2] if keep else originals[k]
-                maps.append(to_original_size(model.smooth(patch[k]), shape))
-            scores[done:done + len(images)] = image_scores
-            seconds += time.perf_counter() - start
+    scores = np.empty(len(samples), np.float32)
+    verdicts: list[str] = []
+    maps: list[np.ndarray] = []
+    seconds = 0.0
+    images = read_images([s.path for s in samples])
+    for start in range(0, len(samples), batch_size):
+        batch = [next(images) for _ in samples[start:start + batch_size]]
+        t0 = time.perf_counter()
+        results = inspector.inspect(batch)
+        frame_maps = [model.frame_map(r.canvas_map, r.layout) for r in results]
+        decisions = [model.decide(r.canvas_map, r.layout.frame, r.score) for r in results]
+        seconds += time.perf_counter() - t0
+        for k, (image, r, fm, d) in enumerate(zip(batch, results, frame_maps, decisions)):
+            sample = samples[start + k]
+            scores[start + k] = r.score
+            verdicts.append(d.verdict)
+            maps.append(fm)
             if maps_dir is not None:
-                for k in range(len(images)):
-                    sample = samples[done + k]
-                    heat = normalise(maps[done + k], model.thresholds["pixel"])
-                    _write(maps_dir / Path(sample.rel).with_suffix(".png"), overlay(originals[k], heat, heat >= 0.5))
+                heat = normalise(fm, model.thresholds["pixel"])
+                _write(maps_dir / category / Path(sample.rel).with_suffix(".png"), overlay(image, heat, heat >= 0.5))
             if scores_dir is not None:
-                for k in range(len(images)):
-                    _write(scores_dir / Path(samples[done + k].rel).with_suffix(".tiff"), maps[done + k])
-            done += len(images)
-            if progress:
-                progress("score", done, len(samples))
-            start = time.perf_counter()
+                _write(scores_dir / category / Path(sample.rel).with_suffix(".tiff"), fm)
+        if progress:
+            progress(f"score {category}" if category else "score", min(start + batch_size, len(samples)), len(samples))
+    return {"samples": samples, "scores": scores, "verdicts": verdicts, "maps": maps, "seconds": seconds}
 
+
+def measure(scored: dict, curves: bool = False) -> dict:
+    """Metrics of one dataset from score_dataset's output."""
+    samples, scores, maps = scored["samples"], scored["scores"], scored["maps"]
     labels = np.array([s.label for s in samples])
+    types = np.array([s.rel.split("/")[0] for s in samples])
     masks = [read_mask(s.mask_path, m.shape) for s, m in zip(samples, maps)]
-    image = metrics.image_metrics(scores, labels)
-    pixel = metrics.pixel_metrics(maps, masks)
-    return {
-        "image_auroc": image["auroc"], "image_ap": image["ap"], "image_f1max": image["f1max"],
-        "pixel_auroc": pixel["auroc"], "pixel_ap": pixel["ap"], "pixel_f1max": pixel["f1max"],
-        "pixel_aupro": pixel["aupro"],
-        "images_per_s": len(samples) / seconds, "n_images": len(samples),
+    image = metrics.image_metrics(scores, labels, curves=curves)
+    pixel = metrics.pixel_metrics(maps, masks, curves=curves)
+    defect = np.array([v == "defect" for v in scored["verdicts"]])
+    out = {f"image_{k}": image[k] for k in IMAGE_KEYS}
+    out.update({f"pixel_{k}": pixel[k] for k in PIXEL_KEYS})
+    out.update({
+        "false_reject": _rate(int((defect & (labels == 0)).sum()), int((labels == 0).sum())),
+        "miss": _rate(int((~defect & (labels == 1)).sum()), int((labels == 1).sum())),
+        "images_per_s": len(samples) / scored["seconds"], "n_images": len(samples),
         "n_defective": int(labels.sum()), "pixel_metrics_resolution": "original mask size",
-    }
+    })
+    per_type = {}
+    good = types == "good"
+    for t in sorted(set(types) - {"good"}):
+        sel = good | (types == t)
+        px = metrics.pixel_metrics([m for m, s in zip(maps, sel) if s], [k for k, s in zip(masks, sel) if s])
+        per_type[t] = {"image_auroc": metrics.roc_auc(scores[sel], labels[sel]), "pixel_auroc": px["auroc"],
+                       "pixel_aupro": px["aupro"], "n_images": int((types == t).sum()),
+                       "miss": _rate(int((~defect & (types == t)).sum()), int((types == t).sum()))}
+    out["per_type"] = per_type
+    if curves:
+        out["curves"] = {"image_roc": image["roc"], "pixel_roc": pixel["roc"], "pro": pixel["pro"]}
+    return out
+
+
+def evaluate(model: Model, datas: list[str | Path] | str | Path, deployment: Deployment = Deployment(),
+             batch_size: int = 16, maps_dir: Path | None = None, scores_dir: Path | None = None,
+             progress: Progress | None = None, curves: bool = False) -> dict:
+    """{"categories": {name: metrics}, "mean": {...} (several datasets), and, for one dataset, its metrics at the top level}."""
+    datas = [Path(d) for d in (datas if isinstance(datas, (list, tuple)) else [datas])]
+    names = [d.name for d in datas]
+    if len(set(names)) != len(names):
+        names = [f"{d.parent.name}/{d.name}" for d in datas]
+    if len(set(names)) != len(names):
+        names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
+    single = len(datas) == 1
+    result: dict = {"categories": {}}
+    with Inspector(model, deployment, batch=batch_size) as inspector:
+        for name, data in zip(names, datas):
+            scored = score_dataset(inspector, data, batch_size, maps_dir, scores_dir, progress, "" if single else name)
+            result["categories"][name] = measure(scored, curves)
+    cats = list(result["categories"].values())
+    result["mean"] = {k: float(np.mean([c[k] for c in cats])) for k in MEAN_KEYS + ("images_per_s",)}
+    if single:
+        result.update(cats[0])
+    return result
+
+
+def plot_curves(result: dict, path: Path) -> list[Path]:
+    """One PNG per category beside `path` (<stem>-<category>-curves.png): image ROC, pixel ROC, PRO to FPR 0.3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, m in result["categories"].items():
+        c = m["curves"]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+        panels = [("image ROC", c["image_roc"]["fpr"], c["image_roc"]["tpr"], "true positive rate", m["image_auroc"], 1),
+                  ("pixel ROC", c["pixel_roc"]["fpr"], c["pixel_roc"]["tpr"], "true positive rate", m["pixel_auroc"], 1),
+                  ("PRO", c["pro"]["fpr"], c["pro"]["pro"], "per-region overlap", m["pixel_aupro"], 0.3)]
+        for ax, (title, x, y, ylabel, area, xmax) in zip(axes, panels):
+            ax.plot(x, y, lw=1.5)
+            ax.set_xlim(0, xmax)
+            ax.set_ylim(0, 1.01)
+            ax.set_xlabel("false positive rate")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{title}: {'AU-PRO' if title == 'PRO' else 'AUROC'} {area:.3f}")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{name}: false rejects {m['false_reject']['count']}/{m['false_reject']['of']}, "
+                     f"misses {m['miss']['count']}/{m['miss']['of']} at the calibrated threshold")
+        fig.tight_layout()
+        out = path.with_name(f"{path.stem}-{name.replace('/', '_')}-curves.png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        written.append(out)
+    return written

@@ -1,8 +1,9 @@
-"""Normal images -> a deployable memory-bank model directory.
+"""Normal images -> a deployable model directory, for every kind.
 
-Features are extracted with the same engine that will serve (ONNX Runtime by default, on
-the exported graph), subsampled by greedy coreset, put in a FAISS bank, and thresholds are
-calibrated on training images scored against the bank without their own patches.
+The driver is kind-neutral: it reads the training images of one or more datasets (several make
+one multi-class model), chooses the input (the training frames' aspect ratio at about 256 x 256
+pixels, unless set), writes the ROI, hands a `FitContext` to the kind's `fit`, calibrates the
+thresholds from the held-out normal maps the kind returns, and writes the manifest.
 """
 
 from __future__ import annotations
@@ -12,52 +13,143 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
+import cv2
 import numpy as np
 
 from calibration.artifact import write_manifest
-from calibration.coreset import greedy_coreset
-from calibration.dataset import iter_batches, train_images
-from calibration.maps import smooth_map
-from calibration.model import Deployment, ScoringConfig, make_engine, score_features, set_threads
-from engines.banks import BankConfig, MemoryBank
+from calibration.dataset import image_size, read_images, train_images
+from calibration.geometry import Geometer, Geometry, InputSpec, Layout, input_for_frames
+from calibration.kinds import get_kind
+from calibration.maps import MapConfig
+from calibration.thresholds import calibrate
 from engines.errors import ConfigError, LineguardError
-from engines.export import export_onnx
-from engines.heads import EmbeddingConfig, PatchEmbedding
+from engines.runtimes import Deployment
 
-Progress = Callable[[str, int, int], None]
+Progress = Callable[..., None]  # (stage, done, total, note="") -> None
+
+
+def _quiet(stage: str, done: int, total: int, note: str = "") -> None:
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """Everything `fit` needs besides the data; written into the manifest.
 
-    coreset_ratio: fraction of training patches kept in the bank (1.0 keeps all);
-    coreset_max: upper bound on the bank size (0: none); coreset_proj_dim: random projection
-    used while picking; calib_images: at most this many training images calibrate thresholds.
+    kind: a registered model kind; options: that kind's options (None: its defaults); input: the
+    network input (None: chosen from the training frames); geometry: resize or tiles, and the ROI
+    (`roi`: "x,y,w,h" or a mask file, read at fit time); maps: smoothing and image score;
+    calib_images: at most this many held-out normal frames calibrate the thresholds;
+    max_false_reject: the false-reject target on normal frames (None: the largest normal score).
     """
 
-    embedding: EmbeddingConfig = EmbeddingConfig()
-    bank: BankConfig = BankConfig()
-    scoring: ScoringConfig = ScoringConfig()
+    kind: str = "memory_bank"
+    options: Any = None
+    input: InputSpec | None = None
+    geometry: Geometry = Geometry()
+    roi: str | None = None
+    maps: MapConfig = MapConfig()
     weights: str | None = None
-    coreset_ratio: float = 0.1
-    coreset_max: int = 8192
-    coreset_proj_dim: int = 128
     calib_images: int = 100
+    max_false_reject: float | None = None
     deployment: Deployment = Deployment()
     batch_size: int = 8
     seed: int = 0
 
     def __post_init__(self):
+        kind = get_kind(self.kind)
+        if self.options is None:
+            object.__setattr__(self, "options", kind.options())
+        elif not isinstance(self.options, kind.options):
+            raise ConfigError(f"{type(self.options).__name__} are not options of the {self.kind} kind")
         if self.deployment.runtime == "tensorrt" or self.deployment.precision != "fp32":
-            raise ConfigError("fit extracts features with onnxruntime or torch at fp32 (--runtime, --device); "
+            raise ConfigError("fit runs the network with onnxruntime or torch at fp32 (--runtime, --device); "
                               "compile other precisions afterwards with lineguard export")
-        if not 0.0 < self.coreset_ratio <= 1.0:
-            raise ConfigError(f"coreset ratio {self.coreset_ratio} must be in (0, 1], e.g. 0.1")
-        if self.coreset_max < 0 or self.calib_images < 1 or self.batch_size < 1:
-            raise ConfigError("coreset_max must be >= 0, calib_images and batch_size >= 1")
+        if self.calib_images < 1 or self.batch_size < 1:
+            raise ConfigError("calib images and batch size must be at least 1")
+        if self.max_false_reject is not None and not 0.0 < self.max_false_reject < 1.0:
+            raise ConfigError(f"--max-false-reject {self.max_false_reject} must be in (0, 1), e.g. 0.01")
+
+
+@dataclasses.dataclass
+class FitOutput:
+    """What a kind's fit returns: its manifest section, the raw canvas maps of its held-out normal
+    frames (with their names) for the thresholds, a summary, how those frames were held out, and the
+    input normalisation of its network."""
+
+    section: dict
+    canvas_maps: list[np.ndarray]
+    names: list[str]
+    summary: dict
+    held_out: str
+    normalisation: dict
+
+
+@dataclasses.dataclass
+class FitContext:
+    """What a kind's fit works with. paths: every training image (all datasets, sorted per dataset);
+    categories: the dataset index of each path; out: the model directory being written."""
+
+    paths: list[Path]
+    categories: list[int]
+    out: Path
+    spec: InputSpec
+    geometer: Geometer
+    maps: MapConfig
+    options: Any
+    weights: str | None
+    deployment: Deployment
+    batch_size: int
+    calib_images: int
+    seed: int
+    progress: Progress
+
+    def read(self, paths: list[Path]) -> Iterator[np.ndarray]:
+        return read_images(paths)
+
+    def embed(self, engine, images) -> Iterator[tuple[np.ndarray, Layout]]:
+        """(engine output float32 [T, ...], layout) per image of `images` (uint8 RGB), the inputs of
+        several images batched `batch_size` at a time."""
+        size = self.batch_size
+        buffer = np.empty((size,) + self.spec.shape, np.uint8)
+        waiting: list[tuple[int, Layout]] = []  # (rows in buffer, layout) of frames not yet run
+        used = 0
+
+        def flush():
+            nonlocal used
+            out = engine.infer(buffer[:used]) if used else None
+            results, at = [], 0
+            for rows, layout in waiting:
+                results.append((out[at:at + rows], layout))
+                at += rows
+            waiting.clear()
+            used = 0
+            return results
+
+        for image in images:
+            layout = self.geometer.layout(image.shape[:2])
+            if layout.count > size:  # a frame of many tiles runs on its own
+                yield from flush()
+                tiles = np.empty((layout.count,) + self.spec.shape, np.uint8)
+                self.geometer.prepare(image, layout, tiles)
+                out = np.concatenate([engine.infer(tiles[s:s + size]) for s in range(0, layout.count, size)])
+                yield out, layout
+                continue
+            if used + layout.count > size:
+                yield from flush()
+            self.geometer.prepare(image, layout, buffer[used:used + layout.count])
+            waiting.append((layout.count, layout))
+            used += layout.count
+        yield from flush()
+
+    def geometer_cells(self, layout: Layout) -> np.ndarray:
+        """bool [T, h, w]: which cells of each input lie inside the ROI (all, without one)."""
+        cells = self.geometer.roi_cells(layout)
+        h, w = self.spec.height // self.maps.stride, self.spec.width // self.maps.stride
+        s = self.maps.stride
+        return np.stack([cells[y // s:y // s + h, x // s:x // s + w] for y, x in layout.origins])
 
 
 def _prepare_output(out: Path) -> None:
@@ -67,109 +159,62 @@ def _prepare_output(out: Path) -> None:
         if any(out.iterdir()) and not (out / "manifest.json").is_file():
             raise LineguardError(f"output {out} exists and is not a lineguard model; choose an empty or new "
                                  "directory (-o DIR) so nothing of yours is overwritten")
-        for name in ("manifest.json", "model.onnx", "bank.faiss", "thresholds.json"):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "engines", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
 
 
-def extract(engine, paths: list[Path], size: int, batch: int, progress: Progress | None,
-            stage: str = "extract") -> np.ndarray:
-    """Embeddings float32 [len(paths), h, w, d] of images read from paths."""
-    out = None
-    done = 0
-    for images, _ in iter_batches(paths, size, batch):
-        feats = engine.infer(images)
-        if out is None:
-            out = np.empty((len(paths),) + feats.shape[1:], np.float32)
-        out[done:done + len(feats)] = feats
-        done += len(feats)
-        if progress:
-            progress(stage, done, len(paths))
-    return out
+def frame_sizes(paths: list[Path], sample: int = 200) -> list[tuple[int, int]]:
+    """(H, W) of a spread sample of the training images: headers only, cheap."""
+    return [image_size(p) for p in paths[::max(1, len(paths) // sample)]]
 
 
-def calibrate(bank: MemoryBank, features: np.ndarray, ranges: np.ndarray, config: FitConfig,
-              progress: Progress | None) -> dict:
-    """Thresholds from training images scored without their own bank patches (leave one image out)."""
-    n = len(features)
-    rng = np.random.default_rng(config.seed)
-    chosen = np.sort(rng.choice(n, size=min(n, config.calib_images), replace=False))
-    image_scores, pixel_max, pixel_min = [], [], []
-    for k, i in enumerate(chosen):
-        patch, score = score_features(bank, features[i:i + 1], config.scoring, exclude=(ranges[i], ranges[i + 1]))
-        smoothed = smooth_map(patch[0], config.embedding.input_size, config.scoring.blur_sigma)
-        image_scores.append(float(score[0]))
-        pixel_max.append(float(smoothed.max()))
-        pixel_min.append(float(smoothed.min()))
-        if progress:
-            progress("calibrate", k + 1, len(chosen))
-    scores = np.array(image_scores)
-    method = ("maximum over normal training images, each scored against the bank without its own patches "
-              "(leave one image out); normalised score = 0.5 * (s - min) / (threshold - min), clipped to [0, 1]")
-    return {
-        "method": method,
-        "images": [int(i) for i in chosen],
-        "n_images": len(chosen),
-        "image": {"threshold": float(scores.max()), "min": float(scores.min()), "mean": float(scores.mean()),
-                  "std": float(scores.std())},
-        "pixel": {"threshold": float(max(pixel_max)), "min": float(min(pixel_min))},
-    }
-
-
-def fit(data: str | Path, out: str | Path, config: FitConfig = FitConfig(),
+def fit(datas: list[str | Path] | str | Path, out: str | Path, config: FitConfig = FitConfig(),
         progress: Progress | None = None) -> dict:
-    """Fit a model on <data>/train/good and write it to out; returns a summary dict."""
+    """Fit a model on <data>/train/good of each dataset and write it to out; returns a summary dict."""
     start = time.perf_counter()
-    data, out = Path(data), Path(out)
-    paths = train_images(data)
-    set_threads(config.deployment.threads)
+    datas = [Path(d) for d in (datas if isinstance(datas, (list, tuple)) else [datas])]
+    paths, categories = [], []
+    for k, data in enumerate(datas):
+        found = train_images(data)
+        paths += found
+        categories += [k] * len(found)
+    out = Path(out)
+    progress = progress or _quiet
+    sizes = frame_sizes(paths)
+    frame = tuple(int(v) for v in np.median(sizes, axis=0))  # the typical training frame (H, W)
+    spec = config.input or input_for_frames(sizes)
+    kind = get_kind(config.kind)
+    maps = dataclasses.replace(config.maps, stride=kind.stride(config.options))
     _prepare_output(out)
-    module = PatchEmbedding(config.embedding, config.weights)
-    size = config.embedding.input_size
-    export_onnx(module, size, out / "model.onnx")
-    engine = make_engine(config.deployment, out, config.embedding, config.weights, module)
-    with engine:
-        features = extract(engine, paths, size, config.batch_size, progress)
-    t_extract = time.perf_counter() - start
+    geometry, roi = config.geometry, None
+    if config.roi:
+        from calibration.geometry import read_roi
 
-    n, h, w, d = features.shape
-    flat = features.reshape(n * h * w, d)
-    keep = max(1, int(round(config.coreset_ratio * len(flat))))
-    if config.coreset_max:
-        keep = min(keep, config.coreset_max)
-    t0 = time.perf_counter()
-    if keep < len(flat):
-        picks = np.sort(greedy_coreset(flat, keep, config.coreset_proj_dim, config.seed))
-    else:
-        picks = np.arange(len(flat))
-    t_coreset = time.perf_counter() - t0
-    if progress:
-        progress("coreset", 1, 1)
-    bank = MemoryBank.build(flat[picks], config.bank)
-    # bank ids are sorted by image, so image i owns the contiguous id range ranges[i]:ranges[i + 1]
-    ranges = np.searchsorted(picks // (h * w), np.arange(n + 1))
-    thresholds = calibrate(bank, features, ranges, config, progress)
-    thresholds["data"] = str(data)
-    bank.save(out / "bank.faiss")
+        roi = read_roi(config.roi, frame)
+        cv2.imwrite(str(out / "roi.png"), roi)
+        geometry = dataclasses.replace(geometry, roi="roi.png")
+    geometer = Geometer(spec, geometry, maps.stride, roi)
+    ctx = FitContext(paths, categories, out, spec, geometer, maps, config.options, config.weights,
+                     config.deployment, config.batch_size, config.calib_images, config.seed, progress)
+    result = kind.fit(ctx)
+    thresholds = calibrate(result.canvas_maps, maps, config.max_false_reject, result.held_out, result.names)
+    thresholds["data"] = [str(d) for d in datas]
     (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-
-    summary = {
-        "train_images": n, "patches": int(len(flat)), "bank_size": bank.size, "dim": d, "grid": [h, w],
-        "fit_seconds": round(time.perf_counter() - start, 2), "extract_seconds": round(t_extract, 2),
-        "coreset_seconds": round(t_coreset, 2),
-    }
-    config_dict = dataclasses.asdict(config)
+    summary = {"kind": config.kind, "train_images": len(paths), "input": [spec.height, spec.width],
+               "tiling": geometry.tiling, **result.summary, "fit_seconds": round(time.perf_counter() - start, 2)}
     write_manifest(out, {
-        "kind": "memory_bank",
-        "embedding": config_dict.pop("embedding"),
-        "bank": config_dict.pop("bank"),
-        "scoring": config_dict.pop("scoring"),
+        "kind": config.kind,
+        "input": dataclasses.asdict(spec),
+        "frame": list(frame),
+        "geometry": dataclasses.asdict(geometry),
+        "maps": dataclasses.asdict(maps),
+        config.kind: result.section,
         "weights": config.weights,
-        "feature_dim": d,
-        "grid": [h, w],
-        "input": {"dtype": "uint8", "layout": "NHWC", "channels": "RGB", "size": [size, size]},
-        "normalisation": dataclasses.asdict(module.backbone.normalisation),
-        "fit": {**config_dict, **summary, "data": str(data.resolve())},
+        "normalisation": result.normalisation,
+        "categories": [d.name for d in datas],
+        "fit": {"deployment": dataclasses.asdict(config.deployment), "batch_size": config.batch_size,
+                "seed": config.seed, "calib_images": config.calib_images,
+                "max_false_reject": config.max_false_reject, **summary,
+                "data": [str(d.resolve()) for d in datas]},
     })
     return summary

@@ -1,13 +1,21 @@
-"""INT8 calibration from the model's own normal training images.
+"""INT8 engines from the model's own normal training images, validated before they are used.
 
-ONNX Runtime: static quantisation of model.onnx (QOperator format, int8 weights, uint8
-activations) with a calibration reader that feeds N training images, written to
-``<model>/engines/onnxruntime-int8.onnx`` with its settings in ``onnxruntime-int8.json``.
-TensorRT INT8 uses the same images through `calibration_batches` (engines/tensorrt.py).
+ONNX Runtime: static quantisation of a model's ``model.onnx`` (any kind: its network's output
+is embeddings or maps alike; an ensemble quantises each member), QOperator format, int8
+weights, uint8 activations, with a calibration reader that feeds N training images, written to
+``engines/onnxruntime-int8.onnx`` with its record (engines.compiled). TensorRT INT8 uses the
+same images through `calibration_batches` (engines/tensorrt.py).
+
+Validation: the new engine and fp32 score the same held-out normal training images and the
+same images with planted defects; the map correlation, the AUROC of normal against planted
+images and the pixel AUROC must hold (`ValidationBar`), or the engine is deleted and export
+refuses, fp32 staying in use. ONNX Runtime's int8 kernels differ by instruction set (AVX2,
+AVX-512, VNNI), so the record names the CPU features it was validated on and a worker on another
+CPU refuses it until it is validated there.
 
 The preprocessing at the head of the graph (Cast, Sub, Mul) and the final projection stay in
-float: quantising them cost more in (de)quantisation than it saved. Which ops, which method
-and per-channel weights were chosen by measurement (bench/results/int8-*.json).
+float: quantising them cost more in (de)quantisation than it saved. Which ops, which method and
+per-channel weights were chosen by measurement (bench/results/int8-*.json).
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import tempfile
 import time
@@ -24,9 +31,13 @@ from typing import Iterator
 
 import numpy as np
 
-from calibration.artifact import ArtifactError, load_manifest, sha256
-from calibration.dataset import iter_batches, train_images
+from calibration import metrics
+from calibration.artifact import ArtifactError, load_manifest
+from calibration.dataset import read_images, train_images
+from calibration.images import resize
+from engines.compiled import cpu_features, engine_path, write_record
 from engines.errors import ConfigError, MissingExtraError
+from engines.runtimes import Deployment
 
 METHODS = ("minmax", "entropy", "percentile")
 QUANTISED_OPS = ("Conv", "Clip", "Add", "AveragePool", "Concat", "Resize", "Transpose")
@@ -48,30 +59,67 @@ class Int8Config:
             raise ConfigError(f"calibration images {self.images} must be at least 1")
 
 
-def engine_path(model_dir: Path, runtime: str, precision: str) -> Path:
-    return Path(model_dir) / "engines" / f"{runtime}-{precision}.onnx"
+@dataclasses.dataclass(frozen=True)
+class ValidationBar:
+    """What an int8 engine must keep of fp32 on held-out images: map correlation, and the drift of
+    the image AUROC (normal vs planted defects) and of the pixel AUROC (planted masks)."""
+
+    map_correlation: float = 0.95
+    image_auroc_drop: float = 0.01
+    pixel_auroc_drop: float = 0.005
+    images: int = 16
+
+
+def training_paths(model_dir: Path, data: str | Path | None = None) -> list[Path]:
+    manifest = load_manifest(model_dir)
+    sources = [data] if data else manifest.get("fit", {}).get("data")
+    if not sources:
+        raise ArtifactError(f"{model_dir}: the manifest does not say which images it was fitted on; "
+                            "pass --data DIR with the normal training images")
+    sources = sources if isinstance(sources, list) else [sources]
+    return [p for s in sources for p in train_images(s)]
 
 
 def calibration_images(model_dir: Path, count: int, data: str | Path | None = None) -> list[Path]:
     """`count` training images of the model, evenly spread over the sorted list (deterministic)."""
-    manifest = load_manifest(model_dir)
-    source = data or manifest["fit"].get("data")
-    if not source:
-        raise ArtifactError(f"{model_dir}: the manifest does not say which images it was fitted on; "
-                            "pass --data DIR with the normal training images")
-    paths = train_images(source)
+    paths = training_paths(model_dir, data)
     picks = np.linspace(0, len(paths) - 1, num=min(count, len(paths))).round().astype(int)
     return [paths[i] for i in np.unique(picks)]
 
 
-def calibration_batches(paths: list[Path], size: int, batch: int = 1) -> Iterator[np.ndarray]:
-    """uint8 [B, S, S, 3] batches of the calibration images, as the engine sees them."""
-    for images, _ in iter_batches(paths, size, batch):
-        yield images
+def calibration_batches(model_dir: Path, paths: list[Path], batch: int = 1) -> Iterator[np.ndarray]:
+    """uint8 [B, H, W, 3] batches of the model's inputs of the calibration images, as the engine sees them."""
+    from calibration.model import Model
+
+    model = Model(model_dir)
+    inputs = []
+    for image in read_images(paths):
+        layout = model.layout(image.shape[:2])
+        out = np.empty((layout.count,) + model.spec.shape, np.uint8)
+        model.geometer.prepare(image, layout, out)
+        inputs.extend(out)
+        while len(inputs) >= batch:
+            yield np.stack(inputs[:batch])
+            inputs = inputs[batch:]
+    if inputs:
+        yield np.stack(inputs)
 
 
-def quantize_onnxruntime(model_dir: str | Path, config: Int8Config = Int8Config(), data: str | Path | None = None) -> dict:
-    """Write engines/onnxruntime-int8.onnx (+ .json); returns the settings record."""
+def quantize_onnxruntime(model_dir: str | Path, config: Int8Config = Int8Config(), data: str | Path | None = None,
+                         bar: ValidationBar | None = ValidationBar()) -> list[dict]:
+    """Write and validate engines/onnxruntime-int8.onnx for the model (each member of an ensemble);
+    returns the records. bar None skips validation (measurements only)."""
+    from calibration.kinds import get_kind
+
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    records = []
+    for part in get_kind(manifest["kind"]).parts(model_dir, manifest):
+        records.append(_quantize_part(part, config, data, bar))
+    return records
+
+
+def _quantize_part(model_dir: Path, config: Int8Config, data: str | Path | None, bar: ValidationBar | None) -> dict:
     try:
         from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                               quantize_static)
@@ -79,11 +127,8 @@ def quantize_onnxruntime(model_dir: str | Path, config: Int8Config = Int8Config(
     except ImportError:
         raise MissingExtraError("onnxruntime quantization tools are missing; pip install onnxruntime") from None
 
-    model_dir = Path(model_dir)
-    manifest = load_manifest(model_dir)
-    size = manifest["embedding"]["input_size"]
     paths = calibration_images(model_dir, config.images, data)
-    batches = list(calibration_batches(paths, size))
+    batches = list(calibration_batches(model_dir, paths))
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -107,12 +152,73 @@ def quantize_onnxruntime(model_dir: str | Path, config: Int8Config = Int8Config(
                         weight_type=QuantType.QInt8, calibrate_method=method,
                         op_types_to_quantize=list(QUANTISED_OPS))
     uint8_input = feed_uint8_input(out)
-    record = {"runtime": "onnxruntime", "precision": "int8", **dataclasses.asdict(config), "uint8_input": uint8_input,
+    record = {"runtime": "onnxruntime", "precision": "int8", "engine": str(out), **dataclasses.asdict(config),
+              "uint8_input": uint8_input,
               "quantised_ops": list(QUANTISED_OPS), "format": "QOperator", "weights": "int8", "activations": "uint8",
-              "calibration_images": [str(p) for p in paths], "source_sha256": manifest["files"]["model.onnx"],
-              "sha256": sha256(out), "seconds": round(time.perf_counter() - start, 2)}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+              "calibration_images": [str(p) for p in paths], "cpu_features": cpu_features(),
+              "seconds": round(time.perf_counter() - start, 2)}
+    record = write_record(out, record)
+    if bar is not None:
+        try:
+            validation = validate_int8(model_dir, bar, data, exclude=set(paths))
+        except Exception:
+            _remove(out)
+            raise
+        if not validation["passed"]:
+            _remove(out)
+            raise ConfigError(
+                f"the int8 engine of {model_dir} fails validation on this CPU ({', '.join(cpu_features()) or 'no x86 features'}): "
+                f"{'; '.join(validation['failures'])}; it was not kept, the model serves fp32 (--precision fp32)")
+        record = write_record(out, {**{k: v for k, v in record.items() if k not in ("sha256", "source_sha256")},
+                                    "validation": validation})
     return record
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_suffix(".json").unlink(missing_ok=True)
+
+
+def validate_int8(model_dir: Path, bar: ValidationBar = ValidationBar(), data: str | Path | None = None,
+                  exclude: set | None = None) -> dict:
+    """fp32 against int8 on held-out normal training images and the same images with planted defects."""
+    from calibration.model import Inspector, Model
+    from calibration.synthetic import DEFECT_TYPES, plant_defect
+
+    model = Model(model_dir)
+    h, w = model.spec.height, model.spec.width
+    paths = [p for p in training_paths(model_dir, data) if p not in (exclude or set())] or training_paths(model_dir, data)
+    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(bar.images, len(paths))).round().astype(int))
+    rng = np.random.default_rng(0)
+    frames, masks, labels = [], [], []
+    for k, image in enumerate(read_images([paths[i] for i in picks])):
+        normal = resize(image, max(h, w), max(h, w))  # square for plant_defect; resized back by the geometry
+        planted, mask = plant_defect(normal, rng, DEFECT_TYPES[k % len(DEFECT_TYPES)])
+        frames += [normal, planted]
+        masks += [np.zeros(mask.shape, bool), mask > 0]
+        labels += [0, 1]
+    outputs = {}
+    for precision in ("fp32", "int8"):
+        with Inspector(model, Deployment(precision=precision), batch=8) as inspector:
+            results = inspector.inspect(frames)
+        outputs[precision] = ([model.frame_map(r.canvas_map, r.layout) for r in results],
+                              np.array([r.score for r in results]))
+    (m32, s32), (m8, s8) = outputs["fp32"], outputs["int8"]
+    corr = float(np.corrcoef(np.concatenate([m.ravel() for m in m32]), np.concatenate([m.ravel() for m in m8]))[0, 1])
+    labels = np.array(labels)
+    image32, image8 = metrics.roc_auc(s32, labels), metrics.roc_auc(s8, labels)
+    pixel32 = metrics.pixel_metrics(m32, masks)["auroc"]
+    pixel8 = metrics.pixel_metrics(m8, masks)["auroc"]
+    failures = []
+    if not corr >= bar.map_correlation:
+        failures.append(f"map correlation with fp32 {corr:.3f} < {bar.map_correlation}")
+    if image32 - image8 > bar.image_auroc_drop:
+        failures.append(f"image AUROC {image32:.3f} -> {image8:.3f} (allowed drop {bar.image_auroc_drop})")
+    if pixel32 - pixel8 > bar.pixel_auroc_drop:
+        failures.append(f"pixel AUROC {pixel32:.4f} -> {pixel8:.4f} (allowed drop {bar.pixel_auroc_drop})")
+    return {"passed": not failures, "failures": failures, "map_correlation": corr, "image_auroc": [image32, image8],
+            "pixel_auroc": [pixel32, pixel8], "images": len(frames), "bar": dataclasses.asdict(bar),
+            "cpu_features": cpu_features()}
 
 
 @contextlib.contextmanager
@@ -180,19 +286,3 @@ def feed_uint8_input(path: Path) -> bool:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return True
-
-
-def check_engine(model_dir: Path, runtime: str, precision: str) -> Path:
-    """The compiled engine file for (runtime, precision), validated against the model it came from."""
-    path = engine_path(model_dir, runtime, precision)
-    settings = path.with_suffix(".json")
-    export = f"lineguard export {model_dir} --runtime {runtime} --precision {precision}"
-    if not path.is_file() or not settings.is_file():
-        raise ArtifactError(f"{path} not found; build it first with: {export}")
-    record = json.loads(settings.read_text())
-    manifest = load_manifest(model_dir)
-    if record.get("source_sha256") != manifest["files"]["model.onnx"]:
-        raise ArtifactError(f"{path} was built from another model.onnx than this model's; rebuild it: {export}")
-    if record.get("sha256") != sha256(path):
-        raise ArtifactError(f"{path} was altered since it was built; rebuild it: {export}")
-    return path

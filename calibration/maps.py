@@ -1,38 +1,83 @@
-"""Anomaly-map arithmetic shared by evaluation and the postprocess workers (numpy and OpenCV only)."""
+"""Anomaly-map arithmetic shared by fitting, evaluation and the postprocess workers, for every kind.
+
+A model's raw map has one cell per `stride` canvas pixels (calibration.geometry). From it:
+
+- the image score: the largest cell, or the mean of the `top_k` largest (`MapConfig.image_score`);
+- the smoothed map: bilinear to canvas pixels, then a Gaussian blur of `blur_sigma` canvas pixels;
+- the frame map: the smoothed map resized to the frame's own size;
+- normalised scores: 0.5 at the calibrated threshold (calibration.thresholds).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
+from engines.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
+IMAGE_SCORES = ("max", "topk")
 
-def smooth_map(patch_map: np.ndarray, input_size: int, sigma: float) -> np.ndarray:
-    """float32 [h, w] patch scores -> float32 [S, S] bilinear upsampled and Gaussian smoothed."""
-    up = cv2.resize(patch_map, (input_size, input_size), interpolation=cv2.INTER_LINEAR)
+
+@dataclasses.dataclass(frozen=True)
+class MapConfig:
+    """stride: canvas pixels per map cell (set by the model's network); blur_sigma: Gaussian smoothing in
+    canvas pixels; image_score: "max" (PatchCore: the largest cell) or "topk" (mean of the top_k largest)."""
+
+    stride: int = 8
+    blur_sigma: float = 4.0
+    image_score: str = "topk"
+    top_k: int = 10
+
+    def __post_init__(self):
+        if self.image_score not in IMAGE_SCORES:
+            raise ConfigError(f"unknown image score {self.image_score!r}; valid: {', '.join(IMAGE_SCORES)}")
+        if self.blur_sigma < 0 or self.top_k < 1 or self.stride < 1:
+            raise ConfigError(f"blur sigma ({self.blur_sigma}) must be >= 0, top-k ({self.top_k}) and stride >= 1")
+
+
+def image_score(grid_map: np.ndarray, config: MapConfig) -> float:
+    """float32 [h, w] (cells outside the ROI hold 0) -> the image score."""
+    flat = grid_map.ravel()
+    if config.image_score == "max" or config.top_k == 1:
+        return float(flat.max())
+    k = min(config.top_k, flat.size)
+    return float(np.partition(flat, flat.size - k)[flat.size - k:].mean())
+
+
+def smooth(grid_map: np.ndarray, config: MapConfig) -> np.ndarray:
+    """float32 [h, w] cells -> float32 [h * stride, w * stride] canvas map, bilinear then Gaussian blur."""
+    h, w = grid_map.shape
+    up = cv2.resize(np.ascontiguousarray(grid_map, np.float32), (w * config.stride, h * config.stride),
+                    interpolation=cv2.INTER_LINEAR)
+    sigma = config.blur_sigma
     if sigma > 0:
         ksize = 2 * int(4 * sigma + 0.5) + 1
         up = cv2.GaussianBlur(up, (ksize, ksize), sigma, borderType=cv2.BORDER_REFLECT_101)
     return up
 
 
-def smooth_maps_torch(patch: "torch.Tensor", input_size: int, sigma: float) -> "torch.Tensor":
-    """smooth_map for a batch on any torch device: float32 [N, h, w] -> float32 [N, S, S].
+def smooth_torch(grid_maps: "torch.Tensor", config: MapConfig) -> "torch.Tensor":
+    """`smooth` for a batch on any torch device: float32 [N, h, w] -> float32 [N, h * stride, w * stride].
 
-    Bilinear (half-pixel centres, as cv2.INTER_LINEAR) and a separable Gaussian with the same
-    kernel size and reflected borders as smooth_map.
+    Bilinear (half-pixel centres, as cv2.INTER_LINEAR) and a separable Gaussian with the same kernel
+    size and reflected borders as `smooth`.
     """
     import torch
     import torch.nn.functional as F
 
-    up = F.interpolate(patch[:, None].float(), size=(input_size, input_size), mode="bilinear", align_corners=False)
+    n, h, w = grid_maps.shape
+    up = F.interpolate(grid_maps[:, None].float(), size=(h * config.stride, w * config.stride), mode="bilinear",
+                       align_corners=False)
+    sigma = config.blur_sigma
     if sigma > 0:
         radius = int(4 * sigma + 0.5)
-        x = torch.arange(-radius, radius + 1, device=patch.device, dtype=torch.float32)
+        x = torch.arange(-radius, radius + 1, device=grid_maps.device, dtype=torch.float32)
         kernel = torch.exp(-0.5 * (x / sigma) ** 2)
         kernel /= kernel.sum()
         up = F.pad(up, (radius, radius, radius, radius), mode="reflect")
@@ -41,11 +86,13 @@ def smooth_maps_torch(patch: "torch.Tensor", input_size: int, sigma: float) -> "
     return up[:, 0]
 
 
-def to_original_size(smoothed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """float32 [S, S] -> float32 [H, W] at an image's original size (bilinear)."""
-    if smoothed.shape == tuple(shape):
-        return smoothed
-    return cv2.resize(smoothed, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+def to_frame(canvas_map: np.ndarray, frame: tuple[int, int], roi: np.ndarray | None = None) -> np.ndarray:
+    """float32 canvas map -> float32 [H0, W0] at the frame's size (bilinear); 0 outside the ROI (bool [H0, W0])."""
+    h, w = int(frame[0]), int(frame[1])
+    out = canvas_map if canvas_map.shape == (h, w) else cv2.resize(canvas_map, (w, h), interpolation=cv2.INTER_LINEAR)
+    if roi is not None:
+        out = np.where(roi, out, np.float32(0))
+    return out
 
 
 def normalise(score: np.ndarray | float, stats: dict) -> np.ndarray:
@@ -66,20 +113,24 @@ def overlay(image: np.ndarray, heat: np.ndarray, defect: np.ndarray) -> np.ndarr
     return out
 
 
-def defect_regions(heat: np.ndarray, min_area: int = 1) -> list[tuple[tuple[int, int, int, int], int, float]]:
-    """Normalised map float32 [H, W] -> [(bbox (x, y, w, h), area, peak), ...] of 8-connected regions >= 0.5.
+def regions(mask: np.ndarray, values: np.ndarray, scale: tuple[float, float] = (1.0, 1.0),
+            min_area: int = 1) -> list[tuple[tuple[int, int, int, int], int, float]]:
+    """8-connected regions of bool [H, W] `mask` -> [(bbox (x, y, w, h), area, peak of `values`), ...].
 
-    Sorted by peak, highest first; regions smaller than min_area pixels are left out.
+    `scale` (sy, sx) maps mask pixels to frame pixels (bbox and area scaled). Sorted by peak,
+    highest first; regions smaller than min_area mask pixels are left out.
     """
-    mask = (heat >= 0.5).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    m = mask.astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     if n <= 1:
         return []
-    peaks = np.zeros(n, np.float32)
-    np.maximum.at(peaks, labels[mask > 0], heat[mask > 0])
+    peaks = np.full(n, -np.inf, np.float32)
+    np.maximum.at(peaks, labels[m > 0], values[m > 0])
+    sy, sx = scale
     out = []
     for i in range(1, n):
         x, y, w, h, area = (int(v) for v in stats[i])
         if area >= min_area:
-            out.append(((x, y, w, h), area, float(peaks[i])))
+            box = (int(x * sx), int(y * sy), max(1, int(round(w * sx))), max(1, int(round(h * sy))))
+            out.append((box, max(1, int(round(area * sx * sy))), float(peaks[i])))
     return sorted(out, key=lambda r: -r[2])

@@ -71,6 +71,17 @@ class _Ranking:
         # 2PR/(P+R) with P = tp/(tp+fp), R = tp/n_pos  ==  2 tp / (n_pos + tp + fp)
         return float(np.max(2.0 * self.tps / (self.n_pos + self.tps + self.fps)))
 
+    def iou_max(self) -> float:
+        # IoU of the predicted and true sets, pooled: tp / (tp + fp + fn) == tp / (n_pos + fp)
+        return float(np.max(self.tps / (self.n_pos + self.fps)))
+
+    def roc_curve(self, points: int = 512) -> dict:
+        """{"fpr": [...], "tpr": [...]} at most `points` (plus both ends) of the exact curve, for plots."""
+        fpr = np.concatenate(([0.0], self.fps / self.n_neg))
+        tpr = np.concatenate(([0.0], self.tps / self.n_pos))
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).round().astype(int))
+        return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
+
 
 def _check_scores_labels(scores, labels, name: str):
     scores = np.asarray(scores)
@@ -143,16 +154,20 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
     return _rank(scores, labels, "f1_max").f1max()
 
 
-def image_metrics(scores, labels) -> dict:
+def image_metrics(scores, labels, curves: bool = False) -> dict:
     """AUROC, AP and F1-max from one sort.
 
     Args:
         scores: float array [N]; labels: bool or 0/1 array [N], 1 = anomalous.
+        curves: also return "roc": {"fpr", "tpr"} lists.
     Returns:
-        {"auroc", "ap", "f1max"}: floats in [0, 1].
+        {"auroc", "ap", "f1max"}: floats in [0, 1] (and the curve).
     """
     r = _rank(scores, labels, "image_metrics")
-    return {"auroc": r.auroc(), "ap": r.ap(), "f1max": r.f1max()}
+    out = {"auroc": r.auroc(), "ap": r.ap(), "f1max": r.f1max()}
+    if curves:
+        out["roc"] = r.roc_curve()
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -233,15 +248,18 @@ def _check_fpr_limit(fpr_limit: float) -> float:
     return fpr_limit
 
 
-def _au_pro(r: _Ranking, region_of_pos: np.ndarray, n_regions: int, fpr_limit: float) -> float:
+def _pro_curve(r: _Ranking, region_of_pos: np.ndarray, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
     # each defect pixel of region j adds 1 / (|j| * n_regions) to PRO; cum[t] is
     # the PRO once the t highest-scoring defect pixels are above threshold
     sizes = np.bincount(region_of_pos, minlength=n_regions + 1)
     weight = np.zeros(n_regions + 1)
     weight[1:] = 1.0 / (sizes[1:] * n_regions)
     cum = np.concatenate(([0.0], np.cumsum(weight[region_of_pos])))
-    pro = np.concatenate(([0.0], cum[r.tps]))
-    fpr = np.concatenate(([0.0], r.fps / r.n_neg))
+    return np.concatenate(([0.0], r.fps / r.n_neg)), np.concatenate(([0.0], cum[r.tps]))
+
+
+def _au_pro(r: _Ranking, region_of_pos: np.ndarray, n_regions: int, fpr_limit: float) -> float:
+    fpr, pro = _pro_curve(r, region_of_pos, n_regions)
     return min(1.0, _partial_area(fpr, pro, fpr_limit) / fpr_limit)
 
 
@@ -272,22 +290,31 @@ def au_pro(maps, masks, fpr_limit: float = 0.3) -> float:
     return _au_pro(r, region_of_pos, n_regions, fpr_limit)
 
 
-def pixel_metrics(maps, masks, fpr_limit: float = 0.3) -> dict:
-    """Pixel-level AUROC, AP, F1-max and AU-PRO over all pixels of all images,
+def pixel_metrics(maps, masks, fpr_limit: float = 0.3, curves: bool = False) -> dict:
+    """Pixel-level AUROC, AP, F1-max, IoU-max and AU-PRO over all pixels of all images,
     computed from one sort.
 
     Args:
         maps: list of float [H_i, W_i] anomaly maps (converted to float32).
         masks: list of same-shaped arrays, nonzero = defect pixel.
         fpr_limit: AU-PRO FPR integration limit in (0, 1].
+        curves: also return "roc" and "pro" ({"fpr", "tpr" | "pro"} lists, the PRO curve up to fpr_limit).
     Returns:
-        {"auroc", "ap", "f1max", "aupro"}: floats in [0, 1].
+        {"auroc", "ap", "f1max", "iou_max", "aupro"}: floats in [0, 1] (and the curves).
     """
     fpr_limit = _check_fpr_limit(fpr_limit)
     r, region_of_pos, n_regions = _pixel_ranking(maps, masks, "pixel_metrics")
-    return {
+    out = {
         "auroc": r.auroc(),
         "ap": r.ap(),
         "f1max": r.f1max(),
+        "iou_max": r.iou_max(),
         "aupro": _au_pro(r, region_of_pos, n_regions, fpr_limit),
     }
+    if curves:
+        out["roc"] = r.roc_curve()
+        fpr, pro = _pro_curve(r, region_of_pos, n_regions)
+        k = int(np.searchsorted(fpr, fpr_limit, side="right"))
+        keep = np.unique(np.linspace(0, k - 1, min(512, k)).round().astype(int))
+        out["pro"] = {"fpr": fpr[keep].tolist(), "pro": pro[keep].tolist()}
+    return out

@@ -1,4 +1,11 @@
-"""A fitted memory-bank model in use: engine + bank + thresholds -> scores and anomaly maps."""
+"""A fitted model of any kind in use: what every command and stage reads of a model directory.
+
+`Model`: the validated manifest, read once: kind, input spec, geometry (with its ROI), map
+config and thresholds. It needs no engine, so the postprocess workers use it alone.
+`Inspector`: a Model with its Detector on a deployment: frames of any size in, one raw canvas
+map and image score per frame out (inputs batched across frames, tiles stitched).
+`Model.decide`: the verdict, normalised score and defect regions of one frame, for every kind.
+"""
 
 from __future__ import annotations
 
@@ -6,146 +13,125 @@ import dataclasses
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from calibration.artifact import load_manifest
-from calibration.maps import smooth_map
-from engines.banks import BANK_PRECISIONS, BankConfig, MemoryBank, image_scores
-from engines.errors import ConfigError
-from engines.heads import EmbeddingConfig, PatchEmbedding
-from engines.runtimes import Engine, OnnxRuntimeEngine, TorchEngine, check_runtime
+from calibration.geometry import Geometer, Geometry, InputSpec, Layout
+from calibration.kinds import Detector, get_kind
+from calibration.maps import MapConfig, image_score, normalise, regions, smooth, to_frame
+from engines.runtimes import Deployment
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoringConfig:
-    """reweight_k: PatchCore image-score reweighting neighbourhood (0 = plain maximum);
-    blur_sigma: Gaussian smoothing of the anomaly map, in input pixels."""
+@dataclasses.dataclass
+class Decision:
+    """verdict "ok" | "defect"; score: the normalised image score (0.5 is the threshold); regions:
+    [(bbox (x, y, w, h), area, peak)] in frame pixels, defective frames only; heat: the normalised
+    smoothed map at canvas size (defective frames only, else None); regions and heat are 0 / None outside the ROI."""
 
-    reweight_k: int = 0
-    blur_sigma: float = 4.0
-
-    def __post_init__(self):
-        if self.reweight_k < 0 or self.blur_sigma < 0:
-            raise ConfigError(f"reweight_k ({self.reweight_k}) and blur_sigma ({self.blur_sigma}) must be >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class Deployment:
-    """How a model runs: runtime (onnxruntime | torch | tensorrt), precision (fp32 | fp16 | int8,
-    as the runtime allows), device (cpu | cuda | cuda:N), CPU threads, CUDA graphs (torch on CUDA),
-    and the precision of the bank's distance products (engines.banks.MemoryBank)."""
-
-    runtime: str = "onnxruntime"
-    precision: str = "fp32"
-    device: str = "cpu"
-    threads: int | None = None
-    cuda_graphs: bool = False
-    bank_precision: str = "fp32"
-
-    def __post_init__(self):
-        check_runtime(self.runtime, self.precision)
-        if self.bank_precision not in BANK_PRECISIONS:
-            raise ConfigError(f"bank precision {self.bank_precision!r}; valid: {', '.join(BANK_PRECISIONS)}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ConfigError(f"unknown device {self.device!r}; valid: cpu, cuda, cuda:N")
-        if self.runtime == "onnxruntime" and self.device != "cpu":
-            raise ConfigError("the onnxruntime runtime runs on the CPU here; on a GPU use --runtime tensorrt or torch")
-        if self.runtime == "tensorrt" and self.device == "cpu":
-            raise ConfigError("the tensorrt runtime needs --device cuda")
-        if self.device != "cpu":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device {self.device!r} asked for, but no CUDA GPU is visible to torch; "
-                                  "use --device cpu")
+    verdict: str
+    score: float
+    regions: list
+    heat: np.ndarray | None = None
 
 
-def make_engine(deployment: Deployment, model_dir: Path, embedding: EmbeddingConfig, weights: str | None,
-                module: PatchEmbedding | None = None) -> Engine:
-    """The patch-embedding engine of a model directory (which must hold model.onnx) for a deployment.
+class Model:
+    """A validated model directory (calibration.artifact), any kind."""
 
-    onnxruntime runs model.onnx (or engines/onnxruntime-int8.onnx); torch runs `module`, or
-    rebuilds the network from the config and weights; tensorrt runs the plan built for this GPU.
-    """
-    d = deployment
-    size = embedding.input_size
-    if d.runtime == "torch":
-        factory = (lambda: module) if module is not None else (lambda: PatchEmbedding(embedding, weights))
-        return TorchEngine(factory, size, d.threads, d.device, d.precision, d.cuda_graphs)
-    if d.runtime == "tensorrt":
-        from engines.tensorrt import TensorRTEngine, plan_path
-
-        return TensorRTEngine(plan_path(model_dir, d.precision), size)
-    if d.precision == "int8":
-        from calibration.int8 import check_engine
-
-        return OnnxRuntimeEngine(check_engine(model_dir, "onnxruntime", "int8"), size, d.threads)
-    return OnnxRuntimeEngine(Path(model_dir) / "model.onnx", size, d.threads)
-
-
-def set_threads(threads: int | None) -> None:
-    if threads:
-        import faiss
-
-        faiss.omp_set_num_threads(threads)
-
-
-def score_features(bank: MemoryBank, features: np.ndarray, scoring: ScoringConfig,
-                   exclude: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """features float32 [N, h, w, d] -> (patch maps float32 [N, h, w], image scores float32 [N])."""
-    n, h, w, d = features.shape
-    flat = features.reshape(n * h * w, d)
-    dist, ids = bank.search(flat, 1, exclude=exclude)
-    patch = dist[:, 0].reshape(n, h * w)
-    images = image_scores(bank, flat.reshape(n, h * w, d), patch, ids[:, 0].reshape(n, h * w), scoring.reweight_k)
-    return patch.reshape(n, h, w), images
-
-
-class InspectionModel:
-    """A validated model directory, ready to score uint8 [N, S, S, 3] batches."""
-
-    def __init__(self, model_dir: str | Path, deployment: Deployment = Deployment()):
+    def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
-        self.deployment = deployment
         self.manifest = load_manifest(self.dir)
-        self.embedding = EmbeddingConfig(**self.manifest["embedding"])
-        self.scoring = ScoringConfig(**self.manifest["scoring"])
-        bank_device = deployment.device if deployment.runtime != "onnxruntime" else "cpu"
-        self.bank = MemoryBank.load(self.dir / "bank.faiss", BankConfig(**self.manifest["bank"]), bank_device,
-                                    deployment.bank_precision)
+        self.kind = get_kind(self.manifest["kind"])
+        self.spec = InputSpec(**self.manifest["input"])
+        self.geometry = Geometry(**self.manifest["geometry"])
+        self.maps = MapConfig(**self.manifest["maps"])
         self.thresholds = json.loads((self.dir / "thresholds.json").read_text())
-        self.engine = make_engine(deployment, self.dir, self.embedding, self.manifest.get("weights"))
-        set_threads(deployment.threads)
+        roi = None
+        if self.geometry.roi:
+            roi = cv2.imread(str(self.dir / self.geometry.roi), cv2.IMREAD_GRAYSCALE)
+        self.geometer = Geometer(self.spec, self.geometry, self.maps.stride, roi)
 
-    @property
-    def input_size(self) -> int:
-        return self.embedding.input_size
+    def detector(self, deployment: Deployment) -> Detector:
+        return self.kind.detector(self.dir, self.manifest, deployment)
 
-    def __enter__(self) -> "InspectionModel":
-        self.engine.activate()
+    def network(self):
+        """The served torch module (torch runtime, GPU paths)."""
+        return self.kind.network(self.dir, self.manifest)
+
+    def layout(self, frame: tuple[int, int]) -> Layout:
+        return self.geometer.layout(frame)
+
+    def frame_map(self, canvas_map: np.ndarray, layout: Layout) -> np.ndarray:
+        """Raw canvas map float32 [h, w] -> the smoothed raw map at the frame's size (0 outside the ROI)."""
+        return to_frame(smooth(canvas_map, self.maps), layout.frame, self.geometer.roi_frame(layout.frame))
+
+    def decide(self, canvas_map: np.ndarray, frame: tuple[int, int], raw_score: float) -> Decision:
+        """A frame's verdict from its image score; for a defect, the regions of its smoothed map at or
+        above the pixel threshold, or (when none reach it) the cells behind the image score."""
+        score = float(normalise(raw_score, self.thresholds["image"]))
+        if score < 0.5:
+            return Decision("ok", score, [])
+        heat = normalise(smooth(canvas_map, self.maps), self.thresholds["pixel"])
+        roi = self.geometer.roi_frame(heat.shape)
+        if roi is not None:
+            heat[~roi] = 0.0
+        scale = (frame[0] / heat.shape[0], frame[1] / heat.shape[1])
+        found = regions(heat >= 0.5, heat, scale)
+        if not found:  # the image score crossed its threshold, no pixel crossed its own
+            cells = canvas_map >= min(raw_score, float(canvas_map.max()))
+            cell_scale = (frame[0] / canvas_map.shape[0], frame[1] / canvas_map.shape[1])
+            found = [(box, area, score) for box, area, _ in regions(cells, canvas_map, cell_scale)]
+        return Decision("defect", score, found, heat)
+
+    def is_defect(self, raw_score: float) -> bool:
+        return float(normalise(raw_score, self.thresholds["image"])) >= 0.5
+
+
+@dataclasses.dataclass
+class Inspection:
+    """One frame's raw result: its layout, canvas map float32 [h, w] and raw image score."""
+
+    layout: Layout
+    canvas_map: np.ndarray
+    score: float
+
+
+class Inspector:
+    """A Model's detector on a deployment. inspect(frames) batches every frame's inputs, `batch` at a time."""
+
+    def __init__(self, model: Model, deployment: Deployment = Deployment(), batch: int = 8):
+        self.model = model
+        self.deployment = deployment
+        self.batch = batch
+        self.detector = model.detector(deployment)
+        self.buffer = np.empty((batch,) + model.spec.shape, np.uint8)
+
+    def __enter__(self) -> "Inspector":
+        self.detector.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.engine.deactivate()
+        self.detector.__exit__(*exc)
 
-    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [N, S, S, 3] -> (patch maps float32 [N, h, w], image scores float32 [N])."""
-        return score_features(self.bank, self.engine.infer(images), self.scoring)
+    def layouts(self, shapes: list[tuple[int, int]]) -> list[Layout]:
+        return [self.model.layout(s) for s in shapes]
 
-    def score_on_device(self, images: np.ndarray):
-        """The whole GPU path (torch runtime on CUDA, flat bank on the same device): preprocessing,
-        network, exact bank search and map smoothing stay on the device.
-
-        uint8 [N, S, S, 3] -> (smoothed maps float32 tensor [N, S, S], image scores float32 tensor [N]).
-        """
-        from calibration.maps import smooth_maps_torch
-
-        features = self.engine.infer_device(images)
-        n, h, w, d = features.shape
-        dist, _ = self.bank.search_tensor(features.reshape(n * h * w, d), 1)
-        patch = dist.reshape(n, h, w)
-        return smooth_maps_torch(patch, self.input_size, self.scoring.blur_sigma), patch.reshape(n, -1).amax(1)
-
-    def smooth(self, patch_map: np.ndarray) -> np.ndarray:
-        """float32 [h, w] -> float32 [S, S] smoothed anomaly map."""
-        return smooth_map(patch_map, self.input_size, self.scoring.blur_sigma)
+    def inspect(self, images: list[np.ndarray], layouts: list[Layout] | None = None) -> list[Inspection]:
+        """uint8 RGB frames [H_i, W_i, 3] -> one Inspection each. The inputs of all frames are batched together."""
+        geometer = self.model.geometer
+        layouts = layouts or self.layouts([im.shape[:2] for im in images])
+        total = sum(l.count for l in layouts)
+        if total > len(self.buffer):  # tiled frames: grow the reused input buffer
+            self.buffer = np.empty((total,) + self.model.spec.shape, np.uint8)
+        done = 0
+        for image, layout in zip(images, layouts):
+            geometer.prepare(image, layout, self.buffer[done:done + layout.count])
+            done += layout.count
+        maps = np.concatenate([self.detector.maps(self.buffer[s:min(s + self.batch, total)])
+                               for s in range(0, total, self.batch)])
+        results, at = [], 0
+        for layout in layouts:
+            canvas = geometer.stitch(maps[at:at + layout.count], layout)
+            at += layout.count
+            results.append(Inspection(layout, canvas, image_score(canvas, self.model.maps)))
+        return results

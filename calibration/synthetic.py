@@ -15,14 +15,16 @@ import numpy as np
 DEFECT_TYPES = ("scratch", "stain", "hole")
 
 
-def normal_frame(rng: np.random.Generator, size: int) -> np.ndarray:
-    """uint8 RGB [size, size, 3] normal surface."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    period = size / 12.0
+def normal_frame(rng: np.random.Generator, size: int, width: int | None = None,
+                 period: float | None = None) -> np.ndarray:
+    """uint8 RGB [size, width or size, 3] normal surface; the weave repeats every `period` pixels (size / 12)."""
+    width = width or size
+    yy, xx = np.mgrid[0:size, 0:width].astype(np.float32)
+    period = period or size / 12.0
     phase = rng.uniform(0, 2 * np.pi, 2)
     weave = np.sin(2 * np.pi * xx / period + phase[0]) * np.sin(2 * np.pi * yy / period + phase[1])
-    shade = cv2.resize(rng.normal(0, 1, (4, 4)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
-    grain = rng.normal(0, 1, (size, size)).astype(np.float32)
+    shade = cv2.resize(rng.normal(0, 1, (4, 4)).astype(np.float32), (width, size), interpolation=cv2.INTER_CUBIC)
+    grain = rng.normal(0, 1, (size, width)).astype(np.float32)
     grey = 140 + 35 * weave + 6 * shade + 5 * grain
     tint = np.array([1.0, 0.93, 0.8], np.float32)
     return np.clip(grey[:, :, None] * tint, 0, 255).astype(np.uint8)
@@ -30,10 +32,11 @@ def normal_frame(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def plant_defect(image: np.ndarray, rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Paint a defect of `kind` on a copy of image; returns (uint8 RGB [H, W, 3], uint8 mask [H, W] 0/255)."""
-    size = image.shape[0]
+    h, w = image.shape[:2]
+    size = min(h, w)
     out = image.copy()
     mask = np.zeros(image.shape[:2], np.uint8)
-    centre = rng.integers(size // 5, size - size // 5, 2)
+    centre = np.array([rng.integers(w // 5, w - w // 5), rng.integers(h // 5, h - h // 5)])
     if kind == "scratch":
         angle = rng.uniform(0, np.pi)
         half = rng.uniform(0.15, 0.3) * size

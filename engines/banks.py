@@ -66,8 +66,6 @@ class MemoryBank:
         self.config = config
         self.device = device
         self._apply_search_params()
-        if config.index == "ivf":
-            index.make_direct_map()  # lets vectors() reconstruct bank rows (reweighting)
         self._matrix = None  # flat: the bank as a torch tensor [M, d] and its squared norms [M]
         if config.index == "flat":
             import torch
@@ -176,10 +174,6 @@ class MemoryBank:
                 ids[start:start + len(qb)] = idx
         return dist, ids
 
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """Bank vectors float32 [len(ids), d] for the given ids."""
-        return np.stack([self.index.reconstruct(int(i)) for i in ids])
-
     def save(self, path: str | Path) -> None:
         _faiss().write_index(self.index, str(path))
 
@@ -200,26 +194,3 @@ def _to_gpus(index, config: BankConfig, fp16: bool):
     options.useFloat16 = fp16
     options.shard = True  # split the bank across GPUs rather than copying it to each
     return faiss.index_cpu_to_all_gpus(index, options)
-
-
-def image_scores(bank: MemoryBank, queries: np.ndarray, patch_scores: np.ndarray, nearest_ids: np.ndarray,
-                 reweight_k: int = 0) -> np.ndarray:
-    """Image score per image: the maximum patch score, optionally PatchCore-reweighted.
-
-    queries float32 [N, P, d], patch_scores float32 [N, P], nearest_ids int64 [N, P] -> float32 [N].
-    With reweight_k > 0 the maximum s* (query q*, nearest bank vector m*) becomes
-    ``(1 - exp(s*) / sum_{m in kNN(m*)} exp(|q* - m|)) * s*`` (PatchCore, eq. 7).
-    """
-    top = patch_scores.argmax(axis=1)
-    rows = np.arange(len(top))
-    best = patch_scores[rows, top]
-    if reweight_k <= 0 or bank.size < 2:
-        return best.astype(np.float32)
-    k = min(reweight_k, bank.size)
-    _, neighbours = bank.search(bank.vectors(nearest_ids[rows, top]), k)
-    out = np.empty(len(top), np.float32)
-    for i in rows:
-        dists = np.linalg.norm(bank.vectors(neighbours[i]) - queries[i, top[i]], axis=1)
-        shift = max(dists.max(), best[i])  # a stable softmax: the ratio is unchanged
-        out[i] = (1.0 - np.exp(best[i] - shift) / np.exp(dists - shift).sum()) * best[i]
-    return out

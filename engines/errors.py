@@ -19,3 +19,7 @@ class InputError(LineguardError):
 
 class MissingExtraError(LineguardError):
     """An optional dependency is not installed; the message names the extra."""
+
+
+class ArtifactError(LineguardError):
+    """A model directory or compiled engine that is missing, incomplete, altered or of an unknown format."""

@@ -15,10 +15,10 @@ from torch import nn
 OPSET = 17
 
 
-def export_onnx(model: nn.Module, input_size: int, path: str | Path, output_name: str = "embeddings") -> Path:
-    """Write `model` as ONNX with input ``images`` uint8 [batch, S, S, 3] (dynamic batch)."""
+def export_onnx(model: nn.Module, height: int, width: int, path: str | Path, output_name: str) -> Path:
+    """Write `model` as ONNX with input ``images`` uint8 [batch, height, width, 3] (dynamic batch)."""
     path = Path(path)
-    dummy = torch.zeros(2, input_size, input_size, 3, dtype=torch.uint8)
+    dummy = torch.zeros(2, height, width, 3, dtype=torch.uint8)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about python ints from static shapes
         torch.onnx.export(

@@ -1,21 +1,29 @@
-"""One Engine contract, several runtimes.
+"""One Engine contract, several runtimes, and the registry that picks one.
 
-Like Polygraphy's runners: public `activate / infer / deactivate` wrap `*_impl` methods,
-the base class checks every input, and nothing heavy is touched before activation.
-An engine maps uint8 images [N, S, S, 3] (NHWC, RGB) to a float32 array whose first axis is N.
+Like Polygraphy's runners: public `activate / infer / deactivate` wrap `*_impl` methods, the
+base class checks every input, and nothing heavy is touched before activation. An engine maps
+uint8 images [N, H, W, 3] (NHWC, RGB) to a float32 array whose first axis is N: patch embeddings
+or anomaly maps, whatever the model's network computes.
+
+A `Deployment` says how a model runs (runtime, precision, device, threads, CUDA graphs); it is
+validated where it is made and crosses process boundaries as its JSON. Each runtime is one
+`RUNTIMES` entry: its precisions, devices, engine file and how its engine is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from engines.errors import ConfigError, InputError, MissingExtraError
 
-RUNTIMES = ("onnxruntime", "torch", "tensorrt")
-PRECISIONS = {"onnxruntime": ("fp32", "int8"), "torch": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8")}
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class Engine:
@@ -23,8 +31,8 @@ class Engine:
 
     name = "base"
 
-    def __init__(self, input_size: int):
-        self.input_size = input_size
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
         self.active = False
 
     def activate(self) -> "Engine":
@@ -44,18 +52,28 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.deactivate()
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, 3] -> float32 [N, ...]; returns a new array owned by the caller."""
+    def check(self, images: np.ndarray) -> np.ndarray:
         if not self.active:
             raise RuntimeError(f"{self.name} engine used before activate()")
-        s = self.input_size
+        h, w = self.height, self.width
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
             got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-            raise InputError(f"engine input must be a uint8 numpy array of shape [N, {s}, {s}, 3], got {got}")
-        if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.shape[0] < 1:
-            raise InputError(f"engine input must have shape [N, {s}, {s}, 3], got {list(images.shape)}; "
-                             f"resize images to {s}x{s} RGB first")
-        return self._infer_impl(np.ascontiguousarray(images))
+            raise InputError(f"engine input must be a uint8 numpy array of shape [N, {h}, {w}, 3], got {got}")
+        if images.ndim != 4 or images.shape[1:] != (h, w, 3) or images.shape[0] < 1:
+            raise InputError(f"engine input must have shape [N, {h}, {w}, 3], got {list(images.shape)}; "
+                             f"resize images to {w}x{h} RGB first")
+        return np.ascontiguousarray(images)
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> float32 [N, ...]; returns a new array owned by the caller."""
+        return self._infer_impl(self.check(images))
+
+    def infer_device(self, images: np.ndarray):
+        """Like infer, but the output stays on the engine's device as a float32 torch tensor (GPU paths).
+        Runtimes without a device of their own return a CPU tensor."""
+        import torch
+
+        return torch.from_numpy(self.infer(images))
 
     def _activate_impl(self) -> None:
         raise NotImplementedError
@@ -77,13 +95,9 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, factory: Callable[[], "object"], input_size: int, threads: int | None = None,
+    def __init__(self, factory: Callable[[], "nn.Module"], height: int, width: int, threads: int | None = None,
                  device: str = "cpu", precision: str = "fp32", cuda_graphs: bool = False):
-        super().__init__(input_size)
-        if precision not in PRECISIONS["torch"]:
-            raise ConfigError(f"torch runtime precision {precision!r}; valid: {', '.join(PRECISIONS['torch'])}")
-        if device == "cpu" and (precision != "fp32" or cuda_graphs):
-            raise ConfigError("fp16 and CUDA graphs need --device cuda; on the CPU use fp32 (or onnxruntime int8)")
+        super().__init__(height, width)
         self.factory = factory
         self.threads = threads
         self.device = device
@@ -107,9 +121,10 @@ class TorchEngine(Engine):
         self.module = module
 
     def infer_device(self, images: np.ndarray):
-        """Like infer, but returns a float32 torch tensor left on the engine's device (for a GPU bank)."""
+        """uint8 [N, H, W, 3] -> float32 tensor on the engine's device; uint8 frames are pinned and copied once."""
         import torch
 
+        images = self.check(images)
         with torch.inference_mode():
             x = torch.from_numpy(images)
             if self.device == "cpu":
@@ -153,8 +168,8 @@ class OnnxRuntimeEngine(Engine):
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, input_size: int, threads: int | None = None):
-        super().__init__(input_size)
+    def __init__(self, onnx_path: str | Path, height: int, width: int, threads: int | None = None):
+        super().__init__(height, width)
         self.onnx_path = Path(onnx_path)
         self.threads = threads
         self.session = None
@@ -180,17 +195,116 @@ class OnnxRuntimeEngine(Engine):
         self.session = None
 
 
-def check_runtime(name: str, precision: str = "fp32") -> str:
-    """Validate a runtime name and precision, and that the runtime is installed (one line naming the extra)."""
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """One runtime: its precisions and devices ("cpu", "cuda"), the extras it needs installed, and
+    `build(deployment, model_dir, height, width, network) -> Engine` (network: a factory of the
+    model's torch module, for runtimes that run torch)."""
+
+    name: str
+    precisions: tuple[str, ...]
+    devices: tuple[str, ...]
+    build: Callable[..., Engine]
+    extras: tuple[str, ...] = ()
+    compiled: tuple[str, ...] = ()  # precisions whose engine `lineguard export` must build first
+
+    def check(self, precision: str, device: str) -> None:
+        if precision not in self.precisions:
+            raise ConfigError(f"runtime {self.name} has no precision {precision!r}; valid: {', '.join(self.precisions)}")
+        base = device.split(":")[0]
+        if base not in self.devices:
+            hint = {"onnxruntime": "on a GPU use --runtime torch or tensorrt",
+                    "tensorrt": "use --device cuda"}.get(self.name, "")
+            raise ConfigError(f"runtime {self.name} runs on {' or '.join(self.devices)}, not {device!r}"
+                              + (f"; {hint}" if hint else ""))
+        missing = [m for m in self.extras if importlib.util.find_spec(m) is None]
+        if missing:
+            raise MissingExtraError(f"the {self.name} runtime needs {' and '.join(missing)}, which are not installed; "
+                                    "pip install 'lineguard[gpu]' on a machine with an NVIDIA GPU and CUDA")
+
+
+def _build_onnxruntime(d: "Deployment", model_dir: Path, height: int, width: int, network) -> Engine:
+    from engines.compiled import engine_file
+
+    path = engine_file(model_dir, d) if d.precision == "int8" else Path(model_dir) / "model.onnx"
+    return OnnxRuntimeEngine(path, height, width, d.threads)
+
+
+def _build_torch(d: "Deployment", model_dir: Path, height: int, width: int, network) -> Engine:
+    return TorchEngine(network, height, width, d.threads, d.device, d.precision, d.cuda_graphs)
+
+
+def _build_tensorrt(d: "Deployment", model_dir: Path, height: int, width: int, network) -> Engine:
+    from engines.compiled import engine_file
+    from engines.tensorrt import TensorRTEngine
+
+    return TensorRTEngine(engine_file(model_dir, d), height, width)
+
+
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
+    Runtime("onnxruntime", ("fp32", "int8"), ("cpu",), _build_onnxruntime, compiled=("int8",)),
+    Runtime("torch", ("fp32", "fp16"), ("cpu", "cuda"), _build_torch),
+    Runtime("tensorrt", ("fp32", "fp16", "int8"), ("cuda",), _build_tensorrt, extras=("tensorrt", "pycuda"),
+            compiled=("fp32", "fp16", "int8")),
+)}
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def runtime(name: str) -> Runtime:
     if name not in RUNTIMES:
         raise ConfigError(f"unknown runtime {name!r}; valid runtimes: {', '.join(RUNTIMES)}")
-    if precision not in PRECISIONS[name]:
-        raise ConfigError(f"runtime {name} has no precision {precision!r}; valid: {', '.join(PRECISIONS[name])}")
-    if name == "tensorrt":
-        import importlib.util
+    return RUNTIMES[name]
 
-        missing = [m for m in ("tensorrt", "pycuda") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise MissingExtraError(f"the tensorrt runtime needs {' and '.join(missing)}, which are not installed; "
-                                    "pip install 'lineguard[gpu]' on a machine with an NVIDIA GPU and CUDA")
-    return name
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    """How a model runs: runtime, precision (as the runtime allows), device (cpu | cuda | cuda:N),
+    CPU threads (None: all cores), CUDA graphs (torch on CUDA). fp16 on a GPU also halves the
+    memory bank's distance products."""
+
+    runtime: str = "onnxruntime"
+    precision: str = "fp32"
+    device: str = "cpu"
+    threads: int | None = None
+    cuda_graphs: bool = False
+
+    def __post_init__(self):
+        if self.device != "cpu" and not (self.device == "cuda" or (self.device.startswith("cuda:")
+                                                                    and self.device[5:].isdigit())):
+            raise ConfigError(f"unknown device {self.device!r}; valid: cpu, cuda, cuda:N")
+        runtime(self.runtime).check(self.precision, self.device)
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads {self.threads} must be at least 1")
+        if self.cuda_graphs and (self.runtime != "torch" or self.device == "cpu"):
+            raise ConfigError("CUDA graphs need --runtime torch --device cuda")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError("fp16 needs a GPU (--device cuda); on the CPU use fp32, or onnxruntime int8")
+        if self.device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device!r} asked for, but no CUDA GPU is visible to torch; "
+                                  "use --device cpu")
+
+    def build(self, model_dir: Path, height: int, width: int, network: Callable[[], "nn.Module"]) -> Engine:
+        """The engine of a model directory for this deployment (compiled engines are checked first)."""
+        return RUNTIMES[self.runtime].build(self, Path(model_dir), height, width, network)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Deployment":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"deployment {text!r} is not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"deployment {text!r} is not a JSON object")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"deployment has unknown field(s) {unknown}")
+        return cls(**data)

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
+from engines.compiled import write_record
 from engines.errors import ConfigError, MissingExtraError
 from engines.runtimes import Engine
 
@@ -33,16 +34,9 @@ def _import():
     return trt, cuda
 
 
-def plan_path(model_dir: Path, precision: str) -> Path:
-    """engines/tensorrt-<gpu name>-<precision>.plan: a plan only runs on the GPU model it was built for."""
-    _, cuda = _import()
-    gpu = cuda.Device(0).name().replace(" ", "_").replace("/", "_")
-    return Path(model_dir) / "engines" / f"tensorrt-{gpu}-{precision}.plan"
-
-
-def build_plan(onnx_path: Path, plan: Path, input_size: int, precision: str = "fp16", max_batch: int = 32,
+def build_plan(onnx_path: Path, plan: Path, height: int, width: int, precision: str = "fp16", max_batch: int = 32,
                calibration: Iterable[np.ndarray] | None = None, workspace_gb: float = 2.0) -> Path:
-    """Build and serialise a TensorRT plan for images uint8 [1..max_batch, S, S, 3]."""
+    """Build and serialise a TensorRT plan for images uint8 [1..max_batch, H, W, 3]; its record beside it."""
     trt, cuda = _import()
     if precision not in ("fp32", "fp16", "int8"):
         raise ConfigError(f"tensorrt precision {precision!r}; valid: fp32, fp16, int8")
@@ -57,8 +51,7 @@ def build_plan(onnx_path: Path, plan: Path, input_size: int, precision: str = "f
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     profile = builder.create_optimization_profile()
     name = network.get_input(0).name
-    s = input_size
-    profile.set_shape(name, (1, s, s, 3), (max_batch, s, s, 3), (max_batch, s, s, 3))
+    profile.set_shape(name, (1, height, width, 3), (max_batch, height, width, 3), (max_batch, height, width, 3))
     config.add_optimization_profile(profile)
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
@@ -73,6 +66,8 @@ def build_plan(onnx_path: Path, plan: Path, input_size: int, precision: str = "f
         raise ConfigError(f"TensorRT failed to build {onnx_path} at {precision}; see the TensorRT log above")
     plan.parent.mkdir(parents=True, exist_ok=True)
     plan.write_bytes(bytes(serialized))
+    write_record(plan, {"runtime": "tensorrt", "precision": precision, "max_batch": max_batch,
+                        "tensorrt": trt.__version__, "gpu": plan.stem.split("-", 1)[1].rsplit("-", 1)[0]})
     return plan
 
 
@@ -108,12 +103,12 @@ def _entropy_calibrator(trt, cuda, batches: Iterable[np.ndarray], cache: Path):
 
 
 class TensorRTEngine(Engine):
-    """Runs a serialised plan: uint8 [N, S, S, 3] -> float32 [N, h, w, d], N <= max_batch."""
+    """Runs a serialised plan: uint8 [N, H, W, 3] -> float32 [N, ...] (embeddings or maps), any N."""
 
     name = "tensorrt"
 
-    def __init__(self, plan: Path, input_size: int, max_batch: int = 32):
-        super().__init__(input_size)
+    def __init__(self, plan: Path, height: int, width: int, max_batch: int = 32):
+        super().__init__(height, width)
         self.plan = Path(plan)
         self.max_batch = max_batch
 
@@ -130,10 +125,10 @@ class TensorRTEngine(Engine):
         self.stream = cuda.Stream()
         self.input_name = self.engine.get_tensor_name(0)
         self.output_name = self.engine.get_tensor_name(1)
-        s = self.input_size
-        self.context.set_input_shape(self.input_name, (self.max_batch, s, s, 3))
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))  # [B, h, w, d]
-        self.host_in = cuda.pagelocked_empty((self.max_batch, s, s, 3), np.uint8)
+        shape = (self.max_batch, self.height, self.width, 3)
+        self.context.set_input_shape(self.input_name, shape)
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))  # [B, ...]
+        self.host_in = cuda.pagelocked_empty(shape, np.uint8)
         self.host_out = cuda.pagelocked_empty(out_shape, np.float32)
         self.dev_in = cuda.mem_alloc(self.host_in.nbytes)
         self.dev_out = cuda.mem_alloc(self.host_out.nbytes)

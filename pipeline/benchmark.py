@@ -22,23 +22,22 @@ from pipeline import wire
 
 
 def bare_compute(model_dir: Path, frames: np.ndarray, batch: int, deployment) -> dict:
-    """frames uint8 [N, S, S, 3]: fps of engine + bank (scores and patch maps) in this process."""
-    from calibration.model import InspectionModel, score_features
+    """frames uint8 [N, H, W, 3] model inputs: fps of the detector (engine and, for a memory bank, its
+    search) with the image scores, in this process, on pre-batched arrays."""
+    from calibration.maps import image_score
+    from calibration.model import Model
 
-    model = InspectionModel(model_dir, deployment)
-    with model:
-        model.score(frames[:batch])  # warm up
-        engine = bank = 0.0
+    model = Model(model_dir)
+    detector = model.detector(deployment)
+    with detector:
+        detector.maps(frames[:batch])  # warm up
+        start = time.perf_counter()
         for i in range(0, len(frames), batch):
-            t0 = time.perf_counter()
-            features = model.engine.infer(frames[i:i + batch])
-            t1 = time.perf_counter()
-            score_features(model.bank, features, model.scoring)
-            bank += time.perf_counter() - t1
-            engine += t1 - t0
+            for m in detector.maps(frames[i:i + batch]):
+                image_score(m, model.maps)
+        seconds = time.perf_counter() - start
     n = len(frames)
-    return {"fps": n / (engine + bank), "batch": batch, "frames": n, "engine_ms_per_frame": 1000 * engine / n,
-            "bank_ms_per_frame": 1000 * bank / n}
+    return {"fps": n / seconds, "batch": batch, "frames": n, "ms_per_frame": 1000 * seconds / n, "kind": model.kind.name}
 
 
 def _send_frames(endpoint: str, count: int, use_wire: bool) -> None:
@@ -117,14 +116,17 @@ def benchmark(model_dir: Path, deployment, frames: int = 500, batch: int = 8, tr
     from pipeline.producers import SyntheticSource
     from pipeline.run import RunConfig, run_pipeline
 
-    size = load_manifest(model_dir)["embedding"]["input_size"]
+    from calibration.images import resize
+
+    spec = load_manifest(model_dir)["input"]
+    size = spec["height"]
     source = SyntheticSource(frames, size=size)
-    pool = np.stack([image for image, _ in source.pool])
+    pool = np.stack([resize(image, spec["height"], spec["width"]) for image, _ in source.pool])
     arrays = pool[np.arange(frames) % len(pool)]
     compute = bare_compute(model_dir, arrays, batch, deployment)
     pipeline = run_pipeline(RunConfig(model=Path(model_dir), source="synthetic", frames=frames, batch=batch,
                                       deployment=deployment))
     return {"compute": compute, "pipeline": pipeline, "efficiency": pipeline["fps"] / compute["fps"],
             "transport": transport(transport_frames), "machine": machine_info(),
-            "config": {"model": str(model_dir), "frames": frames, "batch": batch, "input_size": size,
+            "config": {"model": str(model_dir), "frames": frames, "batch": batch, "input": [spec["height"], spec["width"]],
                        "deployment": dataclasses.asdict(deployment)}}

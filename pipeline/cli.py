@@ -10,27 +10,34 @@ from pathlib import Path
 
 from engines.errors import LineguardError
 
-METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_iou_max",
+               "pixel_aupro")
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second; silent when not a terminal."""
+    """A one-line progress bar on stderr with the rate's ETA and an optional note (e.g. the loss),
+    redrawn at most 10 times a second; silent when not a terminal."""
 
     def __init__(self, stream=sys.stderr):
         self.stream = stream
         self.enabled = stream.isatty()
         self.last = 0.0
         self.stage = None
+        self.started = 0.0
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, note: str = "") -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if stage == self.stage and done < total and now - self.last < 0.1:
+        if stage != self.stage:
+            self.stage, self.started = stage, now
+        elif done < total and now - self.last < 0.1:
             return
-        self.last, self.stage = now, stage
+        self.last = now
         filled = int(30 * done / max(total, 1))
-        self.stream.write(f"\r{stage:>10} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
+        eta = (now - self.started) / done * (total - done) if done else 0.0
+        tail = f" ETA {eta:4.0f} s" if done < total else f" {now - self.started:5.1f} s"
+        self.stream.write(f"\r{stage:>10} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}{tail} {note}\033[K")
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()
@@ -52,58 +59,147 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _deployment(args):
-    from calibration.model import Deployment
+def _input_size(text: str) -> tuple[int, int]:
+    """"256" (square) or "HxW", e.g. "224x320"."""
+    parts = text.lower().split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give S or HxW in pixels, e.g. 256 or 224x320") from None
+    if len(sides) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r}: give S or HxW in pixels, e.g. 256 or 224x320")
+    return (sides[0], sides[-1])
 
+
+def _deployment(args):
+    from engines.runtimes import Deployment
+
+    if getattr(args, "deployment", None):
+        return Deployment.from_json(args.deployment)
     return Deployment(runtime=args.runtime, precision=args.precision, device=args.device, threads=args.threads,
-                      cuda_graphs=args.cuda_graphs, bank_precision=args.bank_precision)
+                      cuda_graphs=args.cuda_graphs)
+
+
+# options that belong to one kind: (dest, kind); given with another kind they are an error
+KIND_OPTIONS = {"weighting": "memory_bank", "context": "memory_bank", "dim": "memory_bank",
+                "coreset_ratio": "memory_bank", "coreset_max": "memory_bank", "index": "memory_bank",
+                "shots": "memory_bank", "augment": "memory_bank", "steps": "reconstruction",
+                "epochs": "reconstruction", "lr": "reconstruction", "max_minutes": "reconstruction",
+                "holdout": "reconstruction", "decoder_width": "reconstruction", "flip_features": "reconstruction"}
+
+
+def _given(args, dest: str) -> bool:
+    value = getattr(args, dest)
+    return value is not None and value is not False
+
+
+def _kind_options(args):
+    """The chosen kind's options from the command line (its defaults where an option is not given)."""
+    import dataclasses as dc
+
+    for dest, kind in KIND_OPTIONS.items():
+        if _given(args, dest) and kind != args.kind:
+            flag = "--" + dest.replace("_", "-")
+            raise LineguardError(f"{flag} applies to --kind {kind} only, not to --kind {args.kind}")
+    if args.kind == "memory_bank":
+        from calibration.memory_bank import BankOptions
+        from engines.banks import BankConfig
+
+        base = BankOptions()
+        emb = {k: getattr(args, k) for k in ("backbone", "layers", "weighting", "context", "dim") if _given(args, k)}
+        fields = {k: getattr(args, k) for k in ("coreset_ratio", "coreset_max", "shots", "augment") if _given(args, k)}
+        return BankOptions(embedding=dc.replace(base.embedding, **emb, seed=args.seed),
+                           bank=BankConfig(index=args.index) if args.index else base.bank, **fields)
+    if args.kind == "reconstruction":
+        from calibration.reconstruction import ReconstructionOptions
+
+        base = ReconstructionOptions()
+        enc = {k: getattr(args, k) for k in ("backbone", "layers") if _given(args, k)}
+        net = dc.replace(base.network, encoder=dc.replace(base.network.encoder, **enc))
+        if args.decoder_width:
+            net = dc.replace(net, width=args.decoder_width, bottleneck=2 * args.decoder_width)
+        fields = {k: getattr(args, k) for k in ("steps", "epochs", "lr", "max_minutes", "holdout") if _given(args, k)}
+        if args.flip_features:
+            fields["augment"] = "flips"
+        return ReconstructionOptions(network=net, **fields)
+    from calibration.kinds import get_kind
+
+    return get_kind(args.kind).options()
 
 
 def cmd_fit(args) -> int:
     from calibration.fit import FitConfig, fit
-    from calibration.model import ScoringConfig
-    from engines.banks import BankConfig
-    from engines.heads import EmbeddingConfig
+    from calibration.geometry import Geometry, InputSpec
+    from calibration.maps import MapConfig
 
-    config = FitConfig(
-        embedding=EmbeddingConfig(backbone=args.backbone, layers=args.layers, input_size=args.input_size,
-                                  dim=args.dim, seed=args.seed),
-        bank=BankConfig(index=args.index),
-        scoring=ScoringConfig(reweight_k=args.reweight, blur_sigma=args.blur_sigma),
-        weights=args.weights, coreset_ratio=args.coreset_ratio, coreset_max=args.coreset_max,
-        calib_images=args.calib_images, deployment=_deployment(args), batch_size=args.batch_size, seed=args.seed,
-    )
+    options = _kind_options(args)
+    spec = InputSpec(*args.input_size) if args.input_size else None
+    geometry = Geometry(tiling="tiles" if args.tiles else "resize", scale=args.tile_scale, overlap=args.tile_overlap)
+    maps = MapConfig(blur_sigma=args.blur_sigma, image_score=args.image_score, top_k=args.top_k)
+    config = FitConfig(kind=args.kind, options=options, input=spec, geometry=geometry, roi=args.roi, maps=maps,
+                       weights=args.weights, calib_images=args.calib_images, max_false_reject=args.max_false_reject,
+                       deployment=_deployment(args), batch_size=args.batch_size, seed=args.seed)
     summary = fit(args.data, args.output, config, progress=ProgressBar())
-    print(f"fitted {args.output}: {summary['train_images']} images, {summary['patches']} patches -> bank "
-          f"{summary['bank_size']} x {summary['dim']} ({config.bank.index}), grid {summary['grid'][0]}x"
-          f"{summary['grid'][1]}, {summary['fit_seconds']:.1f} s (extract {summary['extract_seconds']:.1f} s, "
-          f"coreset {summary['coreset_seconds']:.1f} s)")
+    details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items()
+                        if k not in ("kind", "fit_seconds", "input") and not isinstance(v, (list, dict)))
+    print(f"fitted {args.output}: {summary['kind']}, input {summary['input'][0]}x{summary['input'][1]}, {details}; "
+          f"{summary['fit_seconds']:.1f} s")
     return 0
 
 
-def cmd_eval(args) -> int:
-    from calibration.evaluate import evaluate
-    from calibration.model import InspectionModel
+def print_metrics(result: dict) -> None:
+    """One column per category (and their mean), one row per metric; then each category's defect types."""
+    cats = result["categories"]
+    names = list(cats) + (["mean"] if len(cats) > 1 else [])
+    width = max(10, *(len(n) + 2 for n in names))
+    print(f"{'metric':<16}" + "".join(f"{n:>{width}}" for n in names))
+    for key in METRIC_KEYS + ("images_per_s",):
+        values = [cats[n][key] for n in cats] + ([result["mean"][key]] if len(cats) > 1 else [])
+        fmt = ".1f" if key == "images_per_s" else ".4f"
+        print(f"{key:<16}" + "".join(f"{v:>{width}{fmt}}" for v in values))
+    for key, what in (("false_reject", "good"), ("miss", "defective")):
+        cells = [f"{cats[n][key]['count']}/{cats[n][key]['of']}" for n in cats]
+        print(f"{key:<16}" + "".join(f"{c:>{width}}" for c in cells) + f"   ({what} test images, at the calibrated threshold)")
+    for name, m in cats.items():
+        print(f"\n{name}: {m['n_images']} images, {m['n_defective']} defective")
+        print(f"  {'defect type':<16}{'image_auroc':>12}{'pixel_auroc':>12}{'pixel_aupro':>12}{'missed':>10}")
+        for t, pt in m["per_type"].items():
+            missed = f"{pt['miss']['count']}/{pt['miss']['of']}"
+            print(f"  {t:<16}{pt['image_auroc']:>12.4f}{pt['pixel_auroc']:>12.4f}{pt['pixel_aupro']:>12.4f}{missed:>10}")
 
-    model = InspectionModel(args.model, _deployment(args))
-    result = evaluate(model, args.data, batch_size=args.batch_size, maps_dir=args.maps, scores_dir=args.scores,
-                      progress=ProgressBar())
-    fit_info = model.manifest["fit"]
-    result["config"] = {
-        "model": str(args.model), "data": str(args.data), "runtime": args.runtime, "precision": args.precision,
-        "device": args.device,
-        "backbone": model.embedding.backbone, "layers": list(model.embedding.layers),
-        "input_size": model.embedding.input_size, "dim": model.manifest["feature_dim"],
-        "coreset_ratio": fit_info["coreset_ratio"], "bank_size": model.bank.size, "index": model.bank.config.index,
-        "fit_seconds": fit_info["fit_seconds"], "batch_size": args.batch_size, "threads": args.threads,
-    }
-    print(f"{'metric':<14}{'value':>8}")
-    for key in METRIC_KEYS:
-        print(f"{key:<14}{result[key]:>8.4f}")
-    print(f"{'images/s':<14}{result['images_per_s']:>8.1f}   ({result['n_images']} images, "
-          f"{result['n_defective']} defective)")
+
+def cmd_eval(args) -> int:
+    import dataclasses as dc
+
+    from calibration.evaluate import evaluate, plot_curves
+    from calibration.model import Model
+
+    model = Model(args.model)
+    deployment = _deployment(args)
+    result = evaluate(model, args.data, deployment, batch_size=args.batch_size, maps_dir=args.maps,
+                      scores_dir=args.scores, progress=ProgressBar(), curves=args.json is not None)
+    print_metrics(result)
+    result["config"] = {"model": str(args.model), "data": [str(d) for d in args.data], "kind": model.kind.name,
+                        "deployment": dc.asdict(deployment), "input": [model.spec.height, model.spec.width],
+                        "geometry": dc.asdict(model.geometry), "maps": dc.asdict(model.maps),
+                        "batch_size": args.batch_size, "fit": model.manifest.get("fit", {}),
+                        model.kind.name: model.manifest.get(model.kind.name)}
     if args.json:
+        curves = plot_curves(result, args.json)
+        for m in result["categories"].values():
+            m.pop("curves", None)
+        result.pop("curves", None)
+        result["curve_plots"] = [str(c) for c in curves]
         write_json(args.json, result)
+    return 0
+
+
+def cmd_fuse(args) -> int:
+    from calibration.ensemble import EnsembleOptions, fuse
+
+    manifest = fuse(args.models, args.output, EnsembleOptions(fusion=args.fusion))
+    print(f"fused {len(args.models)} models ({', '.join(manifest['ensemble']['kinds'])}) into {args.output}: "
+          f"{args.fusion} of their maps in threshold units")
     return 0
 
 
@@ -226,8 +322,8 @@ def cmd_bench(args) -> int:
     result = benchmark(args.model, _deployment(args), frames=args.frames, batch=args.batch_size,
                        transport_frames=args.transport_frames)
     c, p, t = result["compute"], result["pipeline"], result["transport"]
-    print(f"bare compute   {c['fps']:7.1f} fps  (batch {c['batch']}, engine {c['engine_ms_per_frame']:.1f} ms + "
-          f"bank {c['bank_ms_per_frame']:.1f} ms per frame)")
+    print(f"bare compute   {c['fps']:7.1f} fps  (batch {c['batch']}, {c['kind']} detector {c['ms_per_frame']:.1f} ms "
+          f"per frame)")
     print(f"pipeline       {p['fps']:7.1f} fps  latency p50 {p['latency_ms']['p50']:.1f} ms p99 "
           f"{p['latency_ms']['p99']:.1f} ms  ({p['results']} results, {p['error']} errors)")
     print(f"efficiency     {result['efficiency']:.3f}  (pipeline / bare compute)")
@@ -239,90 +335,123 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from calibration.artifact import load_manifest
+    from calibration.model import Model
+    from engines.runtimes import runtime
 
-    manifest = load_manifest(args.model)
+    model = Model(args.model)
+    _deployment(args)  # the runtime, precision, device and extras, checked before anything is built
+    if args.precision not in runtime(args.runtime).compiled:
+        print(f"the {args.runtime} runtime runs {args.precision} straight from {args.model}/model.onnx or the network; "
+              "nothing to build")
+        return 0
     if args.runtime == "onnxruntime":
         from calibration.int8 import Int8Config, quantize_onnxruntime
 
-        if args.precision != "int8":
-            print(f"{args.model}/model.onnx is the onnxruntime fp32 engine; nothing to build")
-            return 0
-        record = quantize_onnxruntime(args.model, Int8Config(args.calibration, not args.per_tensor, args.calib_images),
-                                      data=args.data)
-        print(f"wrote {args.model}/engines/onnxruntime-int8.onnx ({record['method']}, "
-              f"{'per-channel' if record['per_channel'] else 'per-tensor'}, "
-              f"{len(record['calibration_images'])} calibration images, {record['seconds']} s)")
+        records = quantize_onnxruntime(args.model, Int8Config(args.calibration, not args.per_tensor, args.calib_images),
+                                       data=args.data)
+        for r in records:
+            v = r["validation"]
+            print(f"wrote {r['engine']} ({r['method']}, {'per-channel' if r['per_channel'] else 'per-tensor'}, "
+                  f"{len(r['calibration_images'])} calibration images, {r['seconds']} s); validated on "
+                  f"{', '.join(r['cpu_features'])}: map correlation {v['map_correlation']:.3f}, pixel AUROC "
+                  f"{v['pixel_auroc'][0]:.4f} -> {v['pixel_auroc'][1]:.4f}")
         return 0
-    if args.runtime == "tensorrt":
-        from calibration.int8 import calibration_batches, calibration_images
-        from engines.runtimes import check_runtime
-        from engines.tensorrt import build_plan, plan_path
+    from calibration.int8 import calibration_batches, calibration_images
+    from engines.compiled import engine_path
+    from engines.tensorrt import build_plan
 
-        check_runtime("tensorrt", args.precision)
-        size = manifest["embedding"]["input_size"]
+    for part in model.kind.parts(model.dir, model.manifest):
         calibration = None
         if args.precision == "int8":
-            calibration = calibration_batches(calibration_images(args.model, args.calib_images, args.data), size,
-                                              batch=8)
-        plan = build_plan(args.model / "model.onnx", plan_path(args.model, args.precision), size, args.precision,
-                          args.max_batch, calibration)
+            calibration = calibration_batches(part, calibration_images(part, args.calib_images, args.data), batch=8)
+        plan = build_plan(part / "model.onnx", engine_path(part, "tensorrt", args.precision), model.spec.height,
+                          model.spec.width, args.precision, args.max_batch, calibration)
         print(f"wrote {plan}")
-        return 0
-    print("the torch runtime needs no export: it runs the network directly (--runtime torch)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from calibration.ensemble import FUSIONS
     from calibration.fit import FitConfig
-    from calibration.model import ScoringConfig
-    from engines.banks import INDEX_KINDS, BankConfig
-    from engines.heads import EmbeddingConfig
-    from engines.runtimes import RUNTIMES
+    from calibration.kinds import kind_names
+    from calibration.maps import IMAGE_SCORES, MapConfig
+    from calibration.memory_bank import AUGMENTS
+    from engines.backbones import backbone_names
+    from engines.banks import INDEX_KINDS
+    from engines.heads import WEIGHTINGS
+    from engines.runtimes import PRECISIONS, RUNTIMES
 
     parser = argparse.ArgumentParser(prog="lineguard", description="Streaming visual inspection.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="inference runtime")
-        p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+        p.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime", help="inference runtime")
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="onnxruntime: fp32 | int8 (after lineguard export); torch: fp32 | fp16 (CUDA); tensorrt: all")
         p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
         p.add_argument("--cuda-graphs", action="store_true", help="torch on CUDA: replay captured CUDA graphs")
-        p.add_argument("--bank-precision", choices=("fp32", "fp16"), default="fp32",
-                       help="flat bank search products: fp32, or fp16 (GPU)")
         p.add_argument("--batch-size", type=_positive_int, default=8)
         p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+        p.add_argument("--deployment", default=None, help=argparse.SUPPRESS)  # the JSON of a Deployment
 
-    fit = sub.add_parser("fit", help="fit a memory-bank model on DATA/train/good")
-    fit.add_argument("data", type=Path, help="dataset folder in MVTec AD layout")
+    fit = sub.add_parser("fit", help="fit a model on DATA/train/good (several DATA: one multi-class model)")
+    fit.add_argument("data", type=Path, nargs="+", help="dataset folder(s) in MVTec AD layout")
     fit.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
-    fit.add_argument("--backbone", default=EmbeddingConfig.backbone)
-    fit.add_argument("--weights", default=None, help="backbone checkpoint path (default: installed weights)")
-    fit.add_argument("--layers", type=_layers, default=EmbeddingConfig.layers, help="comma-separated stages")
-    fit.add_argument("--input-size", type=int, default=EmbeddingConfig.input_size)
-    fit.add_argument("--dim", type=int, default=EmbeddingConfig.dim, help="embedding size (0: all channels)")
-    fit.add_argument("--coreset-ratio", type=float, default=FitConfig.coreset_ratio)
-    fit.add_argument("--coreset-max", type=int, default=FitConfig.coreset_max,
-                     help="largest bank size (0: no limit); bounds search time")
-    fit.add_argument("--index", choices=INDEX_KINDS, default=BankConfig.index)
-    fit.add_argument("--reweight", type=int, default=ScoringConfig.reweight_k,
-                     help="PatchCore image-score reweighting k (0: off)")
-    fit.add_argument("--blur-sigma", type=float, default=ScoringConfig.blur_sigma)
-    fit.add_argument("--calib-images", type=_positive_int, default=FitConfig.calib_images)
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--kind", choices=kind_names(), default="memory_bank")
+    g = fit.add_argument_group("input and geometry (every kind)")
+    g.add_argument("--input-size", type=_input_size, default=None,
+                   help="S or HxW, multiples of 32 (default: the training images' aspect ratio at about 256x256)")
+    g.add_argument("--tiles", action="store_true", help="cover each frame with overlapping input-size tiles")
+    g.add_argument("--tile-scale", type=float, default=1.0, help="with --tiles: input pixels per frame pixel")
+    g.add_argument("--tile-overlap", type=float, default=0.25, help="with --tiles: least shared fraction of a tile")
+    g.add_argument("--roi", default=None, help="region of interest: x,y,w,h in frame pixels, or a mask image")
+    g.add_argument("--backbone", default=None, help=f"default efficientnet_lite0; one of {', '.join(backbone_names())}")
+    g.add_argument("--weights", default=None, help="backbone checkpoint path (default: installed weights)")
+    g.add_argument("--layers", type=_layers, default=None, help="comma-separated backbone stages")
+    g = fit.add_argument_group("maps and thresholds (every kind)")
+    g.add_argument("--blur-sigma", type=float, default=MapConfig.blur_sigma, help="map smoothing, input pixels")
+    g.add_argument("--image-score", choices=IMAGE_SCORES, default=MapConfig.image_score)
+    g.add_argument("--top-k", type=_positive_int, default=MapConfig.top_k, help="cells averaged by --image-score topk")
+    g.add_argument("--calib-images", type=_positive_int, default=FitConfig.calib_images,
+                   help="held-out normal images that calibrate the thresholds, at most")
+    g.add_argument("--max-false-reject", type=float, default=None,
+                   help="false-reject target on normal frames, e.g. 0.01 (default: the largest normal score)")
+    g.add_argument("--seed", type=int, default=0)
+    g = fit.add_argument_group("memory_bank kind")
+    g.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="stage weighting in the embedding")
+    g.add_argument("--context", type=int, default=None, help="mirrored border pixels seen around each input")
+    g.add_argument("--dim", type=int, default=None, help="embedding size (0: all channels)")
+    g.add_argument("--coreset-ratio", type=float, default=None, help="fraction of training patches in the bank")
+    g.add_argument("--coreset-max", type=int, default=None, help="largest bank size (0: no limit); bounds search time")
+    g.add_argument("--index", choices=INDEX_KINDS, default=None, help="flat (exact) | ivf | hnsw")
+    g.add_argument("--shots", type=int, default=None, help="few-shot: a bank from K normal images and their views")
+    g.add_argument("--augment", choices=AUGMENTS, default=None, help="few-shot views of each image (default flips)")
+    g = fit.add_argument_group("reconstruction kind")
+    g.add_argument("--steps", type=int, default=None, help="training steps (default: from --epochs)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the cached encoder features")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--max-minutes", type=float, default=None, help="bound on the training time")
+    g.add_argument("--holdout", type=float, default=None, help="share of each dataset held out for calibration")
+    g.add_argument("--decoder-width", type=_positive_int, default=None, help="decoder channels")
+    g.add_argument("--flip-features", action="store_true", default=None, help="augment by flipping feature maps")
     common(fit)
     fit.set_defaults(func=cmd_fit)
 
-    ev = sub.add_parser("eval", help="score MODEL on DATA/test and print metrics")
-    ev.add_argument("model", type=Path, help="model directory written by fit")
-    ev.add_argument("data", type=Path, help="dataset folder in MVTec AD layout")
-    ev.add_argument("--json", type=Path, default=None, help="write the metrics here")
+    ev = sub.add_parser("eval", help="score MODEL on DATA/test (several DATA: per category and their mean)")
+    ev.add_argument("model", type=Path, help="model directory written by fit or fuse")
+    ev.add_argument("data", type=Path, nargs="+", help="dataset folder(s) in MVTec AD layout")
+    ev.add_argument("--json", type=Path, default=None, help="write the metrics here, ROC / PRO curve PNGs beside")
     ev.add_argument("--maps", type=Path, default=None, help="write overlay PNGs here")
     ev.add_argument("--scores", type=Path, default=None, help="write float32 TIFF score maps here")
     common(ev)
     ev.set_defaults(func=cmd_eval)
+
+    fuse = sub.add_parser("fuse", help="one model from several fitted models of the same input, maps fused")
+    fuse.add_argument("models", type=Path, nargs="+")
+    fuse.add_argument("-o", "--output", type=Path, required=True)
+    fuse.add_argument("--fusion", choices=FUSIONS, default="mean")
+    fuse.set_defaults(func=cmd_fuse)
 
     export = sub.add_parser("export", help="compile MODEL for a runtime and precision (engines/ folder)")
     export.add_argument("model", type=Path)

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 import zmq
 
-from calibration.dataset import IMAGE_SUFFIXES, DataError, to_rgb
+from calibration import images
+from calibration.dataset import IMAGE_SUFFIXES
 from calibration.synthetic import DEFECT_TYPES, normal_frame, plant_defect
 from engines.errors import ConfigError, LineguardError
 from pipeline import wire
@@ -35,13 +36,15 @@ class SourceError(LineguardError):
 
 @dataclasses.dataclass
 class SourceFrame:
-    """pixels: uint8 [H, W, C] (RGB) for raw frames; or encoded: the bytes of a jpeg / png file with its shape."""
+    """pixels: uint8 [H, W, C] (RGB) for raw frames; or encoded: the bytes of a jpeg / png file with its shape;
+    or neither, with `error`, for a frame the source could not read."""
 
     pixels: np.ndarray | None = None
     encoded: bytes | None = None
     encoding: str = "raw"
     shape: tuple[int, int, int] | None = None
     meta: dict = dataclasses.field(default_factory=dict)
+    error: str | None = None  # the source could not read this frame: it still gets a (error) result
 
 
 class Source:
@@ -79,18 +82,15 @@ class FolderSource(Source):
         data = path.read_bytes()
         rel = str(path.relative_to(self.folder))
         encoding = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}.get(path.suffix.lower())
-        size = wire.file_size(memoryview(data), encoding) if encoding else None
+        size = images.file_size(memoryview(data), encoding) if encoding else None
         eight_bit = encoding == "jpeg" or (len(data) > 24 and data[24] == 8)  # png bit depth in IHDR
         if size is not None and eight_bit:  # sent as the file; the worker decodes it once, to RGB
             return SourceFrame(encoded=data, encoding=encoding, shape=(size[0], size[1], 3), meta={"file": rel})
         # other formats, 16-bit files and files whose header we cannot read: decode here, send raw
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            return SourceFrame(meta={"file": rel, "error": f"{path}: not a readable image"})
         try:
-            return SourceFrame(pixels=to_rgb(image, str(path)), meta={"file": rel})
-        except DataError as exc:
-            return SourceFrame(meta={"file": rel, "error": str(exc)})
+            return SourceFrame(pixels=images.decode(data, str(path)), meta={"file": rel})
+        except images.ImageError as exc:
+            return SourceFrame(meta={"file": rel}, error=str(exc))
 
 
 class VideoSource(Source):
@@ -189,8 +189,8 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
     After the end of the stream the sockets stay open until `stop` is set (a supervisor does
     that once the sink has every result) or `hold` seconds have passed (None: until stopped).
 
-    Frames a source could not read are sent too (as a 1x1 frame with meta "error"), so the
-    sink accounts for them as error results. Returns the counters.
+    Frames a source could not read are sent too (a 1x1 frame with the header's "error" field), so
+    the sink accounts for them as error results. Returns the counters.
     """
     mode = mode or ("live" if source.live else "lossless")
     if mode not in MODES:
@@ -231,7 +231,8 @@ def _send(sock: zmq.Socket, stream: str, seq: int, item: SourceFrame, stop: thre
     elif item.pixels is not None:
         message = wire.encode_frame(stream, seq, item.pixels, meta=meta)
     else:  # unreadable source frame: still sent, so it ends as an error result
-        message = wire.encode_frame(stream, seq, np.zeros((1, 1, 1), np.uint8), meta=meta)
+        message = wire.encode_frame(stream, seq, np.zeros((1, 1, 1), np.uint8), meta=meta,
+                                    error=item.error or "the source could not read this frame")
     while not stop.is_set():  # block on backpressure, but wake up to notice a stop request
         try:
             sock.send_multipart(message, copy=False, flags=zmq.NOBLOCK)

@@ -28,8 +28,8 @@ from typing import Callable
 import zmq
 
 from calibration.artifact import load_manifest
-from calibration.model import Deployment
 from engines.errors import ConfigError, LineguardError
+from engines.runtimes import Deployment
 from pipeline import wire
 
 
@@ -71,7 +71,7 @@ class Supervisor:
 
     def __init__(self, config: RunConfig, input_size: int, status: Callable[[dict], None] | None = None):
         self.config = config
-        self.input_size = input_size  # the model's, for synthetic frames
+        self.input_size = input_size  # the side of synthetic frames: the model's typical training frame
         self.status = status
         self.tmp = Path(tempfile.mkdtemp(prefix="lineguard-run-"))
         self.procs: dict[str, subprocess.Popen] = {}
@@ -99,13 +99,10 @@ class Supervisor:
         c = self.config
         d = c.deployment
         threads = d.threads or max(1, (os.cpu_count() or 1) // c.workers)
-        args = ["worker", str(c.model), "--frames", self.endpoint("frames"), "--runtime", d.runtime,
-                "--precision", d.precision, "--device", d.device, "--threads", str(threads),
-                "--bank-precision", d.bank_precision,
+        deployment = dataclasses.replace(d, threads=threads).to_json()  # crosses the process boundary as JSON
+        args = ["worker", str(c.model), "--frames", self.endpoint("frames"), "--deployment", deployment,
                 "--batch-size", str(c.batch), "--batch-ms", str(c.batch_ms),
                 "--control", self.endpoint("control"), "--name", name]
-        if d.cuda_graphs:
-            args.append("--cuda-graphs")
         for i in range(c.post_workers):
             args += ["--out", self.endpoint(f"post{i}")]
         return args
@@ -236,7 +233,7 @@ def run_pipeline(config: RunConfig, status: Callable[[dict], None] | None = None
     check_source(config.source)
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
-    supervisor = Supervisor(config, manifest["embedding"]["input_size"], status)
+    supervisor = Supervisor(config, manifest.get("frame", [manifest["input"]["height"]])[0], status)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

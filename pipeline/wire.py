@@ -4,14 +4,16 @@ Every message is a ZeroMQ multipart message. Frame 0 is the header, a msgpack ma
 MAX_HEADER_BYTES; the frames after it are raw buffers. There is no pickle anywhere.
 
     frame   {"v": 1, "kind": "frame", "stream", "seq", "t_ns", "shape": [H, W, C], "dtype",
-             "encoding", "product", "meta"}                         + exactly 1 payload frame
+             "encoding", "product", "meta", "error" (optional: the source could not read it)}
+                                                                    + exactly 1 payload frame
     result  {"v": 1, "kind": "result", "stream", "seq", "t_ns", "verdict", "score", "regions",
              "timing", "error", "map_shape": [H, W] (optional), "meta" (optional: the frame's meta)}
                                                                     + a uint8 defect map iff map_shape
     eos     {"v": 1, "kind": "eos", "stream", "count", "dropped"}   no payload
     scored  {"v": 1, "kind": "scored", "stream", "seq", "t_ns", "shape", "product", "meta", "score",
-             "grid": [h, w], "size": S, "timing"}
-                                    + float32 patch map [h, w] + uint8 RGB model input [S, S, 3]
+             "grid": [h, w], "canvas": [Hc, Wc] (optional), "timing"}
+                                    + float32 anomaly map [h, w] (+ uint8 RGB canvas [Hc, Wc, 3] iff
+                                    "canvas": the frame as the model saw it, for overlays)
                                     (inference worker -> postprocess worker)
     control {"v": 1, "kind": "control", "event": "ready" | "stats" | "status", "role", "name", "data"}
                                     no payload (stages -> the supervisor of a run)
@@ -39,6 +41,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from calibration import images
 from engines.errors import LineguardError
 
 VERSION = 1
@@ -54,11 +57,12 @@ REASONS = ("frame_count", "header_too_large", "not_msgpack", "bad_version", "bad
            "bad_shape", "bad_dtype", "bad_encoding", "payload_size", "bad_payload")
 
 _UINT64 = 2**64 - 1
-_FRAME_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "shape", "dtype", "encoding", "product", "meta"}
+_FRAME_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "shape", "dtype", "encoding", "product", "meta", "error"}
 _RESULT_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "verdict", "score", "regions", "timing", "error",
                   "map_shape", "meta"}
 _EOS_FIELDS = {"v", "kind", "stream", "count", "dropped"}
-_SCORED_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "shape", "product", "meta", "score", "grid", "size", "timing"}
+_SCORED_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "shape", "product", "meta", "score", "grid", "canvas",
+                  "timing"}
 _CONTROL_FIELDS = {"v", "kind", "event", "role", "name", "data"}
 CONTROL_EVENTS = ("ready", "stats", "status")
 _UNPACK_LIMITS = dict(max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, max_ext_len=MAX_HEADER_BYTES,
@@ -184,7 +188,9 @@ def _pack(header: dict) -> bytes:
 class Frame:
     """One image of a stream. Built by :func:`decode`; send one with :func:`encode_frame`.
 
-    shape is [H, W, C] (C = 1, 3 or 4; RGB / RGBA order), dtype "uint8" or "uint16". ``payload`` is a
+    shape is [H, W, C] (C = 1, 3 or 4; RGB / RGBA order), dtype "uint8" or "uint16". ``error``: set by
+    a producer that could not read this frame from its source (the frame still gets a result: an
+    error). ``meta`` is the user's, only echoed. ``payload`` is a
     flat byte view into the received message buffer (it keeps that buffer alive): raw pixels, or the
     encoded jpeg / png file. A raw payload is H*W*C*itemsize bytes (checked on construction); an
     encoded one is checked against shape and dtype only by :meth:`image`.
@@ -200,11 +206,13 @@ class Frame:
     payload: memoryview = field(repr=False)
     product: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
     def __post_init__(self):
         _str("stream", self.stream)
         _set(self, "seq", _int("seq", self.seq))
         _set(self, "t_ns", _int("t_ns", self.t_ns))
+        _str("error", self.error, optional=True)
         _set(self, "shape", _image_shape(self.shape))
         if self.dtype not in DTYPES:
             raise WireError("bad_dtype", f"dtype {_show(self.dtype)} is not one of {list(DTYPES)}")
@@ -331,11 +339,12 @@ class Eos:
 
 @dataclass(frozen=True, eq=False)
 class Scored:
-    """A frame's patch scores, from an inference worker to a postprocess worker.
+    """A frame's anomaly map, from an inference worker to a postprocess worker.
 
     stream, seq, t_ns, shape ([H, W, C] of the original frame), product, meta: the frame's;
-    score: the raw image score; patch_map: float32 [h, w]; image: the uint8 RGB model input
-    [S, S, 3] the scores belong to (for overlays: the original is not sent again); both are
+    score: the raw image score; grid_map: float32 [h, w], the raw canvas map (one cell per
+    stride canvas pixels); image: None, or the uint8 RGB canvas [Hc, Wc, 3] the map belongs to
+    (sent for defective frames, to draw overlays on: the original is not sent again); both are
     read-only views into the received buffers once decoded. timing: per-stage ms so far.
     """
 
@@ -345,8 +354,8 @@ class Scored:
     t_ns: int
     shape: tuple[int, int, int]
     score: float
-    patch_map: np.ndarray = field(repr=False)
-    image: np.ndarray = field(repr=False)
+    grid_map: np.ndarray = field(repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)
     timing: dict[str, float] = field(default_factory=dict)
     product: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -359,13 +368,14 @@ class Scored:
         _str("product", self.product, optional=True)
         _str_map("meta", self.meta)
         im = self.image
-        if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
-            raise WireError("bad_shape", f"image must be a uint8 [S, S, 3] array, got "
+        if im is not None and (not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3
+                               or im.shape[2] != 3):
+            raise WireError("bad_shape", f"image must be None or a uint8 [H, W, 3] array, got "
                                          f"{getattr(im, 'dtype', type(im).__name__)} {getattr(im, 'shape', '')}")
         _set(self, "score", _float("score", self.score))
-        m = self.patch_map
+        m = self.grid_map
         if not isinstance(m, np.ndarray) or m.dtype != np.float32:
-            raise WireError("bad_dtype", f"patch_map must be a float32 numpy array, got "
+            raise WireError("bad_dtype", f"grid_map must be a float32 numpy array, got "
                                          f"{getattr(m, 'dtype', type(m).__name__)}")
         _sides("grid", m.shape, 2)
         if not isinstance(self.timing, dict):
@@ -394,8 +404,9 @@ class Control:
 # ---- encoders: return the list of frames for send_multipart(frames, copy=False) ----
 
 def encode_frame(stream: str, seq: int, image: np.ndarray, *, t_ns: int | None = None, product: str | None = None,
-                 meta: dict[str, Any] | None = None) -> list:
-    """A raw frame: [header bytes, payload].
+                 meta: dict[str, Any] | None = None, error: str | None = None) -> list:
+    """A raw frame: [header bytes, payload]. error: why the source could not read it (the frame then
+    ends as an error result; send a 1x1 image).
 
     image: uint8 or uint16 [H, W, C] (C = 1, 3 or 4, RGB / RGBA order) or [H, W] (sent as C = 1).
     The payload is a memoryview of ``image`` itself, no copy, when it is C-contiguous and (uint16)
@@ -416,7 +427,7 @@ def encode_frame(stream: str, seq: int, image: np.ndarray, *, t_ns: int | None =
     _image_shape(image.shape)  # before taking a view: an empty array has none
     image = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<"))
     frame = Frame(stream, seq, _now(t_ns), image.shape, dtype, "raw", _flat(image), product,
-                  {} if meta is None else meta)
+                  {} if meta is None else meta, error)
     return [_pack(_frame_header(frame)), frame.payload]
 
 
@@ -459,16 +470,19 @@ def encode_eos(stream: str, count: int, dropped: int = 0) -> list:
     return [_pack({"v": VERSION, "kind": "eos", "stream": eos.stream, "count": eos.count, "dropped": eos.dropped})]
 
 
-def encode_scored(frame: Frame, score: float, patch_map: np.ndarray, image: np.ndarray,
+def encode_scored(frame: Frame, score: float, grid_map: np.ndarray, image: np.ndarray | None,
                   timing: dict[str, float]) -> list:
-    """[header, float32 patch map, uint8 model input]; both buffers are sent without a copy, so the
-    caller must not reuse them until sent (pass copies of reused batch buffers)."""
-    s = Scored(frame.stream, frame.seq, frame.t_ns, frame.shape, score, np.ascontiguousarray(patch_map, np.float32),
-               np.ascontiguousarray(image), dict(timing), frame.product, frame.meta)
+    """[header, float32 map (, uint8 canvas image)]; buffers are sent without a copy, so the caller
+    must not reuse them until sent (pass copies of reused batch buffers)."""
+    s = Scored(frame.stream, frame.seq, frame.t_ns, frame.shape, score, np.ascontiguousarray(grid_map, np.float32),
+               None if image is None else np.ascontiguousarray(image), dict(timing), frame.product, frame.meta)
     header = {"v": VERSION, "kind": "scored", "stream": s.stream, "seq": s.seq, "t_ns": s.t_ns,
               "shape": list(s.shape), "product": s.product, "meta": s.meta, "score": s.score,
-              "grid": list(s.patch_map.shape), "size": s.image.shape[0], "timing": s.timing}
-    return [_pack(header), _flat(s.patch_map), _flat(s.image)]
+              "grid": list(s.grid_map.shape), "timing": s.timing}
+    if s.image is None:
+        return [_pack(header), _flat(s.grid_map)]
+    header["canvas"] = list(s.image.shape[:2])
+    return [_pack(header), _flat(s.grid_map), _flat(s.image)]
 
 
 def encode_control(event: str, role: str, name: str, data: dict[str, Any] | None = None) -> list:
@@ -486,9 +500,12 @@ def _flat(array: np.ndarray) -> memoryview:
 
 
 def _frame_header(frame: Frame) -> dict:
-    return {"v": VERSION, "kind": "frame", "stream": frame.stream, "seq": frame.seq, "t_ns": frame.t_ns,
-            "shape": list(frame.shape), "dtype": frame.dtype, "encoding": frame.encoding,
-            "product": frame.product, "meta": frame.meta}
+    header = {"v": VERSION, "kind": "frame", "stream": frame.stream, "seq": frame.seq, "t_ns": frame.t_ns,
+              "shape": list(frame.shape), "dtype": frame.dtype, "encoding": frame.encoding,
+              "product": frame.product, "meta": frame.meta}
+    if frame.error is not None:
+        header["error"] = frame.error
+    return header
 
 
 # ---- decoder ----
@@ -550,25 +567,29 @@ def _frame_count(kind: str, rest: list, expected: int) -> None:
 
 
 def _decode_frame(header: dict, rest: list) -> Frame:
-    _keys("frame", header, _FRAME_FIELDS, _FRAME_FIELDS - {"product", "meta"})
+    _keys("frame", header, _FRAME_FIELDS, _FRAME_FIELDS - {"product", "meta", "error"})
     _frame_count("frame", rest, 1)
     return Frame(header["stream"], header["seq"], header["t_ns"], header["shape"], header["dtype"],
-                 header["encoding"], rest[0], header.get("product"), header.get("meta", {}))
+                 header["encoding"], rest[0], header.get("product"), header.get("meta", {}), header.get("error"))
 
 
 def _decode_scored(header: dict, rest: list) -> Scored:
-    _keys("scored", header, _SCORED_FIELDS, _SCORED_FIELDS - {"product", "meta", "timing"})
-    _frame_count("scored", rest, 2)
+    _keys("scored", header, _SCORED_FIELDS, _SCORED_FIELDS - {"product", "meta", "timing", "canvas"})
+    _frame_count("scored", rest, 2 if "canvas" in header else 1)
     h, w = _sides("grid", header["grid"], 2)
-    size = _int("size", header["size"], 1, MAX_SIDE)
     if len(rest[0]) != h * w * 4:
-        raise WireError("payload_size", f"patch map is {len(rest[0])} bytes; grid [{h}, {w}] float32 needs {h * w * 4}")
-    if len(rest[1]) != size * size * 3:
-        raise WireError("payload_size", f"model input is {len(rest[1])} bytes; size {size} RGB needs {size * size * 3}")
-    patch_map = np.frombuffer(rest[0], "<f4").reshape(h, w)
-    image = np.frombuffer(rest[1], np.uint8).reshape(size, size, 3)
-    patch_map.flags.writeable = image.flags.writeable = False
-    return Scored(header["stream"], header["seq"], header["t_ns"], header["shape"], header["score"], patch_map, image,
+        raise WireError("payload_size", f"anomaly map is {len(rest[0])} bytes; grid [{h}, {w}] float32 needs {h * w * 4}")
+    grid_map = np.frombuffer(rest[0], "<f4").reshape(h, w)
+    grid_map.flags.writeable = False
+    image = None
+    if "canvas" in header:
+        ch, cw = _sides("canvas", header["canvas"], 2)
+        if len(rest[1]) != ch * cw * 3:
+            raise WireError("payload_size", f"canvas image is {len(rest[1])} bytes; canvas [{ch}, {cw}] RGB needs "
+                                            f"{ch * cw * 3}")
+        image = np.frombuffer(rest[1], np.uint8).reshape(ch, cw, 3)
+        image.flags.writeable = False
+    return Scored(header["stream"], header["seq"], header["t_ns"], header["shape"], header["score"], grid_map, image,
                   header.get("timing", {}), header.get("product"), header.get("meta", {}))
 
 
@@ -596,59 +617,17 @@ def _decode_result(header: dict, rest: list) -> Result:
 
 # ---- jpeg / png ----
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # (decoded channels, wanted channels) -> OpenCV conversion; OpenCV decodes to grey, BGR or BGRA
 _CONVERSIONS = {(1, 3): "COLOR_GRAY2RGB", (1, 4): "COLOR_GRAY2RGBA", (3, 1): "COLOR_BGR2GRAY",
                 (3, 3): "COLOR_BGR2RGB", (3, 4): "COLOR_BGR2RGBA", (4, 1): "COLOR_BGRA2GRAY",
                 (4, 3): "COLOR_BGRA2RGB", (4, 4): "COLOR_BGRA2RGBA"}
 
 
-def file_size(data: memoryview, encoding: str) -> tuple[int, int] | None:
-    """(H, W) from a png IHDR chunk or a jpeg SOF segment, without decoding; None if there is none.
-
-    A png must also be whole: every chunk inside the data, up to IEND. OpenCV allocates a chunk's
-    length before reading it, so one corrupted length byte in a 100-byte file costs gigabytes.
-    """
-    if encoding == "png":
-        if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
-            return None
-        i = 8
-        while i + 12 <= len(data):
-            end = i + 12 + int.from_bytes(data[i:i + 4], "big")
-            if end > len(data):
-                return None
-            if data[i + 4:i + 8] == b"IEND":
-                return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-            i = end
-        return None
-    if data[:2] != b"\xff\xd8":
-        return None
-    i = 2
-    while i + 4 <= len(data):  # walk the segments up to the frame header
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker in _JPEG_SOF:
-            if i + 9 > len(data):
-                return None
-            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-        elif marker in (0xD9, 0xDA):  # end of image or scan data before any frame header
-            return None
-        else:
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
-
-
 def _decode_file(data: memoryview, encoding: str, shape: tuple[int, int, int], dtype: str) -> np.ndarray:
     import cv2  # only receivers of encoded frames pay for importing OpenCV
 
     h, w, c = shape
-    size = file_size(data, encoding)
+    size = images.file_size(data, encoding)
     if size is None:
         raise WireError("bad_payload", f"payload ({len(data)} bytes) is not a whole {encoding} file: no image header "
                                        f"or a chunk runs past the end")

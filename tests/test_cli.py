@@ -16,7 +16,9 @@ from pipeline.cli import main
 
 def test_fit_eval_round_trip_finds_planted_defects(fitted_model, synthetic_data, tmp_path, capsys):
     manifest = json.loads((fitted_model / "manifest.json").read_text())
-    assert manifest["kind"] == "memory_bank" and manifest["grid"] == [16, 16]
+    assert manifest["kind"] == "memory_bank" and manifest["format_version"] == 2
+    assert manifest["input"] == {"height": 128, "width": 128, "channels": 3, "layout": "NHWC", "dtype": "uint8"}
+    assert manifest["maps"]["stride"] == 8 and manifest["frame"] == [128, 128]
     assert manifest["fit"]["bank_size"] == round(0.25 * 12 * 16 * 16)
     thresholds = json.loads((fitted_model / "thresholds.json").read_text())
     assert thresholds["image"]["threshold"] > thresholds["image"]["min"] > 0
@@ -28,10 +30,19 @@ def test_fit_eval_round_trip_finds_planted_defects(fitted_model, synthetic_data,
     table = capsys.readouterr().out
     assert "image_auroc" in table and "pixel_aupro" in table
     result = json.loads(out.read_text())
-    for key in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+    for key in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_iou_max",
+                "pixel_aupro"):
         assert 0.0 <= result[key] <= 1.0
     assert result["n_images"] == 4 + 3 * 3 and result["images_per_s"] > 0
-    assert result["config"]["backbone"] == "efficientnet_lite0" and result["config"]["bank_size"] == 768
+    assert result["config"]["kind"] == "memory_bank"
+    assert result["config"]["memory_bank"]["embedding"]["backbone"] == "efficientnet_lite0"
+    assert result["config"]["fit"]["bank_size"] == 768
+    # what a quality engineer asks next: per defect type, and the rates at the calibrated threshold
+    assert set(result["per_type"]) == {"hole", "scratch", "stain"}
+    assert result["false_reject"]["of"] == 4 and result["miss"]["of"] == 9
+    assert result["miss"]["count"] == sum(t["miss"]["count"] for t in result["per_type"].values())
+    plots = [tmp_path / "metrics-product-curves.png"]  # <json stem>-<dataset>-curves.png
+    assert [str(p) for p in plots] == result["curve_plots"] and cv2.imread(str(plots[0])) is not None
     # the planted defects must be found, in the image and in the pixels
     assert result["image_auroc"] >= 0.95
     assert result["pixel_auroc"] >= 0.9 and result["pixel_aupro"] >= 0.7
@@ -42,7 +53,7 @@ def test_fit_eval_round_trip_finds_planted_defects(fitted_model, synthetic_data,
         tiff = tmp_path / "scores" / sample.rel.replace(".png", ".tiff")
         score_map = cv2.imread(str(tiff), cv2.IMREAD_UNCHANGED)
         assert score_map.dtype == np.float32 and score_map.shape == (128, 128)
-        assert (tmp_path / "maps" / sample.rel).is_file()
+        assert (tmp_path / "maps" / sample.rel).is_file()  # one dataset: no category folder
         scores.append(score_map.max())
     # the written maps are the ones the metrics were computed on: recompute pixel AUROC from them
     maps = [cv2.imread(str(tmp_path / "scores" / s.rel.replace(".png", ".tiff")), cv2.IMREAD_UNCHANGED) for s in samples]
@@ -137,9 +148,10 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_wrong_image_shape_for_model_is_named(fitted_model):
-    from calibration.model import InspectionModel
+    from calibration.model import Model
     from engines.errors import InputError
+    from engines.runtimes import Deployment
 
-    with InspectionModel(fitted_model) as model:
+    with Model(fitted_model).detector(Deployment()) as detector:
         with pytest.raises(InputError, match=r"\[N, 128, 128, 3\]"):
-            model.score(np.zeros((1, 256, 256, 3), np.uint8))
+            detector.maps(np.zeros((1, 256, 256, 3), np.uint8))

@@ -1,5 +1,5 @@
-"""Compiled engines and deployments: INT8 export and parity on the CPU, deployment errors, the
-exported graph's shape, and the GPU paths (marked gpu, skipped without an NVIDIA GPU)."""
+"""Compiled engines and deployments: INT8 export, its validation and its record, deployment errors, the
+exported graph, and the GPU paths (marked gpu, skipped without an NVIDIA GPU)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from calibration.artifact import ArtifactError
-from calibration.int8 import Int8Config, check_engine, engine_path, quantize_onnxruntime
-from calibration.maps import smooth_map, smooth_maps_torch
-from calibration.model import Deployment, InspectionModel
+from calibration.int8 import Int8Config, ValidationBar, quantize_onnxruntime, validate_int8
+from calibration.maps import MapConfig, smooth, smooth_torch
+from calibration.model import Model
 from engines.banks import MemoryBank
+from engines.compiled import cpu_features, engine_file, engine_path
 from engines.errors import ConfigError, MissingExtraError
+from engines.runtimes import Deployment
 from pipeline.cli import main
 
 CUDA = torch.cuda.is_available()
@@ -27,26 +29,31 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU with CUDA 
 def int8_model(fitted_model, tmp_path_factory):
     model = tmp_path_factory.mktemp("int8") / "model"
     shutil.copytree(fitted_model, model)
-    record = quantize_onnxruntime(model, Int8Config(images=6))
+    (record,) = quantize_onnxruntime(model, Int8Config(images=6))
     return model, record
 
 
-def _images(model_dir, n=4):
-    from calibration.dataset import iter_batches, train_images
+def _inputs(model_dir, n=4):
+    from calibration.dataset import read_images, train_images
 
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    paths = train_images(manifest["fit"]["data"])[:n]
-    return next(iter_batches(paths, manifest["embedding"]["input_size"], n))[0]
+    model = Model(model_dir)
+    images = list(read_images(train_images(model.manifest["fit"]["data"][0])[:n]))
+    out = np.empty((n,) + model.spec.shape, np.uint8)
+    for k, image in enumerate(images):
+        model.geometer.prepare(image, model.layout(image.shape[:2]), out[k:k + 1])
+    return out
 
 
-def test_int8_export_writes_engine_and_settings(int8_model):
+def test_int8_export_writes_a_validated_engine_and_its_record(int8_model):
     model, record = int8_model
     path = engine_path(model, "onnxruntime", "int8")
     assert path.is_file() and json.loads(path.with_suffix(".json").read_text()) == record
     assert record["method"] == "minmax" and record["per_channel"] and len(record["calibration_images"]) == 6
+    assert record["cpu_features"] == cpu_features()  # validated on this CPU, and it says so
+    v = record["validation"]
+    assert v["passed"] and v["map_correlation"] >= 0.95 and v["images"] == 2 * min(16, 12 - 6)
     graph = onnx.load(str(path)).graph
-    ops = {n.op_type for n in graph.node}
-    assert "QLinearConv" in ops
+    assert "QLinearConv" in {n.op_type for n in graph.node}
     # the uint8 image feeds the first QLinearConv directly (after the layout transpose): no float pass
     assert record["uint8_input"]
     first = [n for n in graph.node if "images" in n.input]
@@ -55,19 +62,15 @@ def test_int8_export_writes_engine_and_settings(int8_model):
     assert [n.op_type for n in users] == ["QLinearConv"]
 
 
-def test_int8_features_and_scores_track_fp32(int8_model):
+def test_int8_maps_track_fp32(int8_model):
     model, _ = int8_model
-    images = _images(model)
-    with InspectionModel(model) as fp32, InspectionModel(model, Deployment(precision="int8")) as int8:
-        f32, f8 = fp32.engine.infer(images), int8.engine.infer(images)
+    inputs = _inputs(model)
+    with Model(model).detector(Deployment()) as fp32, Model(model).detector(Deployment(precision="int8")) as int8:
+        f32, f8 = fp32.engine.infer(inputs), int8.engine.infer(inputs)
         assert f8.shape == f32.shape and f8.dtype == np.float32
-        rel = np.abs(f8 - f32).mean() / np.abs(f32).mean()
-        assert rel < 0.3, rel  # int8 of a whole network: coarse per element, close on average
-        corr = np.corrcoef(f8.ravel(), f32.ravel())[0, 1]
-        assert corr > 0.95, corr
-        p32, _ = fp32.score(images)
-        p8, _ = int8.score(images)
-        assert np.corrcoef(p8.ravel(), p32.ravel())[0, 1] > 0.9
+        assert np.corrcoef(f8.ravel(), f32.ravel())[0, 1] > 0.95, "features"
+        m32, m8 = fp32.maps(inputs), int8.maps(inputs)
+        assert np.corrcoef(m8.ravel(), m32.ravel())[0, 1] > 0.9, "anomaly maps"
 
 
 def test_int8_eval_still_finds_planted_defects(int8_model, synthetic_data, tmp_path):
@@ -75,24 +78,53 @@ def test_int8_eval_still_finds_planted_defects(int8_model, synthetic_data, tmp_p
     out = tmp_path / "m.json"
     assert main(["eval", str(model), str(synthetic_data), "--precision", "int8", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["config"]["precision"] == "int8"
+    assert result["config"]["deployment"]["precision"] == "int8"
     assert result["image_auroc"] >= 0.9 and result["pixel_auroc"] >= 0.85
 
 
-def test_int8_engine_is_validated(int8_model, tmp_path):
+def test_int8_that_fails_validation_is_refused_and_removed(fitted_model, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(fitted_model, model)
+    impossible = ValidationBar(map_correlation=1.01)  # no int8 engine can meet it
+    with pytest.raises(ConfigError, match="fails validation") as err:
+        quantize_onnxruntime(model, Int8Config(images=4), bar=impossible)
+    assert "map correlation" in str(err.value) and "--precision fp32" in str(err.value)
+    assert not engine_path(model, "onnxruntime", "int8").exists()  # nothing half-valid left to serve
+    with pytest.raises(ArtifactError, match="lineguard export"):
+        Model(model).detector(Deployment(precision="int8"))
+
+
+def test_validation_measures_int8_against_fp32(int8_model):
+    model, _ = int8_model
+    v = validate_int8(model, ValidationBar(images=4))
+    assert v["passed"] and v["images"] == 8
+    fp32_image, int8_image = v["image_auroc"]
+    assert 0.5 <= int8_image <= 1 and abs(fp32_image - int8_image) <= 0.01
+
+
+def test_int8_engine_is_checked_against_its_model_and_cpu(int8_model, tmp_path):
     model, _ = int8_model
     copy = tmp_path / "model"
     shutil.copytree(model, copy)
     path = engine_path(copy, "onnxruntime", "int8")
-    assert check_engine(copy, "onnxruntime", "int8") == path
+    d = Deployment(precision="int8")
+    assert engine_file(copy, d) == path
+    record = json.loads(path.with_suffix(".json").read_text())
+    # an engine validated on a CPU with other instruction sets is refused until validated here
+    foreign = {**record, "cpu_features": ["avx2", "fma"] if "avx512f" in cpu_features() else ["avx512_vnni"]}
+    path.with_suffix(".json").write_text(json.dumps(foreign))
+    with pytest.raises(ArtifactError, match="validate it here") as err:
+        engine_file(copy, d)
+    assert f"lineguard export {copy} --runtime onnxruntime --precision int8" in str(err.value)
+    path.with_suffix(".json").write_text(json.dumps(record))
     with open(path, "r+b") as f:
         f.seek(200)
         f.write(b"\x00\x01")
     with pytest.raises(ArtifactError, match="altered"):
-        check_engine(copy, "onnxruntime", "int8")
+        engine_file(copy, d)
     path.unlink()
     with pytest.raises(ArtifactError, match="lineguard export"):
-        InspectionModel(copy, Deployment(precision="int8"))
+        Model(copy).detector(d)
 
 
 def test_export_cli_and_missing_engine_message(fitted_model, synthetic_data, tmp_path, capsys):
@@ -103,13 +135,14 @@ def test_export_cli_and_missing_engine_message(fitted_model, synthetic_data, tmp
     assert len(err) == 1 and f"lineguard export {model} --runtime onnxruntime --precision int8" in err[0]
     assert main(["export", str(model), "--precision", "int8", "--calib-images", "4",
                  "--calibration", "entropy", "--per-tensor"]) == 0
+    assert "validated on" in capsys.readouterr().out
     record = json.loads(engine_path(model, "onnxruntime", "int8").with_suffix(".json").read_text())
     assert record["method"] == "entropy" and not record["per_channel"] and len(record["calibration_images"]) == 4
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--runtime", "torch", "--precision", "fp16"], "--device cuda"),
-    (["--runtime", "onnxruntime", "--device", "cuda:0"], "onnxruntime runtime runs on the CPU"),
+    (["--runtime", "torch", "--precision", "fp16"], "needs a GPU"),
+    (["--runtime", "onnxruntime", "--device", "cuda:0"], "runs on cpu"),
     (["--runtime", "onnxruntime", "--precision", "fp16"], "no precision 'fp16'"),
     (["--device", "tpu"], "unknown device"),
 ])
@@ -134,11 +167,14 @@ def test_exported_graph_has_no_pad_nodes(fitted_model):
     assert "Pad" not in ops and "Conv" in ops
 
 
-def test_torch_map_smoothing_matches_opencv():
+@pytest.mark.parametrize("shape, sigma", [((16, 16), 4.0), ((8, 12), 2.0), ((6, 10), 0.0)])
+def test_torch_map_smoothing_matches_opencv(shape, sigma):
     rng = np.random.default_rng(0)
-    patch = rng.random((3, 16, 16)).astype(np.float32)
-    want = np.stack([smooth_map(p, 128, 4.0) for p in patch])
-    got = smooth_maps_torch(torch.from_numpy(patch), 128, 4.0).numpy()
+    grid = rng.random((3,) + shape).astype(np.float32)
+    config = MapConfig(blur_sigma=sigma)
+    want = np.stack([smooth(g, config) for g in grid])
+    got = smooth_torch(torch.from_numpy(grid), config).numpy()
+    assert got.shape == (3, shape[0] * 8, shape[1] * 8)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -149,8 +185,7 @@ def test_fp16_bank_storage_on_cpu_is_close():
     from engines.banks import BankConfig
 
     exact = MemoryBank.build(bank)
-    index = exact.index
-    half = MemoryBank(index, BankConfig(), precision="fp16")
+    half = MemoryBank(exact.index, BankConfig(), precision="fp16")
     d32, i32 = exact.search(queries)
     d16, i16 = half.search(queries)
     assert (i16 == i32).mean() > 0.95
@@ -179,16 +214,19 @@ def test_gpu_bank_equals_cpu_bank():
 @needs_cuda
 @pytest.mark.parametrize("precision, cuda_graphs, tol", [("fp32", False, 1e-3), ("fp16", True, 3e-2)])
 def test_whole_gpu_path_matches_cpu(fitted_model, precision, cuda_graphs, tol):
-    images = _images(fitted_model)
-    with InspectionModel(fitted_model) as cpu:
-        patch, scores = cpu.score(images)
-        smoothed = np.stack([cpu.smooth(p) for p in patch])
+    model = Model(fitted_model)
+    inputs = _inputs(fitted_model)
+    with model.detector(Deployment()) as cpu:
+        maps = cpu.maps(inputs)
     deployment = Deployment(runtime="torch", device="cuda", precision=precision, cuda_graphs=cuda_graphs)
-    with InspectionModel(fitted_model, deployment) as gpu:
-        maps, gpu_scores = gpu.score_on_device(images)
-        assert maps.is_cuda
-        np.testing.assert_allclose(gpu_scores.cpu().numpy(), scores, rtol=tol)
-        np.testing.assert_allclose(maps.cpu().numpy(), smoothed, rtol=tol, atol=tol * smoothed.max())
+    with model.detector(deployment) as gpu:
+        device_maps = gpu.maps_device(inputs)
+        assert device_maps.is_cuda
+        np.testing.assert_allclose(device_maps.cpu().numpy(), maps, rtol=tol, atol=tol * maps.max())
+        smoothed = smooth_torch(device_maps, model.maps)
+        assert smoothed.is_cuda
+        want = np.stack([smooth(m, model.maps) for m in maps])
+        np.testing.assert_allclose(smoothed.cpu().numpy(), want, rtol=tol, atol=tol * want.max())
 
 
 @pytest.mark.gpu

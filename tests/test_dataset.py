@@ -8,16 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.dataset import (
-    DataError,
-    decode_image,
-    evaluation_samples,
-    iter_batches,
-    read_image,
-    read_mask,
-    resize_to_input,
-    train_images,
-)
+from calibration.dataset import DataError, evaluation_samples, image_size, read_image, read_images, read_mask, train_images
 from engines.errors import LineguardError
 
 
@@ -38,7 +29,7 @@ def _noise(h: int, w: int, c: int | None = 3, seed: int = 0, dtype=np.uint8) -> 
     return np.random.default_rng(seed).integers(0, hi, shape).astype(dtype)
 
 
-# ----------------------------------------------------------------------------- images
+# ----------------------------------------------------------------------------- reading files (decoding: tests/test_images.py)
 
 
 def test_rgb_png_round_trip(tmp_path):
@@ -78,16 +69,6 @@ def test_16bit_png_scaled_to_8bit(tmp_path):
     grey16 = _noise(9, 11, None, dtype=np.uint16)
     got = read_image(_write(tmp_path / "deep_grey.png", grey16))
     np.testing.assert_array_equal(got, np.repeat((grey16 >> 8).astype(np.uint8)[:, :, None], 3, axis=2))
-
-
-def test_decode_image_from_bytes_and_array(tmp_path):
-    rgb = _noise(6, 7, seed=3)
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert ok
-    np.testing.assert_array_equal(decode_image(encoded.tobytes(), "mem"), rgb)
-    np.testing.assert_array_equal(decode_image(encoded.ravel(), "mem"), rgb)
-    with pytest.raises(DataError, match="in-memory.png"):
-        decode_image(b"", "in-memory.png")
 
 
 def test_corrupt_file_names_path(tmp_path):
@@ -216,53 +197,26 @@ def test_read_mask_missing(tmp_path):
         read_mask(tmp_path / "missing_mask.png", (4, 4))
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (100, 80), (32, 48), (30, 200)])
-def test_resize_to_input(shape):
-    image = _noise(*shape)
-    out = resize_to_input(image, 64)
-    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
-    if shape == (64, 64):
-        assert out is image
+def test_read_images_in_order_with_prefetch(tmp_path):
+    shapes = [(64, 64), (80, 100), (40, 30), (64, 128), (200, 64), (9, 9)]
+    paths = [_write_rgb(tmp_path / f"{i:03d}.png", _noise(*shape, seed=i)) for i, shape in enumerate(shapes)]
+    got = list(read_images(paths, prefetch=2))
+    assert [g.shape[:2] for g in got] == shapes
+    for path, image in zip(paths, got):
+        np.testing.assert_array_equal(image, read_image(path))
+    assert list(read_images([])) == []
 
 
-def test_resize_to_input_keeps_constant_colour():
-    image = np.empty((37, 91, 3), np.uint8)
-    image[:] = (10, 200, 77)
-    assert np.all(resize_to_input(image, 64) == (10, 200, 77))
-
-
-def test_iter_batches_order_sizes_and_original_shapes(tmp_path):
-    shapes = [(64, 64), (80, 100), (40, 30), (64, 128), (200, 64)]
-    colours = [(10 * i + 5, 200 - 20 * i, 3 * i) for i in range(len(shapes))]
-    paths = []
-    for i, (shape, colour) in enumerate(zip(shapes, colours)):
-        image = np.empty(shape + (3,), np.uint8)
-        image[:] = colour
-        paths.append(_write_rgb(tmp_path / f"{i:03d}.png", image))
-
-    batches = list(iter_batches(paths, 64, 2))
-    assert [len(b) for b, _ in batches] == [2, 2, 1]
-    seen_colours, seen_shapes = [], []
-    for images, originals in batches:
-        assert images.dtype == np.uint8 and images.shape[1:] == (64, 64, 3)
-        assert len(originals) == len(images)
-        for image, original in zip(images, originals):
-            seen_colours.append(tuple(int(v) for v in image[32, 32]))
-            seen_shapes.append(tuple(original))
-    assert seen_colours == colours
-    assert seen_shapes == shapes
-
-    kept = list(iter_batches(paths, 64, 3, keep_originals=True))
-    assert [len(b) for b, _ in kept] == [3, 2]
-    originals = [o for _, os in kept for o in os]
-    for path, original in zip(paths, originals):
-        np.testing.assert_array_equal(original, read_image(path))
-
-
-def test_iter_batches_empty_and_errors(tmp_path):
-    assert list(iter_batches([], 64, 4)) == []
+def test_read_images_names_the_bad_file(tmp_path):
     good = _write_rgb(tmp_path / "ok.png", _noise(8, 8))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(DataError, match="bad.png"):
-        list(iter_batches([good, good, bad], 64, 2))
+        list(read_images([good, good, bad]))
+
+
+def test_image_size_from_headers_and_by_decoding(tmp_path):
+    png = _write_rgb(tmp_path / "a.png", _noise(23, 41))
+    jpg = _write_rgb(tmp_path / "b.jpg", _noise(17, 5))
+    bmp = _write_rgb(tmp_path / "c.bmp", _noise(6, 9))
+    assert image_size(png) == (23, 41) and image_size(jpg) == (17, 5) and image_size(bmp) == (6, 9)

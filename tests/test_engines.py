@@ -1,4 +1,5 @@
-"""PatchEmbedding head, ONNX export and the runtime Engine contract (engines/heads.py, export.py, runtimes.py)."""
+"""The served networks (embedding, reconstruction), ONNX export, the Engine contract and the runtime registry
+(engines/heads.py, export.py, runtimes.py)."""
 
 from __future__ import annotations
 
@@ -8,29 +9,46 @@ import torch
 
 from engines.errors import ConfigError, InputError
 from engines.export import export_onnx
-from engines.heads import EmbeddingConfig, PatchEmbedding
-from engines.runtimes import RUNTIMES, OnnxRuntimeEngine, TorchEngine
+from engines.heads import (EmbeddingConfig, FeatureReconstruction, PatchEmbedding, ReconstructionConfig,
+                           reconstruction_distance)
+from engines.runtimes import RUNTIMES, Deployment, OnnxRuntimeEngine, TorchEngine
 from nets import rescale_convs
 
-SIZE = 64
-CONFIG = EmbeddingConfig(layers=("stage2", "stage4"), input_size=SIZE, dim=0)
-# Runtimes agree with the torch module to this fraction of the largest |feature| (ORT fuses conv+BN
+H, W = 64, 96  # a non-square input: part of the contract
+CONFIG = EmbeddingConfig(layers=("stage2", "stage4"), dim=0)
+# Runtimes agree with the torch module to this fraction of the largest |output| (ORT fuses conv+BN
 # and reorders sums; the observed difference is ~1e-6 of the scale).
 REL_ATOL = 1e-4
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, (n, H, W, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
 def module():
-    return rescale_convs(PatchEmbedding(CONFIG, weights="random"), seed=0)
+    return rescale_convs(PatchEmbedding(CONFIG, H, W, weights="random"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def reconstruction():
+    config = ReconstructionConfig(encoder=EmbeddingConfig(layers=("stage2", "stage3", "stage4")), width=16,
+                                  bottleneck=32)
+    return rescale_convs(FeatureReconstruction(config, H, W, weights="random"), seed=1).eval()
 
 
 @pytest.fixture(scope="module")
 def onnx_path(module, tmp_path_factory):
-    return export_onnx(module, SIZE, tmp_path_factory.mktemp("onnx") / "embed.onnx")
+    return export_onnx(module, H, W, tmp_path_factory.mktemp("onnx") / "embed.onnx", "embeddings")
+
+
+@pytest.fixture(scope="module")
+def networks(module, reconstruction, tmp_path_factory):
+    """Both kinds of served network and their ONNX graphs: name -> (module, onnx path, output shape per image)."""
+    folder = tmp_path_factory.mktemp("networks")
+    rec = export_onnx(reconstruction, H, W, folder / "rec.onnx", "maps")
+    return {"embedding": (module, export_onnx(module, H, W, folder / "emb.onnx", "embeddings"), (8, 12, 152)),
+            "reconstruction": (reconstruction, rec, (8, 12))}
 
 
 # ----------------------------------------------------------------------------- the head
@@ -46,16 +64,16 @@ def _local_mean_3x3(f: np.ndarray) -> np.ndarray:
     return total / count
 
 
-def _bilinear(f: np.ndarray, size: int) -> np.ndarray:
-    """[N, C, h, w] -> [N, C, size, size], half-pixel centres, edge clamped (align_corners=False)."""
-    def axis(n_in):
-        src = np.maximum((np.arange(size) + 0.5) * n_in / size - 0.5, 0.0)
+def _bilinear(f: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[N, C, h, w] -> [N, C, *size], half-pixel centres, edge clamped (align_corners=False)."""
+    def axis(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
         i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
         i1 = np.minimum(i0 + 1, n_in - 1)
         return i0, i1, src - i0
 
-    y0, y1, ly = axis(f.shape[2])
-    x0, x1, lx = axis(f.shape[3])
+    y0, y1, ly = axis(f.shape[2], size[0])
+    x0, x1, lx = axis(f.shape[3], size[1])
     rows = f[:, :, y0] * (1 - ly)[:, None] + f[:, :, y1] * ly[:, None]
     return rows[..., x0] * (1 - lx) + rows[..., x1] * lx
 
@@ -63,11 +81,11 @@ def _bilinear(f: np.ndarray, size: int) -> np.ndarray:
 def _expected_embedding(module: PatchEmbedding, images: np.ndarray) -> np.ndarray:
     x = (images.transpose(0, 3, 1, 2).astype(np.float32) - 127.0) / 128.0
     with torch.no_grad():
-        feats = module.backbone(torch.from_numpy(x), module.config.layers)
+        feats = module.encoder.backbone(torch.from_numpy(x), module.config.layers)
     parts = []
     for name in module.config.layers:
         f = _local_mean_3x3(feats[name].numpy().astype(np.float64))
-        if f.shape[-1] != module.grid:
+        if f.shape[-2:] != module.grid:
             f = _bilinear(f, module.grid)
         parts.append(f)
     cat = np.concatenate(parts, axis=1).transpose(0, 2, 3, 1)
@@ -75,10 +93,10 @@ def _expected_embedding(module: PatchEmbedding, images: np.ndarray) -> np.ndarra
 
 
 def test_embedding_shape_dtype_and_grid(module):
-    assert module.grid == 8 and module.dim == 152  # stage2: stride 8, 40 ch; stage4: 112 ch
+    assert module.grid == (8, 12) and module.dim == 152 and module.stride == 8  # stage2: 40 ch; stage4: 112 ch
     with torch.no_grad():
         out = module(torch.from_numpy(_images(2)))
-    assert out.shape == (2, 8, 8, 152)
+    assert out.shape == (2, 8, 12, 152)
     assert out.dtype == torch.float32
 
 
@@ -97,27 +115,51 @@ def test_full_projection_is_per_stage_scaling(module):
     np.testing.assert_allclose(module.projection.numpy(), np.diag(scales), rtol=1e-6, atol=0)
 
 
+def test_unweighted_stages_are_plain_concatenation(module):
+    plain = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), weighting="none"), H, W, weights="random")
+    plain.encoder.backbone.load_state_dict(module.encoder.backbone.state_dict())
+    images = _images(1, seed=4)
+    with torch.no_grad():
+        a, b = plain(torch.from_numpy(images)).numpy(), module(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(a[..., :40] * 40 ** -0.5, b[..., :40], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a[..., 40:] * 112 ** -0.5, b[..., 40:], rtol=1e-5, atol=1e-6)
+
+
+def test_context_mirrors_the_image_around_the_input(module):
+    with_context = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), context=16), H, W, weights="random")
+    with_context.encoder.backbone.load_state_dict(module.encoder.backbone.state_dict())
+    images = _images(1, seed=5)
+    mirrored = np.pad(images, ((0, 0), (16, 16), (16, 16), (0, 0)), mode="reflect")
+    bigger = PatchEmbedding(CONFIG, H + 32, W + 32, weights="random")
+    bigger.encoder.backbone.load_state_dict(module.encoder.backbone.state_dict())
+    with torch.no_grad():
+        got = with_context(torch.from_numpy(images)).numpy()
+        want = bigger(torch.from_numpy(mirrored)).numpy()[:, 2:-2, 2:-2]
+    assert got.shape == (1, 8, 12, 152)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    with pytest.raises(ConfigError, match="context"):
+        PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), context=8), H, W, weights="random")
+
+
 def test_reduced_dim_projection():
-    m = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), input_size=SIZE, dim=32), weights="random")
+    m = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=32), H, W, weights="random")
     assert m.dim == 32
     with torch.no_grad():
         out = m(torch.from_numpy(_images(1)))
-    assert out.shape == (1, 8, 8, 32) and out.dtype == torch.float32
+    assert out.shape == (1, 8, 12, 32) and out.dtype == torch.float32
     # projection = diag(per-stage scale) @ Q with orthonormal Q [152, 32], fixed by the seed
     scales = np.concatenate([np.full(40, 40 ** -0.5), np.full(112, 112 ** -0.5)])
     q = m.projection.numpy() / scales[:, None]
     np.testing.assert_allclose(q.T @ q, np.eye(32), atol=1e-5)
-    again = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), input_size=SIZE, dim=32), weights="random")
+    again = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=32), H, W, weights="random")
     assert torch.equal(again.projection, m.projection)
-    other = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), input_size=SIZE, dim=32, seed=1),
-                           weights="random")
+    other = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=32, seed=1), H, W, weights="random")
     assert not torch.equal(other.projection, m.projection)
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(input_size=100), "multiple of 32"),
-    (dict(input_size=16), "multiple of 32"),
-    (dict(input_size=0), "multiple of 32"),
+    (dict(weighting="sqrt"), "weighting"),
+    (dict(context=-16), "context"),
     (dict(dim=-1), "dim"),
     (dict(layers=()), "layers"),
 ])
@@ -131,9 +173,25 @@ def test_embedding_config_accepts_list_layers():
     assert EmbeddingConfig(layers=["stage2", "stage3"]).layers == ("stage2", "stage3")
 
 
-def test_embedding_unknown_layer():
+def test_embedding_unknown_layer_and_bad_input_size():
     with pytest.raises(ConfigError, match="stage7"):
-        PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage7"), input_size=SIZE), weights="random")
+        PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage7")), H, W, weights="random")
+    with pytest.raises(ConfigError, match="multiple of"):
+        PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4")), 72, 64, weights="random")
+
+
+def test_reconstruction_map_is_the_feature_distance(reconstruction):
+    images = torch.from_numpy(_images(2, seed=6))
+    with torch.no_grad():
+        maps = reconstruction(images)
+        feats = reconstruction.encoder(images)
+        recon = reconstruction.decoder(feats)
+    assert maps.shape == (2, 8, 12) and maps.dtype == torch.float32
+    want = sum(1 - torch.nn.functional.cosine_similarity(f, r, dim=1) for f, r in zip(feats, recon))
+    torch.testing.assert_close(maps, want, rtol=1e-5, atol=1e-5)
+    assert (maps >= 0).all() and (maps <= 6).all()
+    # a perfect reconstruction scores 0 everywhere
+    assert reconstruction_distance(feats, feats).abs().max() < 1e-5
 
 
 # ----------------------------------------------------------------------------- runtimes
@@ -159,23 +217,24 @@ ENGINES = [
 ]
 
 
-def _make_engine(kind: str, module: PatchEmbedding, onnx_path, tmp_path):
+def _make_engine(kind: str, module, onnx_path, tmp_path):
     if kind.startswith(("torch-cuda", "tensorrt")) and not _cuda():
         pytest.skip("needs an NVIDIA GPU with CUDA (torch.cuda.is_available() is False)")
     if kind == "tensorrt" and not _tensorrt():
         pytest.skip("needs tensorrt and pycuda (pip install 'lineguard[gpu]')")
     if kind == "torch":
-        return TorchEngine(lambda: module, SIZE)
+        return TorchEngine(lambda: module, H, W)
     if kind == "onnxruntime":
-        return OnnxRuntimeEngine(onnx_path, SIZE)
+        return OnnxRuntimeEngine(onnx_path, H, W)
     if kind == "torch-cuda":
-        return TorchEngine(lambda: module, SIZE, device="cuda")
+        return TorchEngine(lambda: module, H, W, device="cuda")
     if kind == "torch-cuda-fp16-graphs":
-        return TorchEngine(lambda: module, SIZE, device="cuda", precision="fp16", cuda_graphs=True)
+        return TorchEngine(lambda: module, H, W, device="cuda", precision="fp16", cuda_graphs=True)
     from engines.tensorrt import TensorRTEngine, build_plan
 
-    plan = build_plan(onnx_path, tmp_path / "engine.plan", SIZE, "fp32", max_batch=4)
-    return TensorRTEngine(plan, SIZE, max_batch=4)
+    (tmp_path / "model.onnx").write_bytes(onnx_path.read_bytes())
+    plan = build_plan(tmp_path / "model.onnx", tmp_path / "engines" / "engine.plan", H, W, "fp32", max_batch=4)
+    return TensorRTEngine(plan, H, W, max_batch=4)
 
 
 def test_every_runtime_is_covered():
@@ -183,32 +242,36 @@ def test_every_runtime_is_covered():
     assert set(RUNTIMES) <= kinds, f"runtimes without a conformance case: {set(RUNTIMES) - kinds}"
 
 
+@pytest.mark.parametrize("network", ["embedding", "reconstruction"])
 @pytest.mark.parametrize("kind, rel_atol", ENGINES)
-def test_runtime_conformance(kind, rel_atol, module, onnx_path, tmp_path):
+def test_runtime_conformance(kind, rel_atol, network, networks, tmp_path):
+    """Every runtime serves both kinds of network (embeddings, anomaly maps) like the torch module does."""
+    module, path, shape = networks[network]
     images = _images(3, seed=2)
     with torch.no_grad():
         want = module(torch.from_numpy(images)).numpy()
     atol = rel_atol * np.abs(want).max()
-    with _make_engine(kind, module, onnx_path, tmp_path) as engine:
+    with _make_engine(kind, module, path, tmp_path) as engine:
         got = engine.infer(images)
         assert isinstance(got, np.ndarray) and got.dtype == np.float32
-        assert got.shape == (3, 8, 8, 152)
+        assert got.shape == (3,) + shape
         np.testing.assert_allclose(got, want, rtol=0, atol=atol)
         one = engine.infer(images[1:2])  # the batch axis is dynamic
-        assert one.shape == (1, 8, 8, 152)
+        assert one.shape == (1,) + shape
         np.testing.assert_allclose(one, want[1:2], rtol=0, atol=atol)
         # a non-contiguous view is accepted and gives the same result
         np.testing.assert_allclose(engine.infer(images[::-1]), want[::-1], rtol=0, atol=atol)
 
 
+SHAPE = f"[N, {H}, {W}, 3]"
 BAD_INPUTS = {
-    "float": (np.zeros((2, SIZE, SIZE, 3), np.float32), "uint8"),
-    "spatial": (np.zeros((2, 32, 32, 3), np.uint8), f"[N, {SIZE}, {SIZE}, 3]"),
-    "non-square": (np.zeros((2, SIZE, 2 * SIZE, 3), np.uint8), f"[N, {SIZE}, {SIZE}, 3]"),
-    "channels": (np.zeros((2, SIZE, SIZE, 4), np.uint8), f"[N, {SIZE}, {SIZE}, 3]"),
-    "nchw": (np.zeros((2, 3, SIZE, SIZE), np.uint8), f"[N, {SIZE}, {SIZE}, 3]"),
-    "3-D": (np.zeros((SIZE, SIZE, 3), np.uint8), f"[N, {SIZE}, {SIZE}, 3]"),
-    "empty batch": (np.zeros((0, SIZE, SIZE, 3), np.uint8), f"[N, {SIZE}, {SIZE}, 3]"),
+    "float": (np.zeros((2, H, W, 3), np.float32), "uint8"),
+    "spatial": (np.zeros((2, 32, 32, 3), np.uint8), SHAPE),
+    "transposed": (np.zeros((2, W, H, 3), np.uint8), SHAPE),
+    "channels": (np.zeros((2, H, W, 4), np.uint8), SHAPE),
+    "nchw": (np.zeros((2, 3, H, W), np.uint8), SHAPE),
+    "3-D": (np.zeros((H, W, 3), np.uint8), SHAPE),
+    "empty batch": (np.zeros((0, H, W, 3), np.uint8), SHAPE),
     "list": ([[0]], "uint8"),
 }
 
@@ -235,7 +298,7 @@ def test_engine_lifecycle(kind, rel_atol, module, onnx_path, tmp_path):
         engine.infer(_images(1))
     with engine as active:
         assert active is engine and engine.active
-        assert engine.infer(_images(1)).shape == (1, 8, 8, 152)
+        assert engine.infer(_images(1)).shape == (1, 8, 12, 152)
     assert not engine.active
     with pytest.raises(RuntimeError):
         engine.infer(_images(1))
@@ -245,7 +308,7 @@ def test_engine_lifecycle(kind, rel_atol, module, onnx_path, tmp_path):
             raise ValueError("boom")
     assert not engine.active
     engine.activate()
-    assert engine.active and engine.infer(_images(1)).shape == (1, 8, 8, 152)
+    assert engine.active and engine.infer(_images(1)).shape == (1, 8, 12, 152)
     engine.deactivate()
     engine.deactivate()  # idempotent
     assert not engine.active
@@ -258,7 +321,7 @@ def test_torch_engine_builds_module_only_on_activation(module):
         calls.append(1)
         return module
 
-    engine = TorchEngine(factory, SIZE)
+    engine = TorchEngine(factory, H, W)
     assert calls == [] and engine.module is None
     engine.activate()
     engine.activate()  # a second activate does not rebuild
@@ -268,7 +331,7 @@ def test_torch_engine_builds_module_only_on_activation(module):
 
 
 def test_onnx_engine_touches_nothing_before_activation(tmp_path):
-    engine = OnnxRuntimeEngine(tmp_path / "does_not_exist.onnx", SIZE)  # constructing is free
+    engine = OnnxRuntimeEngine(tmp_path / "does_not_exist.onnx", H, W)  # constructing is free
     assert engine.session is None and not engine.active
     with pytest.raises(Exception):
         engine.activate()
@@ -282,5 +345,39 @@ def test_exported_graph_has_uint8_dynamic_batch_input(onnx_path):
     (inp,) = session.get_inputs()
     (out,) = session.get_outputs()
     assert inp.name == "images" and inp.type == "tensor(uint8)"
-    assert not isinstance(inp.shape[0], int) and inp.shape[1:] == [SIZE, SIZE, 3]
+    assert not isinstance(inp.shape[0], int) and inp.shape[1:] == [H, W, 3]
     assert out.name == "embeddings" and out.type == "tensor(float)"
+
+
+# ----------------------------------------------------------------------------- deployments
+
+
+def test_deployment_json_round_trip_and_validation():
+    d = Deployment(runtime="onnxruntime", precision="int8", threads=2)
+    assert Deployment.from_json(d.to_json()) == d
+    with pytest.raises(ConfigError, match="unknown field"):
+        Deployment.from_json('{"runtime": "torch", "bank_precision": "fp16"}')
+    with pytest.raises(ConfigError, match="not JSON"):
+        Deployment.from_json("runtime=torch")
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(runtime="openvino"), "unknown runtime"),
+    (dict(precision="int8", runtime="torch"), "no precision 'int8'"),
+    (dict(precision="fp16"), "no precision 'fp16'"),
+    (dict(runtime="torch", precision="fp16"), "needs a GPU"),
+    (dict(device="gpu"), "unknown device"),
+    (dict(device="cuda"), "not 'cuda'"),
+    (dict(runtime="torch", cuda_graphs=True), "CUDA graphs"),
+    (dict(threads=0), "threads"),
+])
+def test_deployment_errors(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Deployment(**kwargs)
+
+
+def test_every_runtime_is_one_registry_entry():
+    for name, entry in RUNTIMES.items():
+        assert entry.name == name and entry.precisions and entry.devices and callable(entry.build)
+        assert set(entry.compiled) <= set(entry.precisions)
+    assert RUNTIMES["tensorrt"].extras == ("tensorrt", "pycuda")

@@ -177,7 +177,7 @@ def test_au_pro_perfect_and_inverted():
     assert au_pro(perfect, masks, 0.01) == pytest.approx(1.0, abs=1e-12)
     assert au_pro(inverted, masks) == pytest.approx(0.0, abs=1e-12)
     out = pixel_metrics(perfect, masks)
-    assert out == pytest.approx({"auroc": 1.0, "ap": 1.0, "f1max": 1.0, "aupro": 1.0})
+    assert out == pytest.approx({"auroc": 1.0, "ap": 1.0, "f1max": 1.0, "iou_max": 1.0, "aupro": 1.0})
 
 
 def test_pixel_negative_scores_signed_zero_and_inf():
@@ -215,7 +215,7 @@ def test_pixel_metrics_consistent(decimals):
     rng = np.random.default_rng(11)
     maps, masks = random_images(rng, SHAPES, decimals)
     out = pixel_metrics(maps, masks, fpr_limit=0.2)
-    assert set(out) == {"auroc", "ap", "f1max", "aupro"}
+    assert set(out) == {"auroc", "ap", "f1max", "iou_max", "aupro"}
     assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in out.values())
     scores = np.concatenate([m.ravel() for m in maps])
     labels = np.concatenate([k.ravel() != 0 for k in masks])
@@ -224,6 +224,34 @@ def test_pixel_metrics_consistent(decimals):
     np.testing.assert_allclose(out["f1max"], sk_f1_max(scores, labels), rtol=RTOL)
     assert out["aupro"] == au_pro(maps, masks, fpr_limit=0.2)
     assert out["auroc"] == roc_auc(scores, labels)
+    np.testing.assert_allclose(out["iou_max"], sk_iou_max(scores, labels), rtol=RTOL)
+
+
+def sk_iou_max(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Independent IoU-max: sklearn's Jaccard score of `scores >= t` at every distinct score t."""
+    from sklearn.metrics import jaccard_score
+
+    return max(jaccard_score(labels, scores >= t) for t in np.unique(scores))
+
+
+def test_iou_max_small_case_by_hand():
+    # 4 defect pixels scored 0.9, 0.8, 0.3, 0.2 among normal ones at 0.7, 0.1: cutting at >= 0.8 gives
+    # IoU 2 / 4, at >= 0.7 2 / 5, at >= 0.3 3 / 5, at >= 0.2 4 / 5 (the best), at >= 0.1 4 / 6
+    maps = [np.array([[0.9, 0.8, 0.3, 0.2, 0.7, 0.1]], np.float32)]
+    masks = [np.array([[1, 1, 1, 1, 0, 0]], np.uint8)]
+    assert pixel_metrics(maps, masks)["iou_max"] == pytest.approx(0.8)
+
+
+def test_curves_are_the_metrics_curves():
+    rng = np.random.default_rng(12)
+    maps, masks = random_images(rng, SHAPES)
+    out = pixel_metrics(maps, masks, curves=True)
+    roc, pro = out["roc"], out["pro"]
+    assert roc["fpr"][0] == 0 and roc["fpr"][-1] == 1 and roc["tpr"][-1] == 1
+    assert np.all(np.diff(roc["fpr"]) >= 0) and np.all(np.diff(roc["tpr"]) >= 0)
+    assert max(pro["fpr"]) <= 0.3 and np.all(np.diff(pro["pro"]) >= 0)
+    # the plotted ROC, thinned, still integrates to about the AUROC
+    assert np.trapezoid(roc["tpr"], roc["fpr"]) == pytest.approx(out["auroc"], abs=0.01)
 
 
 # ---------------------------------------------------------------- errors

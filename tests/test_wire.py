@@ -465,21 +465,43 @@ def test_mutated_messages_raise_only_wire_error():
 def test_scored_round_trip_and_rejections():
     frame = wire.decode([bytes(p) for p in wire.encode_frame("cam0", 3, np.zeros((40, 60, 1), np.uint8), t_ns=9,
                                                              product="lid", meta={"file": "a.png"})])
-    patch = np.arange(16 * 16, dtype=np.float32).reshape(16, 16)
-    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    message = wire.encode_scored(frame, 2.5, patch, image, {"infer": 1.0})
+    grid = np.arange(8 * 12, dtype=np.float32).reshape(8, 12)
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)  # a non-square canvas
+    message = wire.encode_scored(frame, 2.5, grid, image, {"infer": 1.0})
     scored = wire.decode([bytes(p) for p in message])
     assert isinstance(scored, wire.Scored)
     assert (scored.stream, scored.seq, scored.t_ns, scored.shape, scored.product, scored.meta) == \
         ("cam0", 3, 9, (40, 60, 1), "lid", {"file": "a.png"})
     assert scored.score == 2.5 and scored.timing == {"infer": 1.0}
-    np.testing.assert_array_equal(scored.patch_map, patch)
+    np.testing.assert_array_equal(scored.grid_map, grid)
     np.testing.assert_array_equal(scored.image, image)
-    assert not scored.image.flags.writeable
+    assert not scored.image.flags.writeable and not scored.grid_map.flags.writeable
+    # an ok frame travels without its canvas: one buffer
+    bare = wire.encode_scored(frame, 0.1, grid, None, {})
+    assert len(bare) == 2
+    decoded = wire.decode([bytes(p) for p in bare])
+    assert decoded.image is None and decoded.grid_map.shape == (8, 12)
     short = [message[0], message[1], bytes(message[2])[:-3]]
     with pytest.raises(wire.WireError) as err:
         wire.decode(short)
     assert err.value.reason == "payload_size" and (err.value.stream, err.value.seq) == ("cam0", 3)
     with pytest.raises(wire.WireError) as err:
-        wire.encode_scored(frame, 1.0, patch, np.zeros((64, 64), np.uint8), {})
+        wire.decode(message[:2])  # the header announces a canvas the message does not carry
+    assert err.value.reason == "frame_count"
+    with pytest.raises(wire.WireError) as err:
+        wire.encode_scored(frame, 1.0, grid, np.zeros((64, 64), np.uint8), {})
     assert err.value.reason == "bad_shape"
+
+
+def test_frame_error_field_and_user_meta():
+    """A producer marks an unreadable frame in the header; a user's meta key named 'error' is only data."""
+    marked = wire.decode([bytes(p) for p in wire.encode_frame("cam0", 1, np.zeros((1, 1, 1), np.uint8),
+                                                              error="a.png: not a readable image")])
+    assert marked.error == "a.png: not a readable image"
+    plain = wire.decode([bytes(p) for p in wire.encode_frame("cam0", 2, np.zeros((2, 2, 3), np.uint8),
+                                                             meta={"error": "user data"})])
+    assert plain.error is None and plain.meta == {"error": "user data"}
+    header = msgpack.unpackb(bytes(wire.encode_frame("cam0", 3, np.zeros((1, 1, 1), np.uint8))[0]))
+    assert "error" not in header  # absent unless set: version-1 receivers without it still read frames
+    with pytest.raises(wire.WireError, match="error"):
+        wire.encode_frame("cam0", 4, np.zeros((1, 1, 1), np.uint8), error="")

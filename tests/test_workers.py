@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 import zmq
 
-from calibration.dataset import resize_to_input
-from calibration.maps import smooth_map, to_original_size
 from calibration.synthetic import normal_frame
 from pipeline import wire
 from pipeline.workers import _collect, inference_worker, postprocess_worker
@@ -133,16 +131,18 @@ def test_collect_returns_nothing_once_stopped(pipe):
 # ---- inference worker ----
 
 @pytest.fixture
-def scoring_model(fitted_model):
-    """The fitted model, in this thread, to compute what the worker should answer."""
-    from calibration.model import Deployment, InspectionModel
+def inspector(fitted_model):
+    """The fitted model's Inspector, in this thread, to compute what the worker should answer."""
+    from calibration.model import Inspector, Model
+    from engines.runtimes import Deployment
 
-    model = InspectionModel(fitted_model, Deployment(runtime="onnxruntime", threads=1))
-    with model:
-        yield model
+    with Inspector(Model(fitted_model), Deployment(runtime="onnxruntime", threads=1)) as inspector:
+        yield inspector
 
 
-def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model, scoring_model, net):
+def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model, inspector, net):
+    from engines.runtimes import Deployment
+
     rng = np.random.default_rng(0)
     square = normal_frame(rng, 128)
     grey = rng.integers(0, 255, (300, 200, 1), endpoint=True).astype(np.uint8)
@@ -163,8 +163,9 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
         [frame_header(7, shape=[4, 5, 2]), pix[:40]],
         wire.encode_frame_encoded("cam0", 8, b"no jpeg in here", (8, 8, 3), "jpeg", t_ns=123),
         wire.encode_eos("cam0", 9),  # a worker takes frames only
-        wire.encode_frame("cam0", 9, np.zeros((1, 1, 1), np.uint8), t_ns=123, meta={"error": "unreadable"}),
-        wire.encode_frame("cam0", 10, later),  # after all of that, still served
+        wire.encode_frame("cam0", 9, np.zeros((1, 1, 1), np.uint8), t_ns=123, meta={"file": "x.png"},
+                          error="x.png: unreadable"),
+        wire.encode_frame("cam0", 10, later, meta={"error": "the user's own key"}),  # meta is only echoed
         wire.encode_frame("cam0", 11, deep),
         wire.encode_frame("cam0", 12, square),  # the sentinel
     ]
@@ -173,8 +174,6 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
     push = net.socket(zmq.PUSH, bind=frames_ep)
     pull = net.socket(zmq.PULL, bind=out_ep)
     control = net.socket(zmq.PULL, bind=control_ep)
-    from calibration.model import Deployment
-
     run = Background(inference_worker, fitted_model, frames_ep, [out_ep],
                      deployment=Deployment(runtime="onnxruntime", threads=1), batch=4, batch_ms=5.0,
                      control=control_ep, stop=stop)
@@ -194,23 +193,28 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
     assert len(by_seq) == len(out)  # one answer per frame
     assert sorted(by_seq) == [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12]
 
-    # valid frames: a scored message with the patch map and the model input the frame became
+    # valid frames: a scored message with the canvas map of the frame, as the model scores it here
+    model = inspector.model
     originals = {0: square, 1: grey, 2: small, 10: later, 11: deep, 12: square}
     for seq, image in originals.items():
         scored = by_seq[seq]
         assert isinstance(scored, wire.Scored)
         assert (scored.stream, scored.seq, scored.shape) == ("cam0", seq, image.shape)
-        assert scored.patch_map.shape == (16, 16) and scored.patch_map.dtype == np.float32
-        assert set(scored.timing) == {"queue", "preprocess", "infer", "batch"}
+        assert scored.grid_map.shape == (16, 16) and scored.grid_map.dtype == np.float32
+        assert set(scored.timing) == {"queue", "preprocess", "infer", "batch", "inputs"}
         assert 1 <= scored.timing["batch"] <= 4
-        # the worker's preprocessing: 16-bit to 8, grey to RGB, alpha dropped, resized to the input size
+        # the worker's conversion: 16-bit to 8, grey to RGB, alpha dropped; then the model's geometry
         rgb = (image >> 8).astype(np.uint8) if image.dtype == np.uint16 else image
         rgb = np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb[:, :, :3]
-        model_input = resize_to_input(np.ascontiguousarray(rgb), 128)
-        np.testing.assert_array_equal(scored.image, model_input)
-        patch, score = scoring_model.score(model_input[None])
-        np.testing.assert_allclose(scored.patch_map, patch[0], rtol=1e-3, atol=1e-3)
-        assert scored.score == pytest.approx(float(score[0]), rel=1e-3, abs=1e-3)
+        (want,) = inspector.inspect([np.ascontiguousarray(rgb)])
+        np.testing.assert_allclose(scored.grid_map, want.canvas_map, rtol=1e-3, atol=1e-3)
+        assert scored.score == pytest.approx(want.score, rel=1e-3, abs=1e-3)
+        # the canvas travels with defective frames only, for their overlays
+        if model.is_defect(scored.score):
+            np.testing.assert_array_equal(scored.image, model.geometer.canvas_image(rgb, want.layout))
+        else:
+            assert scored.image is None
+    assert by_seq[10].meta == {"error": "the user's own key"}
 
     # malformed frames whose header named stream and seq: an error result saying why
     reasons = {5: "payload", 6: "dtype", 7: "channels", 8: "jpeg"}
@@ -221,7 +225,7 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
         assert result.t_ns == 123
     unreadable = by_seq[9]
     assert isinstance(unreadable, wire.Result) and unreadable.verdict == "error"
-    assert unreadable.error == "unreadable" and unreadable.meta == {"error": "unreadable"}
+    assert unreadable.error == "x.png: unreadable" and unreadable.meta == {"file": "x.png"}
 
     assert stats.rejected == {"not_msgpack": 2, "bad_version": 1, "payload_size": 1, "bad_dtype": 1,
                               "bad_shape": 1, "bad_payload": 1, "bad_kind": 1}
@@ -231,11 +235,8 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
 # ---- postprocess worker ----
 
 @pytest.fixture
-def model_config(fitted_model) -> dict:
-    manifest = json.loads((fitted_model / "manifest.json").read_text())
-    thresholds = json.loads((fitted_model / "thresholds.json").read_text())
-    return {"size": manifest["embedding"]["input_size"], "sigma": manifest["scoring"]["blur_sigma"],
-            "pixel": thresholds["pixel"]}
+def thresholds(fitted_model) -> dict:
+    return json.loads((fitted_model / "thresholds.json").read_text())
 
 
 def start_postprocess(net: Net, fitted_model: Path, stop: threading.Event, **kwargs):
@@ -258,30 +259,30 @@ def stop_worker(run: Background, stop: threading.Event) -> None:
     assert not run.thread.is_alive(), "worker did not end on stop"
 
 
-def test_postprocess_worker_turns_scored_frames_into_results(fitted_model, model_config, net, tmp_path):
+def test_postprocess_worker_turns_scored_frames_into_results(fitted_model, thresholds, net, tmp_path):
     overlays = tmp_path / "overlays"
     rng = np.random.default_rng(1)
+    low = thresholds["image"]["min"]
     plain = decoded(wire.encode_frame("cam0", 0, normal_frame(rng, 128)[:60, :90], t_ns=111, meta={"file": "a.png"}))
     image = normal_frame(rng, 160)[:96]  # 96 x 160
     hot = decoded(wire.encode_frame_encoded("cam0", 1, png_bytes(image), (96, 160, 3), "png", t_ns=222))
-    patch = np.zeros((16, 16), np.float32)
-    patch[2:6, 10:14] = 100.0  # far above the pixel threshold, in the top right
+    grid = np.zeros((16, 16), np.float32)
+    grid[2:6, 10:14] = 100.0  # far above both thresholds, in the top right
     error = wire.Result("cam0", 2, 333, "error", error="rejected: bad payload", meta={"file": "c.png"})
     third = decoded(wire.encode_frame("cam0", 3, np.zeros((8, 8, 3), np.uint8), t_ns=444))
-    blank = np.zeros((128, 128, 3), np.uint8)
-    broken = wire.encode_scored(third, 0.0, np.zeros((16, 16), np.float32), blank, {})
-    broken = [broken[0], bytes(broken[1])[:-4], broken[2]]  # patch map 4 bytes short, stream / seq known
+    broken = wire.encode_scored(third, low, np.zeros((16, 16), np.float32), None, {})
+    broken = [broken[0], bytes(broken[1])[:-4]]  # map 4 bytes short, stream / seq known
     sentinel = decoded(wire.encode_frame("cam0", 4, np.zeros((8, 8, 3), np.uint8)))
     stop = threading.Event()
     run, push, sink = start_postprocess(net, fitted_model, stop, overlays=overlays)
     try:
-        push.send_multipart(wire.encode_scored(plain, 0.0, np.zeros((16, 16), np.float32), blank, {"infer": 1.5}))
-        push.send_multipart(wire.encode_scored(hot, 100.0, patch, resize_to_input(image, 128), {"infer": 2.5}))
+        push.send_multipart(wire.encode_scored(plain, low, np.zeros((16, 16), np.float32), None, {"infer": 1.5}))
+        push.send_multipart(wire.encode_scored(hot, 100.0, grid, cv2.resize(image, (128, 128)), {"infer": 2.5}))
         push.send_multipart(wire.encode_result(error))
         push.send_multipart([b"\xc1 garbage"])
         push.send_multipart(wire.encode_frame("cam0", 9, np.zeros((2, 2, 3), np.uint8)))  # a frame, not scored
         push.send_multipart(broken)
-        push.send_multipart(wire.encode_scored(sentinel, 0.0, np.zeros((16, 16), np.float32), blank, {}))
+        push.send_multipart(wire.encode_scored(sentinel, low, np.zeros((16, 16), np.float32), None, {}))
         out = receive_until(sink, ("cam0", 4))
         assert not sink.poll(0)
     finally:
@@ -302,37 +303,38 @@ def test_postprocess_worker_turns_scored_frames_into_results(fitted_model, model
     assert defect.regions and all(r.score >= 0.5 for r in defect.regions)
     assert defect.defect_map.dtype == np.uint8 and defect.defect_map.shape == (96, 160)
     x, y, w, h = defect.regions[0].bbox
-    assert x <= 120 < x + w and y <= 24 < y + h  # the hot patches' centre, in frame pixels
+    assert x <= 120 < x + w and y <= 24 < y + h  # the hot cells' centre, in frame pixels
     assert defect.defect_map[24, 120] == 255 and defect.defect_map[80, 20] < 128  # hot corner, quiet corner
     assert sorted(p.name for p in overlays.iterdir()) == ["cam0-00000001.png"]  # defective frames only
-    assert cv2.imread(str(overlays / "cam0-00000001.png")).shape == (128, 128, 3)  # drawn at the model input size
+    assert cv2.imread(str(overlays / "cam0-00000001.png")).shape == (128, 128, 3)  # drawn at the canvas size
 
     assert by_seq[2] == error  # passed on unchanged
     assert by_seq[3].verdict == "error" and by_seq[3].error.startswith("rejected:") and by_seq[3].t_ns == 444
-    assert "patch map" in by_seq[3].error
+    assert "anomaly map" in by_seq[3].error
     assert by_seq[4].verdict == "ok"
 
     assert stats.rejected == {"not_msgpack": 1, "bad_kind": 1, "payload_size": 1}
-    assert stats.frames == 3 and stats.errors == 1
+    assert stats.frames == 3 and stats.errors == 2
 
 
-def test_postprocess_a_defective_small_frame_has_a_region(fitted_model, model_config, net):
-    # a single hot patch whose smoothed peak normalises to 0.55: defective, but not by much
-    delta = np.zeros((16, 16), np.float32)
-    delta[5, 5] = 1.0
-    lo, thr = model_config["pixel"]["min"], model_config["pixel"]["threshold"]
-    # the verdict is taken at the frame's own size (shrinking the map lowers its peak)
-    peak = to_original_size(smooth_map(delta, model_config["size"], model_config["sigma"]), (24, 32)).max()
-    value = (2 * 0.55 * (thr - lo) + lo) / peak
-    frame = decoded(wire.encode_frame("cam0", 0, np.full((24, 32, 3), 128, np.uint8)))
+def test_postprocess_a_defect_below_the_pixel_threshold_still_has_a_region(fitted_model, thresholds, net):
+    # the image score crosses its threshold, while the smoothed map stays below the pixel threshold
+    image, pixel = thresholds["image"], thresholds["pixel"]
+    grid = np.full((16, 16), pixel["min"], np.float32)
+    grid[5, 9] = pixel["min"] + 0.2 * (pixel["threshold"] - pixel["min"])
+    raw = image["threshold"] + 0.5 * (image["threshold"] - image["min"])
+    frame = decoded(wire.encode_frame("cam0", 0, np.full((48, 64, 3), 128, np.uint8)))
     stop = threading.Event()
     run, push, sink = start_postprocess(net, fitted_model, stop)
     try:
-        push.send_multipart(wire.encode_scored(frame, float(value), delta * value, np.zeros((128, 128, 3), np.uint8), {}))
+        push.send_multipart(wire.encode_scored(frame, float(raw), grid, None, {}))
         assert sink.poll(int(TIMEOUT_S * 1000))
         result = wire.decode(sink.recv_multipart())
     finally:
         stop_worker(run, stop)
     run.finish(0)
-    assert result.verdict == "defect" and result.score == pytest.approx(0.55, abs=2e-2)
-    assert result.regions and result.defect_map.max() >= 128 and result.defect_map.shape == (24, 32)
+    assert result.verdict == "defect" and result.score == pytest.approx(0.75, abs=1e-3)
+    assert result.defect_map.shape == (48, 64) and result.defect_map.max() < 128  # no pixel is defective ...
+    (region,) = result.regions  # ... yet the defect is located: the cell behind the image score
+    x, y, w, h = region.bbox
+    assert (x, y, w, h) == (9 * 4, 5 * 3, 4, 3)  # cell (5, 9) of 16 x 16 on a 48 x 64 frame

@@ -1,0 +1,136 @@
+"""The ensemble kind: several fitted models of the same input served as one, their maps fused.
+
+`fuse` copies each member model into ``members/<i>/`` (validated like any model when loaded).
+Each member's raw map m is first put in its own threshold units, u = (m - min) / (threshold -
+min) with its image threshold and lowest normal score, so 1 is that member's threshold and the
+members' scales agree; then u is fused cell by cell (mean or max). The ensemble's image threshold
+is therefore 1 (with max fusion: a frame is defective when one member says so); its pixel
+threshold is the members' pixel thresholds in the same units: their mean, or (max fusion) the lowest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from calibration.artifact import load_manifest, write_manifest
+from calibration.kinds import Detector, Kind
+from engines.errors import ConfigError, LineguardError
+from engines.runtimes import Deployment
+
+FUSIONS = ("mean", "max")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleOptions:
+    fusion: str = "mean"
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"unknown fusion {self.fusion!r}; valid: {', '.join(FUSIONS)}")
+
+
+def _units(thresholds: dict) -> tuple[float, float]:
+    lo, thr = thresholds["image"]["min"], thresholds["image"]["threshold"]
+    return lo, max(thr - lo, 1e-12)
+
+
+def _fuse(stack: np.ndarray, fusion: str) -> np.ndarray:
+    return stack.max(axis=0) if fusion == "max" else stack.mean(axis=0)
+
+
+class EnsembleDetector(Detector):
+    """Every member's detector on the same inputs; their maps in threshold units, fused."""
+
+    def __init__(self, model_dir: Path, manifest: dict, deployment: Deployment):
+        from calibration.model import Model
+
+        super().__init__(None)
+        self.fusion = manifest["ensemble"]["fusion"]
+        self.members = []
+        for name in manifest["ensemble"]["members"]:
+            member = Model(Path(model_dir) / name)
+            self.members.append((member.detector(deployment), _units(member.thresholds)))
+
+    def __enter__(self) -> "EnsembleDetector":
+        for detector, _ in self.members:
+            detector.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for detector, _ in self.members:
+            detector.__exit__(*exc)
+
+    def maps(self, inputs: np.ndarray) -> np.ndarray:
+        stack = np.stack([(d.maps(inputs) - lo) / scale for d, (lo, scale) in self.members])
+        return _fuse(stack, self.fusion).astype(np.float32)
+
+    def maps_device(self, inputs: np.ndarray):
+        import torch
+
+        stack = torch.stack([(d.maps_device(inputs) - lo) / scale for d, (lo, scale) in self.members])
+        return stack.amax(0) if self.fusion == "max" else stack.mean(0)
+
+
+def _fit(ctx):
+    raise ConfigError("an ensemble is made from fitted models: lineguard fuse MODEL_A MODEL_B -o OUT")
+
+
+def _files(manifest: dict) -> list[str]:
+    return [f"{name}/manifest.json" for name in manifest["ensemble"]["members"]]
+
+
+def parts(model_dir: Path, manifest: dict) -> list[Path]:
+    return [Path(model_dir) / name for name in manifest["ensemble"]["members"]]
+
+
+def fuse(models: list[str | Path], out: str | Path, options: EnsembleOptions = EnsembleOptions()) -> dict:
+    """Write an ensemble of `models` (at least two, same input and geometry) to `out`; returns its manifest."""
+    if len(models) < 2:
+        raise ConfigError("fuse needs at least two models")
+    out = Path(out)
+    manifests = [load_manifest(m) for m in models]
+    first = manifests[0]
+    for path, m in zip(models[1:], manifests[1:]):
+        for key in ("input", "geometry"):
+            if m[key] != first[key]:
+                raise ConfigError(f"{path} has {key} {m[key]}, {models[0]} has {first[key]}: fused models must "
+                                  f"share their input and geometry; refit one with the other's --input-size / tiling")
+        if m["maps"]["stride"] != first["maps"]["stride"]:
+            raise ConfigError(f"{path} has map stride {m['maps']['stride']}, {models[0]} {first['maps']['stride']}: "
+                              "fused models must map on the same grid")
+    if out.exists():
+        if any(out.iterdir()) and not (out / "manifest.json").is_file():
+            raise LineguardError(f"output {out} exists and is not a lineguard model; choose a new directory (-o DIR)")
+        shutil.rmtree(out)
+    members = []
+    for i, model in enumerate(models):
+        name = f"members/{i}"
+        shutil.copytree(model, out / name, ignore=shutil.ignore_patterns("engines"))
+        members.append(name)
+    if first["geometry"].get("roi"):
+        shutil.copy(Path(models[0]) / first["geometry"]["roi"], out / first["geometry"]["roi"])
+    pixel_units = []
+    for model in models:
+        t = json.loads((Path(model) / "thresholds.json").read_text())
+        lo, scale = _units(t)
+        pixel_units.append((t["pixel"]["threshold"] - lo) / scale)
+    pixel = min(pixel_units) if options.fusion == "max" else float(np.mean(pixel_units))
+    thresholds = {"method": f"members' maps in their own image-threshold units (1 = threshold), fused by "
+                            f"{options.fusion}", "image": {"threshold": 1.0, "min": 0.0},
+                  "pixel": {"threshold": float(pixel), "min": 0.0}, "members": members}
+    (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+    return write_manifest(out, {
+        "kind": "ensemble", "input": first["input"], "geometry": first["geometry"], "maps": first["maps"],
+        "ensemble": {"fusion": options.fusion, "members": members,
+                     "kinds": [m["kind"] for m in manifests], "sources": [str(Path(m).resolve()) for m in models]},
+        "categories": first.get("categories", []),
+        "fit": {"fused_from": [str(m) for m in models]},
+    })
+
+
+KIND = Kind("ensemble", _files, EnsembleOptions, _fit, None, EnsembleDetector, lambda options: _fit(None), parts)

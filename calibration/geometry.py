@@ -1,0 +1,213 @@
+"""Input geometry: how a frame of any size becomes model inputs, and how anomaly maps come back.
+
+Every model takes uint8 [N, height, width, 3] (its `InputSpec`, declared once in the manifest).
+A frame [H0, W0] is first scaled onto a *canvas*, then cut into inputs:
+
+- ``resize``: the canvas is the input itself (the frame resized to height x width; its aspect
+  changes when it differs from the model's, which is chosen from the training images');
+- ``tiles``: the frame is scaled by ``scale`` (frame pixels -> canvas pixels), keeping its aspect,
+  and covered by overlapping height x width tiles, neighbours sharing at least ``overlap`` of a
+  tile. Small defects keep their pixels on large frames; each tile is one model input.
+
+A model's anomaly map has one cell per ``stride`` canvas pixels. Tile maps are stitched into one
+canvas map by a weighted mean (weights fall towards each tile's edges, where the network sees
+padding). A region of interest (a mask at any size, resized to each frame) confines scoring:
+cells outside it score 0 and tiles entirely outside it are not computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import cv2
+import numpy as np
+
+from calibration.images import resize
+from engines.errors import ConfigError
+
+TILINGS = ("resize", "tiles")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a model's network takes: uint8 [N, height, width, channels] images, NHWC, RGB."""
+
+    height: int = 256
+    width: int = 256
+    channels: int = 3
+    layout: str = "NHWC"
+    dtype: str = "uint8"
+
+    def __post_init__(self):
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 32 or value % 32:
+                raise ConfigError(f"input {name} {value} must be a multiple of 32, at least 32 (e.g. 256)")
+        if (self.channels, self.layout, self.dtype) != (3, "NHWC", "uint8"):
+            raise ConfigError(f"input must be uint8 NHWC with 3 channels, got {self.dtype} {self.layout} "
+                              f"with {self.channels}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.height, self.width, self.channels
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """tiling: "resize" | "tiles"; scale: canvas pixels per frame pixel (tiles); overlap: the least
+    fraction of a tile shared with its neighbour (tiles); roi: the artifact file holding the
+    region-of-interest mask (None: the whole frame)."""
+
+    tiling: str = "resize"
+    scale: float = 1.0
+    overlap: float = 0.25
+    roi: str | None = None
+
+    def __post_init__(self):
+        if self.tiling not in TILINGS:
+            raise ConfigError(f"unknown tiling {self.tiling!r}; valid: {', '.join(TILINGS)}")
+        if not 0.0 < self.scale <= 8.0:
+            raise ConfigError(f"tile scale {self.scale} must be in (0, 8]: canvas pixels per frame pixel, e.g. 1.0")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"tile overlap {self.overlap} must be in [0, 1), e.g. 0.25")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where one frame's inputs lie. frame: (H0, W0); canvas: (Hc, Wc) pixels; origins: the top-left
+    (y, x) canvas pixel of each input, multiples of `stride`; grid: the canvas map's cells (Hc/stride, Wc/stride)."""
+
+    frame: tuple[int, int]
+    canvas: tuple[int, int]
+    origins: tuple[tuple[int, int], ...]
+    stride: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.canvas[0] // self.stride, self.canvas[1] // self.stride
+
+    @property
+    def count(self) -> int:
+        return len(self.origins)
+
+
+def _positions(length: int, tile: int, overlap: float, stride: int) -> list[int]:
+    """Tile starts covering [0, length), evenly spread, multiples of stride, the last ending at length."""
+    if length <= tile:
+        return [0]
+    step = tile * (1.0 - overlap)
+    n = math.ceil((length - tile) / step) + 1
+    starts = {int(round(i * (length - tile) / (n - 1) / stride)) * stride for i in range(n)}
+    return sorted(starts)
+
+
+class Geometer:
+    """A model's InputSpec + Geometry + ROI mask, applied to frames. Shared by fit, eval and the workers."""
+
+    def __init__(self, spec: InputSpec, geometry: Geometry, stride: int, roi: np.ndarray | None = None):
+        if spec.height % stride or spec.width % stride:
+            raise ConfigError(f"input {spec.height}x{spec.width} is not a multiple of the map stride {stride}")
+        self.spec, self.geometry, self.stride = spec, geometry, stride
+        self.roi = None if roi is None else np.ascontiguousarray(roi, dtype=np.uint8)  # [Hr, Wr], nonzero inside
+
+    def layout(self, frame: tuple[int, int]) -> Layout:
+        h, w = int(frame[0]), int(frame[1])
+        th, tw, s = self.spec.height, self.spec.width, self.stride
+        if self.geometry.tiling == "resize":
+            return Layout((h, w), (th, tw), ((0, 0),), s)
+        g = self.geometry
+        ch = max(th, int(round(h * g.scale / s)) * s)
+        cw = max(tw, int(round(w * g.scale / s)) * s)
+        origins = [(y, x) for y in _positions(ch, th, g.overlap, s) for x in _positions(cw, tw, g.overlap, s)]
+        if self.roi is not None:
+            cells = self.roi_cells(Layout((h, w), (ch, cw), (), s))
+            kept = [(y, x) for y, x in origins if cells[y // s:(y + th) // s, x // s:(x + tw) // s].any()]
+            origins = kept or origins[:1]  # a frame always has an input, so it always gets a verdict
+        return Layout((h, w), (ch, cw), tuple(origins), s)
+
+    def prepare(self, image: np.ndarray, layout: Layout, out: np.ndarray) -> None:
+        """uint8 RGB [H0, W0, 3] -> its inputs written into out[:layout.count] (uint8 [>= T, h, w, 3])."""
+        th, tw = self.spec.height, self.spec.width
+        if self.geometry.tiling == "resize":
+            resize(image, th, tw, out=out[0])
+            return
+        canvas = resize(image, *layout.canvas)
+        for k, (y, x) in enumerate(layout.origins):
+            out[k] = canvas[y:y + th, x:x + tw]
+
+    def canvas_image(self, image: np.ndarray, layout: Layout) -> np.ndarray:
+        """The frame as the model saw it: uint8 RGB [Hc, Wc, 3] (for overlays)."""
+        return resize(image, *layout.canvas)
+
+    def stitch(self, maps: np.ndarray, layout: Layout) -> np.ndarray:
+        """Input maps float32 [T, h, w] -> the canvas map float32 [Hc/stride, Wc/stride], ROI applied."""
+        if layout.count == 1 and maps.shape[1:] == layout.grid:
+            canvas = np.array(maps[0], np.float32)
+        else:
+            gh, gw = layout.grid
+            h, w = maps.shape[1:]
+            weight = _edge_weights(h, w)
+            total = np.zeros((gh, gw), np.float32)
+            norm = np.zeros((gh, gw), np.float32)
+            for m, (y, x) in zip(maps, layout.origins):
+                cy, cx = y // self.stride, x // self.stride
+                total[cy:cy + h, cx:cx + w] += m * weight
+                norm[cy:cy + h, cx:cx + w] += weight
+            canvas = np.divide(total, norm, out=np.zeros_like(total), where=norm > 0)
+        if self.roi is not None:
+            canvas *= self.roi_cells(layout)
+        return canvas
+
+    def roi_cells(self, layout: Layout) -> np.ndarray:
+        """bool [Hc/stride, Wc/stride]: the canvas cells whose centre lies inside the ROI (all True without one)."""
+        gh, gw = layout.grid
+        if self.roi is None:
+            return np.ones((gh, gw), bool)
+        return cv2.resize(self.roi, (gw, gh), interpolation=cv2.INTER_NEAREST) > 0
+
+    def roi_frame(self, frame: tuple[int, int]) -> np.ndarray | None:
+        """bool [H0, W0] ROI at a frame's size, or None without one."""
+        if self.roi is None:
+            return None
+        return cv2.resize(self.roi, (int(frame[1]), int(frame[0])), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def _edge_weights(h: int, w: int) -> np.ndarray:
+    """float32 [h, w]: 1 + the distance in cells to the nearest tile edge (a pyramid)."""
+    y = np.minimum(np.arange(h), np.arange(h)[::-1]) + 1.0
+    x = np.minimum(np.arange(w), np.arange(w)[::-1]) + 1.0
+    return np.minimum.outer(y, x).astype(np.float32)
+
+
+def input_for_frames(sizes: list[tuple[int, int]], area: int = 256 * 256) -> InputSpec:
+    """A height x width input (multiples of 32) with the training frames' median aspect ratio and about `area` pixels."""
+    if not sizes:
+        raise ConfigError("no frame sizes to choose an input from")
+    aspect = float(np.median([w / h for h, w in sizes]))
+    height = math.sqrt(area / aspect)
+    width = height * aspect
+    return InputSpec(max(32, int(round(height / 32)) * 32), max(32, int(round(width / 32)) * 32))
+
+
+def read_roi(spec: str, reference: tuple[int, int]) -> np.ndarray:
+    """A region of interest from the command line: "x,y,w,h" in pixels of frames of size `reference`
+    (H0, W0), or the path of a mask image (nonzero inside) -> uint8 mask."""
+    from pathlib import Path
+
+    parts = spec.split(",")
+    if len(parts) == 4 and all(p.strip().lstrip("-").isdigit() for p in parts):
+        x, y, w, h = (int(p) for p in parts)
+        H, W = reference
+        if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > W or y + h > H:
+            raise ConfigError(f"roi {spec!r} is not a rectangle inside the {W}x{H} frames (x,y,w,h in pixels)")
+        mask = np.zeros((H, W), np.uint8)
+        mask[y:y + h, x:x + w] = 255
+        return mask
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"roi {spec!r} is neither x,y,w,h in pixels nor a mask image file")
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None or not mask.any():
+        raise ConfigError(f"roi mask {path} is unreadable or empty; give a grey PNG, nonzero inside the region")
+    return mask

@@ -1,0 +1,162 @@
+"""Image decoding and pixel conversion, in one place: every reader (dataset, wire, camera) calls it.
+
+Whatever comes in (an encoded file, grey, RGB, BGR, RGBA, 8 / 10 / 12 / 16-bit, a Bayer mosaic)
+leaves as what every model takes: uint8 RGB [H, W, 3].
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from engines.errors import LineguardError
+
+
+class ImageError(LineguardError):
+    """Pixels or an encoded image that cannot be turned into an RGB image."""
+
+
+# GenICam / PFNC Bayer names (the colour at row 0, column 0 and its right neighbour) -> OpenCV
+# conversion. OpenCV's older names count from the second row and column, hence the shift (checked
+# against a synthetic mosaic in tests/test_images.py).
+BAYER = {"RG": cv2.COLOR_BayerBG2RGB, "BG": cv2.COLOR_BayerRG2RGB, "GR": cv2.COLOR_BayerGB2RGB,
+         "GB": cv2.COLOR_BayerGR2RGB}
+
+# camera pixel formats (GenICam PFNC) this module converts: name -> (bits per sample, bayer pattern, channels)
+PIXEL_FORMATS = {
+    "Mono8": (8, None, 1), "Mono10": (10, None, 1), "Mono12": (12, None, 1), "Mono16": (16, None, 1),
+    "RGB8": (8, None, 3), "BGR8": (8, None, 3),
+    **{f"Bayer{p}{b}": (b, p, 1) for p in BAYER for b in (8, 10, 12, 16)},
+}
+
+
+def to_uint8(pixels: np.ndarray, bits: int = 16, name: str = "image") -> np.ndarray:
+    """uint8 or uint16 array -> uint8, scaling uint16 by its real bit depth (10 / 12 / 16 significant bits)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype != np.uint16:
+        raise ImageError(f"{name}: pixel type {pixels.dtype} is not supported; use 8-, 10-, 12- or 16-bit images")
+    if not 9 <= bits <= 16:
+        raise ImageError(f"{name}: {bits} significant bits for 16-bit samples; expected 10, 12 or 16")
+    return (pixels >> (bits - 8)).astype(np.uint8)
+
+
+def to_rgb(pixels: np.ndarray, name: str = "image", *, order: str = "RGB", bits: int = 16,
+           bayer: str | None = None) -> np.ndarray:
+    """Any decoded array -> uint8 RGB [H, W, 3] (a new array, or `pixels` itself when it already is one).
+
+    pixels: [H, W] or [H, W, 1 | 3 | 4], uint8 or uint16 (`bits` significant bits); order: "RGB" or
+    "BGR" (what OpenCV decodes to) for 3 and 4 channels; bayer: "RG" | "BG" | "GR" | "GB" for a
+    single-channel mosaic (demosaiced after scaling to 8 bits). Grey is repeated, alpha dropped.
+    """
+    if order not in ("RGB", "BGR"):
+        raise ImageError(f"{name}: channel order {order!r}; expected RGB or BGR")
+    image = to_uint8(np.asarray(pixels), bits, name)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    channels = image.shape[2] if image.ndim == 3 else 0
+    if bayer is not None:
+        if bayer not in BAYER:
+            raise ImageError(f"{name}: Bayer pattern {bayer!r}; expected one of {', '.join(BAYER)}")
+        if channels != 1:
+            raise ImageError(f"{name}: a Bayer mosaic has one channel, got shape {image.shape}")
+        return cv2.cvtColor(np.ascontiguousarray(image[:, :, 0]), BAYER[bayer])
+    if channels == 1:
+        return np.repeat(image, 3, axis=2)
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if order == "BGR" else image
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if order == "BGR" else cv2.COLOR_RGBA2RGB)
+    raise ImageError(f"{name}: image has shape {image.shape}; expected grey, RGB or RGBA")
+
+
+def decode(data: bytes | memoryview | np.ndarray, name: str = "image") -> np.ndarray:
+    """An encoded file (png, jpeg, bmp, tiff ...) -> uint8 RGB [H, W, 3]; 16-bit files use all 16 bits."""
+    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    except cv2.error:
+        image = None
+    if image is None:
+        raise ImageError(f"{name}: not a readable image (corrupt or unsupported format); replace or remove it")
+    return to_rgb(image, name, order="BGR")
+
+
+def from_pixel_format(buffer: np.ndarray, height: int, width: int, pixel_format: str,
+                      name: str = "camera") -> np.ndarray:
+    """A camera buffer in a GenICam pixel format (PIXEL_FORMATS) -> uint8 RGB [H, W, 3].
+
+    buffer: the raw samples, uint8 for 8-bit formats, uint16 (or their bytes) for 10 / 12 / 16-bit
+    unpacked formats, scaled by their real bit depth (a 12-bit sample of 4095 becomes 255).
+    """
+    if pixel_format not in PIXEL_FORMATS:
+        raise ImageError(f"{name}: pixel format {pixel_format!r} is not supported; set the camera to one of "
+                         f"{', '.join(PIXEL_FORMATS)}")
+    bits, bayer, channels = PIXEL_FORMATS[pixel_format]
+    dtype = np.uint8 if bits == 8 else np.dtype("<u2")
+    samples = np.frombuffer(np.ascontiguousarray(buffer), dtype)
+    if samples.size != height * width * channels:
+        raise ImageError(f"{name}: {pixel_format} buffer holds {samples.size} samples; {height}x{width}x{channels} "
+                         f"needs {height * width * channels} (packed formats are not supported)")
+    pixels = samples.reshape(height, width, channels)
+    return to_rgb(pixels, name, order="BGR" if pixel_format == "BGR8" else "RGB", bits=bits, bayer=bayer)
+
+
+def resize(image: np.ndarray, height: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [height, width, 3]: area filter when shrinking, bilinear when growing.
+
+    out: an optional C-contiguous uint8 [height, width, 3] array written in place (e.g. a batch row).
+    """
+    if image.shape[:2] == (height, width):
+        if out is None:
+            return image
+        out[...] = image
+        return out
+    shrink = image.shape[0] > height or image.shape[1] > width
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    if out is None:
+        return cv2.resize(image, (width, height), interpolation=interpolation)
+    cv2.resize(image, (width, height), dst=out, interpolation=interpolation)
+    return out
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+def file_size(data: memoryview, encoding: str) -> tuple[int, int] | None:
+    """(H, W) from a png IHDR chunk or a jpeg SOF segment, without decoding; None if there is none.
+
+    A png must also be whole: every chunk inside the data, up to IEND. OpenCV allocates a chunk's
+    length before reading it, so one corrupted length byte in a 100-byte file costs gigabytes.
+    """
+    if encoding == "png":
+        if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+            return None
+        i = 8
+        while i + 12 <= len(data):
+            end = i + 12 + int.from_bytes(data[i:i + 4], "big")
+            if end > len(data):
+                return None
+            if data[i + 4:i + 8] == b"IEND":
+                return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+            i = end
+        return None
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):  # walk the segments up to the frame header
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                return None
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in (0xD9, 0xDA):  # end of image or scan data before any frame header
+            return None
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None

@@ -1,0 +1,208 @@
+"""The memory-bank kind (PatchCore-style, and few-shot): a FAISS bank of normal patch embeddings.
+
+Fit: the exported `PatchEmbedding` graph embeds every input of every training frame with the
+runtime that will serve it; a greedy k-center coreset picks the bank; each calibration frame is
+then scored against the bank without its own patches (leave one image out). Serve: embed, then
+the distance of every patch to its nearest bank vector is the anomaly map.
+
+Few-shot (`shots` K): the bank holds every patch of K normal images and of their augmented views
+(flips), no coreset; calibration leaves out an image with all its views (K = 1: the view alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from calibration.coreset import greedy_coreset
+from calibration.kinds import Detector, Kind
+from engines.banks import BankConfig, MemoryBank
+from engines.errors import ConfigError
+from engines.export import export_onnx
+from engines.heads import EmbeddingConfig, PatchEmbedding
+from engines.runtimes import Deployment
+
+if TYPE_CHECKING:
+    from calibration.fit import FitContext, FitOutput
+
+AUGMENTS = ("none", "hflip", "flips", "flips+rot90")
+
+
+@dataclasses.dataclass(frozen=True)
+class BankOptions:
+    """coreset_ratio: fraction of training patches kept (1.0 keeps all); coreset_max: bank size bound
+    (0: none); coreset_proj_dim: random projection used while picking; max_patches: training patches
+    held in memory at most (each image keeps a seeded random share beyond it); shots: 0 fits on
+    every training image, K > 0 on K of them (few-shot) with `augment` views of each."""
+
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    bank: BankConfig = BankConfig()
+    coreset_ratio: float = 0.1
+    coreset_max: int = 16384
+    coreset_proj_dim: int = 128
+    max_patches: int = 2_000_000
+    shots: int = 0
+    augment: str = "flips"
+
+    def __post_init__(self):
+        for name, cls in (("embedding", EmbeddingConfig), ("bank", BankConfig)):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, cls(**getattr(self, name)))
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ConfigError(f"coreset ratio {self.coreset_ratio} must be in (0, 1], e.g. 0.1")
+        if self.coreset_max < 0 or self.max_patches < 1 or self.shots < 0:
+            raise ConfigError("coreset max and shots must be >= 0, max patches >= 1")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTS)}")
+
+
+def views(image: np.ndarray, augment: str) -> list[np.ndarray]:
+    """An image and its augmented views, uint8 [H, W, 3] each: flips and 90-degree turns keep a product normal."""
+    out = [image]
+    if augment in ("hflip", "flips", "flips+rot90"):
+        out.append(image[:, ::-1])
+    if augment in ("flips", "flips+rot90"):
+        out += [image[::-1], image[::-1, ::-1]]
+    if augment == "flips+rot90":
+        out += [np.rot90(v) for v in list(out)]
+    return [np.ascontiguousarray(v) for v in out]
+
+
+def network(model_dir: Path, manifest: dict) -> PatchEmbedding:
+    section = manifest["memory_bank"]
+    return PatchEmbedding(EmbeddingConfig(**section["embedding"]), manifest["input"]["height"],
+                          manifest["input"]["width"], manifest.get("weights"))
+
+
+class MemoryBankDetector(Detector):
+    """Embeddings from the engine, nearest-bank-vector distances as the map. On a CUDA deployment
+    the flat bank lives on the GPU (fp16 products when the deployment is fp16) and nothing leaves it."""
+
+    def __init__(self, model_dir: Path, manifest: dict, deployment: Deployment):
+        bank_device = deployment.device if deployment.runtime != "onnxruntime" else "cpu"
+        bank_precision = "fp16" if deployment.precision == "fp16" and bank_device != "cpu" else "fp32"
+        self.bank = MemoryBank.load(Path(model_dir) / "bank.faiss", BankConfig(**manifest["memory_bank"]["bank"]),
+                                    bank_device, bank_precision)
+        h, w = manifest["input"]["height"], manifest["input"]["width"]
+        super().__init__(deployment.build(model_dir, h, w, lambda: network(model_dir, manifest)))
+        if deployment.threads:
+            import faiss
+
+            faiss.omp_set_num_threads(deployment.threads)
+
+    def maps(self, inputs: np.ndarray) -> np.ndarray:
+        return distance_maps(self.bank, self.engine.infer(inputs))
+
+    def maps_device(self, inputs: np.ndarray):
+        features = self.engine.infer_device(inputs)
+        n, h, w, d = features.shape
+        dist, _ = self.bank.search_tensor(features.reshape(n * h * w, d), 1)
+        return dist.reshape(n, h, w)
+
+
+def distance_maps(bank: MemoryBank, features: np.ndarray, exclude: tuple[int, int] | None = None) -> np.ndarray:
+    """float32 embeddings [N, h, w, d] -> float32 [N, h, w] Euclidean distances to the nearest bank vector."""
+    n, h, w, d = features.shape
+    dist, _ = bank.search(features.reshape(n * h * w, d), 1, exclude=exclude)
+    return dist[:, 0].reshape(n, h, w)
+
+
+def fit(ctx: "FitContext") -> "FitOutput":
+    """Embed, subsample, build the bank and score the calibration frames without their own patches."""
+    from calibration.fit import FitOutput
+
+    o: BankOptions = ctx.options
+    spec = ctx.spec
+    start = time.perf_counter()
+    module = PatchEmbedding(o.embedding, spec.height, spec.width, ctx.weights)
+    if ctx.maps.stride != module.stride:
+        raise ConfigError(f"map stride {ctx.maps.stride} differs from the embedding's {module.stride}")
+    export_onnx(module, spec.height, spec.width, ctx.out / "model.onnx", "embeddings")
+    engine = ctx.deployment.build(ctx.out, spec.height, spec.width, lambda: module)
+    rng = np.random.default_rng(ctx.seed)
+
+    # frames: every training image, or K of them and their views; groups: the source image of each frame
+    paths = ctx.paths
+    if o.shots:
+        if o.shots > len(paths):
+            raise ConfigError(f"--shots {o.shots} is more than the {len(paths)} training images in the data; "
+                              f"use --shots {len(paths)} or fewer")
+        paths = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, o.shots).round().astype(int))]
+        shot_views = [views(image, o.augment) for image in ctx.read(paths)]
+        groups = [g for g, vs in enumerate(shot_views) for _ in vs]
+        source = iter([v for vs in shot_views for v in vs])
+    else:
+        groups = list(range(len(paths)))
+        source = ctx.read(paths)
+    n_frames = len(groups)
+    n_calib = min(n_frames, ctx.calib_images)
+    calib = set(rng.choice(n_frames, size=n_calib, replace=False).tolist())
+    budget = max(1, o.max_patches // n_frames)  # patches each frame may keep in memory
+
+    kept, owner, calib_feats, layouts = [], [], {}, []
+    with engine:
+        for i, (feats, layout) in enumerate(ctx.embed(engine, source)):
+            layouts.append(layout)
+            if i in calib:
+                calib_feats[i] = feats
+            patches = feats[ctx.geometer_cells(layout)]  # inside the ROI only
+            if len(patches) > budget:
+                patches = patches[np.sort(rng.choice(len(patches), budget, replace=False))]
+            kept.append(patches)
+            owner.append(np.full(len(patches), i, np.int64))
+            ctx.progress("embed", i + 1, n_frames)
+    t_embed = time.perf_counter() - start
+    flat = np.concatenate(kept)
+    owner = np.concatenate(owner)
+    n_patches = len(flat)
+    del kept
+    keep = len(flat) if o.shots else max(1, int(round(o.coreset_ratio * len(flat))))
+    if o.coreset_max and not o.shots:
+        keep = min(keep, o.coreset_max)
+    t0 = time.perf_counter()
+    picks = np.sort(greedy_coreset(flat, keep, o.coreset_proj_dim, ctx.seed)) if keep < len(flat) else np.arange(len(flat))
+    t_coreset = time.perf_counter() - t0
+    ctx.progress("coreset", 1, 1)
+    bank = MemoryBank.build(flat[picks], o.bank)
+    bank_owner = owner[picks]  # sorted: each frame (and each group) owns a contiguous id range
+    del flat, owner
+    groups = np.array(groups)
+    group_of_id = groups[bank_owner]
+
+    canvas_maps, names = [], []
+    for k, i in enumerate(sorted(calib)):
+        # leave out the frame's whole group (the image and its views); K = 1 few-shot: only the view itself
+        leave = bank_owner == i if o.shots == 1 else group_of_id == groups[i]
+        ids = np.flatnonzero(leave)
+        exclude = (int(ids[0]), int(ids[-1]) + 1) if len(ids) else None
+        if len(ids) and exclude[1] - exclude[0] != len(ids):
+            raise AssertionError("bank ids of a frame are not contiguous")  # an invariant of the sorted picks
+        if exclude is not None and exclude[1] - exclude[0] >= bank.size:
+            raise ConfigError("calibration needs at least two training images (or --shots with views)")
+        maps = distance_maps(bank, calib_feats.pop(i), exclude)
+        canvas_maps.append(ctx.geometer.stitch(maps, layouts[i]))
+        names.append(paths[groups[i]].name + (f" (view {i - groups.tolist().index(groups[i])})" if o.shots else ""))
+        ctx.progress("calibrate", k + 1, n_calib)
+    bank.save(ctx.out / "bank.faiss")
+    section = {"embedding": dataclasses.asdict(o.embedding), "bank": dataclasses.asdict(o.bank),
+               "feature_dim": module.dim, "shots": o.shots, "augment": o.augment if o.shots else "none",
+               "coreset_ratio": o.coreset_ratio, "coreset_max": o.coreset_max}
+    summary = {"frames": n_frames, "patches": n_patches, "bank_size": bank.size, "dim": module.dim,
+               "embed_seconds": round(t_embed, 2), "coreset_seconds": round(t_coreset, 2)}
+    return FitOutput(section, canvas_maps, names, summary,
+                     "training images scored against the bank without their own patches (leave one image out)",
+                     dataclasses.asdict(module.encoder.backbone.normalisation))
+
+
+def stride(options: BankOptions) -> int:
+    from engines.backbones import create_backbone
+
+    return create_backbone(options.embedding.backbone, "random").stage(options.embedding.layers[0]).stride
+
+
+KIND = Kind("memory_bank", lambda manifest: ["model.onnx", "bank.faiss"], BankOptions, fit, network,
+            MemoryBankDetector, stride)

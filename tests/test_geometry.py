@@ -1,0 +1,141 @@
+"""Input geometry (calibration/geometry.py): resize and tile layouts, stitching, the ROI, the input choice."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration.geometry import Geometer, Geometry, InputSpec, input_for_frames, read_roi
+from engines.errors import ConfigError
+
+SPEC = InputSpec(64, 96)
+
+
+def test_input_spec_validation():
+    assert InputSpec(224, 320).shape == (224, 320, 3)
+    for h, w in [(100, 64), (64, 16), (0, 64)]:
+        with pytest.raises(ConfigError, match="multiple of 32"):
+            InputSpec(h, w)
+    with pytest.raises(ConfigError, match="NHWC"):
+        InputSpec(64, 64, channels=1)
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"tiling": "mosaic"}, "tiling"), ({"scale": 0}, "scale"),
+                                            ({"overlap": 1.0}, "overlap")])
+def test_geometry_validation(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Geometry(**kwargs)
+
+
+def test_resize_layout_is_one_input_of_the_model_size():
+    g = Geometer(SPEC, Geometry(), stride=8)
+    layout = g.layout((300, 700))
+    assert layout.canvas == (64, 96) and layout.origins == ((0, 0),) and layout.grid == (8, 12)
+    out = np.zeros((1, 64, 96, 3), np.uint8)
+    image = np.full((300, 700, 3), 77, np.uint8)
+    g.prepare(image, layout, out)
+    assert np.all(out == 77)
+
+
+@pytest.mark.parametrize("frame, scale", [((300, 700), 1.0), ((64, 96), 1.0), ((40, 50), 1.0), ((513, 1000), 0.5),
+                                          ((1000, 130), 0.7)])
+def test_tiles_cover_the_canvas_with_overlap(frame, scale):
+    overlap = 0.25
+    g = Geometer(SPEC, Geometry("tiles", scale, overlap), stride=8)
+    layout = g.layout(frame)
+    ch, cw = layout.canvas
+    assert ch % 8 == 0 and cw % 8 == 0 and ch >= 64 and cw >= 96
+    assert abs(ch - frame[0] * scale) <= 8 or ch == 64
+    covered = np.zeros((ch, cw), bool)
+    for y, x in layout.origins:
+        assert y % 8 == 0 and x % 8 == 0 and y + 64 <= ch and x + 96 <= cw
+        covered[y:y + 64, x:x + 96] = True
+    assert covered.all()
+    ys = sorted({y for y, _ in layout.origins})
+    xs = sorted({x for _, x in layout.origins})
+    assert all(b - a <= 64 * (1 - overlap) + 8 for a, b in zip(ys, ys[1:]))  # neighbours share >= overlap (to a cell)
+    assert all(b - a <= 96 * (1 - overlap) + 8 for a, b in zip(xs, xs[1:]))
+
+
+def test_prepare_cuts_the_scaled_frame_into_its_tiles():
+    g = Geometer(SPEC, Geometry("tiles", 1.0), stride=8)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (150, 230, 3), dtype=np.uint8)
+    layout = g.layout(image.shape[:2])
+    out = np.zeros((layout.count,) + SPEC.shape, np.uint8)
+    g.prepare(image, layout, out)
+    canvas = g.canvas_image(image, layout)
+    assert canvas.shape[:2] == layout.canvas
+    for tile, (y, x) in zip(out, layout.origins):
+        np.testing.assert_array_equal(tile, canvas[y:y + 64, x:x + 96])
+
+
+def test_stitch_puts_each_cell_back_and_blends_overlaps():
+    g = Geometer(SPEC, Geometry("tiles", 1.0, 0.5), stride=8)
+    layout = g.layout((64, 192))  # three tiles across: x = 0, 48, 96
+    assert [x for _, x in layout.origins] == [0, 48, 96]
+    # a constant map stitches to the same constant
+    flat = g.stitch(np.full((3, 8, 12), 2.5, np.float32), layout)
+    assert flat.shape == layout.grid == (8, 24) and np.allclose(flat, 2.5)
+    # a hot cell of the middle tile lands at its canvas cell
+    maps = np.zeros((3, 8, 12), np.float32)
+    maps[1, 3, 5] = 9.0
+    hot = g.stitch(maps, layout)
+    assert np.unravel_index(hot.argmax(), hot.shape) == (3, 6 + 5)
+    # where two tiles overlap, each counts by its distance to its own edge (1 + cells to the nearest edge)
+    maps = np.stack([np.full((8, 12), float(i), np.float32) for i in range(3)])
+    mixed = g.stitch(maps, layout)
+    cx = 8  # canvas cell 8: tile 0 cell 8 (weight min(4, 4) = 4 rows aside, cols: min(9, 4) = 4) and tile 1 cell 2
+    w0 = np.minimum(np.minimum(np.arange(8), np.arange(8)[::-1]) + 1, min(8, 12 - 1 - 8) + 1)
+    w1 = np.minimum(np.minimum(np.arange(8), np.arange(8)[::-1]) + 1, min(2, 12 - 1 - 2) + 1)
+    np.testing.assert_allclose(mixed[:, cx], (0 * w0 + 1 * w1) / (w0 + w1), rtol=1e-6)
+
+
+def test_roi_drops_tiles_outside_it_and_zeroes_cells():
+    roi = np.zeros((64, 192), np.uint8)
+    roi[:, :60] = 255  # only the left third of the frame
+    g = Geometer(SPEC, Geometry("tiles", 1.0, 0.5), stride=8, roi=roi)
+    layout = g.layout((64, 192))
+    assert [x for _, x in layout.origins] == [0, 48]  # the tile at x = 96 sees nothing of the ROI
+    cells = g.roi_cells(layout)
+    assert cells[:, :7].all() and not cells[:, 8:].any()
+    stitched = g.stitch(np.ones((2, 8, 12), np.float32), layout)
+    assert np.all(stitched[:, :7] == 1) and np.all(stitched[:, 8:] == 0)
+    frame_roi = g.roi_frame((32, 96))  # a frame of another size: the mask is scaled to it
+    assert frame_roi.shape == (32, 96) and frame_roi[:, :29].all() and not frame_roi[:, 31:].any()
+
+
+def test_resize_layout_with_roi_keeps_its_input():
+    roi = np.zeros((10, 10), np.uint8)
+    roi[2:5, 2:5] = 1
+    g = Geometer(SPEC, Geometry(), stride=8, roi=roi)
+    layout = g.layout((100, 100))
+    assert layout.count == 1
+    stitched = g.stitch(np.ones((1, 8, 12), np.float32), layout)
+    assert 0 < stitched.sum() < stitched.size
+
+
+def test_input_for_frames_follows_the_aspect_ratio():
+    assert input_for_frames([(512, 512)] * 3).shape == (256, 256, 3)
+    spec = input_for_frames([(300, 700), (310, 690), (500, 100)])
+    assert spec.width > spec.height and spec.height % 32 == 0 and spec.width % 32 == 0
+    assert abs(spec.width / spec.height - 700 / 300) < 0.35
+    tall = input_for_frames([(1240, 500)])
+    assert tall.height > tall.width
+
+
+def test_read_roi_rectangle_mask_and_errors(tmp_path):
+    mask = read_roi("10,5,20,8", (40, 60))
+    assert mask.shape == (40, 60) and mask[5:13, 10:30].all() and mask.sum() == 255 * 20 * 8
+    path = tmp_path / "roi.png"
+    drawn = np.zeros((30, 30), np.uint8)
+    cv2.circle(drawn, (15, 15), 8, 255, -1)
+    cv2.imwrite(str(path), drawn)
+    np.testing.assert_array_equal(read_roi(str(path), (40, 60)), drawn)
+    for bad in ("10,5,20", "50,5,20,8", "1,1,0,5"):
+        with pytest.raises(ConfigError, match="roi"):
+            read_roi(bad, (40, 60))
+    cv2.imwrite(str(tmp_path / "empty.png"), np.zeros((4, 4), np.uint8))
+    with pytest.raises(ConfigError, match="empty"):
+        read_roi(str(tmp_path / "empty.png"), (40, 60))

@@ -1,0 +1,109 @@
+"""Pixel conversion and decoding in one place (calibration/images.py): every reader's path to uint8 RGB."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration import images
+from calibration.images import ImageError
+
+
+def _noise(shape, seed=0, dtype=np.uint8, hi=None):
+    hi = hi or (256 if dtype == np.uint8 else 65536)
+    return np.random.default_rng(seed).integers(0, hi, shape).astype(dtype)
+
+
+def _encode(ext: str, array: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(ext, array)
+    assert ok
+    return data.tobytes()
+
+
+def test_decode_png_rgb_grey_rgba_and_16_bit():
+    rgb = _noise((6, 7, 3))
+    np.testing.assert_array_equal(images.decode(_encode(".png", rgb[:, :, ::-1].copy())), rgb)
+    grey = _noise((5, 4))
+    np.testing.assert_array_equal(images.decode(_encode(".png", grey)), np.repeat(grey[:, :, None], 3, 2))
+    bgra = _noise((4, 4, 4))
+    np.testing.assert_array_equal(images.decode(_encode(".png", bgra)), bgra[:, :, [2, 1, 0]])
+    deep = _noise((3, 5), dtype=np.uint16)
+    np.testing.assert_array_equal(images.decode(_encode(".png", deep))[:, :, 0], (deep >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", bytes(range(256)) * 4])
+def test_decode_garbage_names_the_image(data):
+    with pytest.raises(ImageError, match="in-memory.png"):
+        images.decode(data, "in-memory.png")
+
+
+def test_to_rgb_orders_and_bit_depths():
+    rgb = _noise((3, 4, 3))
+    assert images.to_rgb(rgb) is rgb  # nothing to do: no copy
+    np.testing.assert_array_equal(images.to_rgb(rgb[:, :, ::-1].copy(), order="BGR"), rgb)
+    twelve = _noise((4, 4), dtype=np.uint16, hi=4096)
+    got = images.to_rgb(twelve, bits=12)
+    np.testing.assert_array_equal(got[:, :, 1], (twelve >> 4).astype(np.uint8))
+    assert images.to_rgb(np.full((2, 2), 4095, np.uint16), bits=12).max() == 255  # full scale, not nearly black
+    assert images.to_rgb(np.full((2, 2), 4095, np.uint16)).max() == 15  # read as 16-bit: what the old path did
+    with pytest.raises(ImageError, match="float32"):
+        images.to_rgb(np.zeros((2, 2), np.float32))
+    with pytest.raises(ImageError, match="bits"):
+        images.to_rgb(np.zeros((2, 2), np.uint16), bits=7)
+    with pytest.raises(ImageError, match="shape"):
+        images.to_rgb(np.zeros((2, 2, 2), np.uint8))
+
+
+def _mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
+    """A Bayer mosaic of rgb: pattern names the colours of row 0, columns 0 and 1 (GenICam naming)."""
+    index = {"R": 0, "G": 1, "B": 2}
+    first = [index[c] for c in pattern]
+    second = {"RG": "GB", "BG": "GR", "GR": "BG", "GB": "RG"}[pattern]
+    rows = [first, [index[c] for c in second]]
+    out = np.zeros(rgb.shape[:2], rgb.dtype)
+    for dy in range(2):
+        for dx in range(2):
+            out[dy::2, dx::2] = rgb[dy::2, dx::2, rows[dy][dx]]
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["RG", "BG", "GR", "GB"])
+def test_bayer_patterns_demosaic_to_the_right_colours(pattern):
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[...] = (200, 100, 50)
+    got = images.to_rgb(_mosaic(rgb, pattern), bayer=pattern)
+    np.testing.assert_array_equal(got[4:12, 4:12], rgb[4:12, 4:12])  # interior: exact for a flat colour
+
+
+def test_pixel_formats_from_camera_buffers():
+    mono12 = np.full((4, 6), 4095, np.dtype("<u2"))
+    assert images.from_pixel_format(mono12.tobytes(), 4, 6, "Mono12").max() == 255
+    bgr = _noise((4, 6, 3))
+    np.testing.assert_array_equal(images.from_pixel_format(bgr, 4, 6, "BGR8"), bgr[:, :, ::-1])
+    mosaic = _mosaic(np.full((8, 8, 3), (10, 220, 90), np.uint8), "RG")
+    assert tuple(images.from_pixel_format(mosaic, 8, 8, "BayerRG8")[4, 4]) == (10, 220, 90)
+    with pytest.raises(ImageError, match="Mono14p"):
+        images.from_pixel_format(b"", 1, 1, "Mono14p")
+    with pytest.raises(ImageError, match="samples"):
+        images.from_pixel_format(np.zeros(10, np.uint8), 4, 6, "Mono8")
+
+
+@pytest.mark.parametrize("shape, out", [((64, 64), (64, 64)), ((100, 80), (48, 96)), ((30, 200), (64, 32))])
+def test_resize_shapes_constant_colour_and_in_place(shape, out):
+    image = np.empty(shape + (3,), np.uint8)
+    image[:] = (10, 200, 77)
+    got = images.resize(image, *out)
+    assert got.shape == out + (3,) and np.all(got == (10, 200, 77))
+    buffer = np.zeros((2,) + out + (3,), np.uint8)
+    images.resize(image, *out, out=buffer[1])
+    assert np.all(buffer[1] == (10, 200, 77)) and not buffer[0].any()
+
+
+def test_file_size_png_and_jpeg_headers():
+    png = _encode(".png", _noise((13, 21, 3)))
+    jpg = _encode(".jpg", _noise((8, 30, 3)))
+    assert images.file_size(memoryview(png), "png") == (13, 21)
+    assert images.file_size(memoryview(jpg), "jpeg") == (8, 30)
+    assert images.file_size(memoryview(png[:40]), "png") is None  # a png cut short is not whole
+    assert images.file_size(memoryview(b"\xff\xd8\xff\xd9"), "jpeg") is None
