@@ -28,6 +28,11 @@ FUSIONS = ("mean", "max")
 @dataclasses.dataclass(frozen=True)
 class EnsembleOptions:
     fusion: str = "mean"
+    FLAGS = ()
+
+    @classmethod
+    def from_flags(cls, flags: dict, seed: int = 0) -> "EnsembleOptions":
+        return cls()
 
     def __post_init__(self):
         if self.fusion not in FUSIONS:

@@ -11,8 +11,9 @@ A frame [H0, W0] is first scaled onto a *canvas*, then cut into inputs:
 
 A model's anomaly map has one cell per ``stride`` canvas pixels. Tile maps are stitched into one
 canvas map by a weighted mean (weights fall towards each tile's edges, where the network sees
-padding). A region of interest (a mask at any size, resized to each frame) confines scoring:
-cells outside it score 0 and tiles entirely outside it are not computed.
+padding). A region of interest (a mask at any size, resized to each frame) confines scoring: the
+input is mid-grey outside it (so what lies there cannot reach the scores inside), cells outside
+it score 0 and tiles entirely outside it are not computed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from calibration.images import resize
 from engines.errors import ConfigError
 
 TILINGS = ("resize", "tiles")
+ROI_FILL = 127  # the input pixels outside a region of interest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,7 @@ class Geometer:
             raise ConfigError(f"input {spec.height}x{spec.width} is not a multiple of the map stride {stride}")
         self.spec, self.geometry, self.stride = spec, geometry, stride
         self.roi = None if roi is None else np.ascontiguousarray(roi, dtype=np.uint8)  # [Hr, Wr], nonzero inside
+        self._roi_masks: dict[tuple[int, int], np.ndarray] = {}
 
     def layout(self, frame: tuple[int, int]) -> Layout:
         h, w = int(frame[0]), int(frame[1])
@@ -127,18 +130,34 @@ class Geometer:
         return Layout((h, w), (ch, cw), tuple(origins), s)
 
     def prepare(self, image: np.ndarray, layout: Layout, out: np.ndarray) -> None:
-        """uint8 RGB [H0, W0, 3] -> its inputs written into out[:layout.count] (uint8 [>= T, h, w, 3])."""
+        """uint8 RGB [H0, W0, 3] -> its inputs written into out[:layout.count] (uint8 [>= T, h, w, 3]).
+
+        Outside the ROI the inputs are mid-grey (ROI_FILL): what lies there cannot reach the scores
+        inside through the network's receptive field, in fitting and in serving alike.
+        """
         th, tw = self.spec.height, self.spec.width
         if self.geometry.tiling == "resize":
             resize(image, th, tw, out=out[0])
+            if self.roi is not None:
+                out[0][~self._outside_free(layout.canvas)] = ROI_FILL
             return
-        canvas = resize(image, *layout.canvas)
+        canvas = self.canvas_image(image, layout)
         for k, (y, x) in enumerate(layout.origins):
             out[k] = canvas[y:y + th, x:x + tw]
 
     def canvas_image(self, image: np.ndarray, layout: Layout) -> np.ndarray:
-        """The frame as the model saw it: uint8 RGB [Hc, Wc, 3] (for overlays)."""
-        return resize(image, *layout.canvas)
+        """The frame as the model saw it: uint8 RGB [Hc, Wc, 3], mid-grey outside the ROI."""
+        canvas = resize(image, *layout.canvas)
+        if self.roi is not None:
+            canvas = canvas.copy() if canvas is image else canvas
+            canvas[~self._outside_free(layout.canvas)] = ROI_FILL
+        return canvas
+
+    def _outside_free(self, canvas: tuple[int, int]) -> np.ndarray:
+        """bool [Hc, Wc]: the ROI at canvas pixels (cached per canvas size)."""
+        if canvas not in self._roi_masks:
+            self._roi_masks[canvas] = cv2.resize(self.roi, (canvas[1], canvas[0]), interpolation=cv2.INTER_NEAREST) > 0
+        return self._roi_masks[canvas]
 
     def stitch(self, maps: np.ndarray, layout: Layout) -> np.ndarray:
         """Input maps float32 [T, h, w] -> the canvas map float32 [Hc/stride, Wc/stride], ROI applied."""

@@ -13,8 +13,10 @@ refuses, fp32 staying in use. ONNX Runtime's int8 kernels differ by instruction 
 AVX-512, VNNI), so the record names the CPU features it was validated on and a worker on another
 CPU refuses it until it is validated there.
 
-The preprocessing at the head of the graph (Cast, Sub, Mul) and the final projection stay in
-float: quantising them cost more in (de)quantisation than it saved. Which ops, which method and
+Only the encoder (the backbone) is quantised. The preprocessing at its head (Cast, Sub, Mul) and
+the embedding's final scaling stay in float: quantising them cost more in (de)quantisation than
+it saved; a reconstruction decoder and its cosine distances stay float because the maps are
+differences of features, where int8's error is not small. Which ops, which method and
 per-channel weights were chosen by measurement (bench/results/int8-*.json).
 """
 
@@ -147,10 +149,14 @@ def _quantize_part(model_dir: Path, config: Int8Config, data: str | Path | None,
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(chatter), _quiet_logging():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(model_dir / "model.onnx"), str(prepared))
+        import onnx
+
+        # the encoder (the backbone) only: a reconstruction decoder and its cosine distances stay float
+        float_nodes = [n.name for n in onnx.load(str(prepared)).graph.node if not n.name.startswith("/encoder/")]
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QOperator,
                         per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method,
-                        op_types_to_quantize=list(QUANTISED_OPS))
+                        op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=float_nodes)
     uint8_input = feed_uint8_input(out)
     record = {"runtime": "onnxruntime", "precision": "int8", "engine": str(out), **dataclasses.asdict(config),
               "uint8_input": uint8_input,

@@ -59,6 +59,17 @@ class BankOptions:
         if self.augment not in AUGMENTS:
             raise ConfigError(f"unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTS)}")
 
+    FLAGS = ("backbone", "layers", "weighting", "context", "dim", "coreset_ratio", "coreset_max", "index", "shots",
+             "augment")
+
+    @classmethod
+    def from_flags(cls, flags: dict, seed: int = 0) -> "BankOptions":
+        """Options from command-line values (FLAGS names), defaults for the rest."""
+        emb = {k: flags[k] for k in ("backbone", "layers", "weighting", "context", "dim") if k in flags}
+        bank = BankConfig(index=flags["index"]) if "index" in flags else BankConfig()
+        own = {k: flags[k] for k in ("coreset_ratio", "coreset_max", "shots", "augment") if k in flags}
+        return cls(embedding=dataclasses.replace(EmbeddingConfig(), **emb, seed=seed), bank=bank, **own)
+
 
 def views(image: np.ndarray, augment: str) -> list[np.ndarray]:
     """An image and its augmented views, uint8 [H, W, 3] each: flips and 90-degree turns keep a product normal."""

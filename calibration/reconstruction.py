@@ -55,6 +55,21 @@ class ReconstructionOptions:
         if self.augment not in ("none", "flips"):
             raise ConfigError(f"unknown augmentation {self.augment!r}; valid: none, flips")
 
+    FLAGS = ("backbone", "layers", "steps", "epochs", "lr", "max_minutes", "holdout", "decoder_width", "flip_features")
+
+    @classmethod
+    def from_flags(cls, flags: dict, seed: int = 0) -> "ReconstructionOptions":
+        """Options from command-line values (FLAGS names), defaults for the rest."""
+        base = cls()
+        encoder = dataclasses.replace(base.network.encoder, **{k: flags[k] for k in ("backbone", "layers") if k in flags})
+        network = dataclasses.replace(base.network, encoder=encoder)
+        if "decoder_width" in flags:
+            network = dataclasses.replace(network, width=flags["decoder_width"], bottleneck=2 * flags["decoder_width"])
+        own = {k: flags[k] for k in ("steps", "epochs", "lr", "max_minutes", "holdout") if k in flags}
+        if flags.get("flip_features"):
+            own["augment"] = "flips"
+        return cls(network=network, **own)
+
 
 def network(model_dir: Path, manifest: dict) -> FeatureReconstruction:
     import torch

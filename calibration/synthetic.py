@@ -59,8 +59,9 @@ def plant_defect(image: np.ndarray, rng: np.random.Generator, kind: str) -> tupl
 
 
 def make_dataset(root: str | Path, n_train: int = 24, n_good: int = 6, n_defect: int = 4, size: int = 256,
-                 seed: int = 0) -> Path:
-    """Write a synthetic dataset in MVTec AD layout under root (n_defect images per defect type)."""
+                 seed: int = 0, width: int | None = None, period: float | None = None) -> Path:
+    """Write a synthetic dataset in MVTec AD layout under root (n_defect images per defect type);
+    frames are size x (width or size) pixels with the weave repeating every `period` pixels."""
     root = Path(root)
     rng = np.random.default_rng(seed)
 
@@ -70,13 +71,16 @@ def make_dataset(root: str | Path, n_train: int = 24, n_good: int = 6, n_defect:
         if not cv2.imwrite(str(path), bgr):
             raise OSError(f"could not write {path}")
 
+    def frame():
+        return normal_frame(rng, size, width, period)
+
     for i in range(n_train):
-        save(root / "train" / "good" / f"{i:03d}.png", normal_frame(rng, size))
+        save(root / "train" / "good" / f"{i:03d}.png", frame())
     for i in range(n_good):
-        save(root / "test" / "good" / f"{i:03d}.png", normal_frame(rng, size))
+        save(root / "test" / "good" / f"{i:03d}.png", frame())
     for kind in DEFECT_TYPES:
         for i in range(n_defect):
-            image, mask = plant_defect(normal_frame(rng, size), rng, kind)
+            image, mask = plant_defect(frame(), rng, kind)
             save(root / "test" / kind / f"{i:03d}.png", image)
             save(root / "ground_truth" / kind / f"{i:03d}_mask.png", mask)
     return root

@@ -80,51 +80,23 @@ def _deployment(args):
                       cuda_graphs=args.cuda_graphs)
 
 
-# options that belong to one kind: (dest, kind); given with another kind they are an error
-KIND_OPTIONS = {"weighting": "memory_bank", "context": "memory_bank", "dim": "memory_bank",
-                "coreset_ratio": "memory_bank", "coreset_max": "memory_bank", "index": "memory_bank",
-                "shots": "memory_bank", "augment": "memory_bank", "steps": "reconstruction",
-                "epochs": "reconstruction", "lr": "reconstruction", "max_minutes": "reconstruction",
-                "holdout": "reconstruction", "decoder_width": "reconstruction", "flip_features": "reconstruction"}
-
-
-def _given(args, dest: str) -> bool:
-    value = getattr(args, dest)
-    return value is not None and value is not False
+# options that configure a kind; each kind's options class lists in FLAGS those it takes
+KIND_FLAGS = ("backbone", "layers", "weighting", "context", "dim", "coreset_ratio", "coreset_max", "index", "shots",
+              "augment", "steps", "epochs", "lr", "max_minutes", "holdout", "decoder_width", "flip_features")
 
 
 def _kind_options(args):
-    """The chosen kind's options from the command line (its defaults where an option is not given)."""
-    import dataclasses as dc
+    """The chosen kind's options from the flags given on the command line (its defaults for the rest)."""
+    from calibration.kinds import get_kind, kind_names
 
-    for dest, kind in KIND_OPTIONS.items():
-        if _given(args, dest) and kind != args.kind:
+    kind = get_kind(args.kind)
+    given = {d: getattr(args, d) for d in KIND_FLAGS if getattr(args, d) not in (None, False)}
+    for dest in given:
+        if dest not in kind.options.FLAGS:
+            owners = [k for k in kind_names() if dest in get_kind(k).options.FLAGS]
             flag = "--" + dest.replace("_", "-")
-            raise LineguardError(f"{flag} applies to --kind {kind} only, not to --kind {args.kind}")
-    if args.kind == "memory_bank":
-        from calibration.memory_bank import BankOptions
-        from engines.banks import BankConfig
-
-        base = BankOptions()
-        emb = {k: getattr(args, k) for k in ("backbone", "layers", "weighting", "context", "dim") if _given(args, k)}
-        fields = {k: getattr(args, k) for k in ("coreset_ratio", "coreset_max", "shots", "augment") if _given(args, k)}
-        return BankOptions(embedding=dc.replace(base.embedding, **emb, seed=args.seed),
-                           bank=BankConfig(index=args.index) if args.index else base.bank, **fields)
-    if args.kind == "reconstruction":
-        from calibration.reconstruction import ReconstructionOptions
-
-        base = ReconstructionOptions()
-        enc = {k: getattr(args, k) for k in ("backbone", "layers") if _given(args, k)}
-        net = dc.replace(base.network, encoder=dc.replace(base.network.encoder, **enc))
-        if args.decoder_width:
-            net = dc.replace(net, width=args.decoder_width, bottleneck=2 * args.decoder_width)
-        fields = {k: getattr(args, k) for k in ("steps", "epochs", "lr", "max_minutes", "holdout") if _given(args, k)}
-        if args.flip_features:
-            fields["augment"] = "flips"
-        return ReconstructionOptions(network=net, **fields)
-    from calibration.kinds import get_kind
-
-    return get_kind(args.kind).options()
+            raise LineguardError(f"{flag} applies to --kind {' or '.join(owners)}, not to --kind {args.kind}")
+    return kind.options.from_flags(given, seed=args.seed)
 
 
 def cmd_fit(args) -> int:
@@ -398,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit a model on DATA/train/good (several DATA: one multi-class model)")
     fit.add_argument("data", type=Path, nargs="+", help="dataset folder(s) in MVTec AD layout")
     fit.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
-    fit.add_argument("--kind", choices=kind_names(), default="memory_bank")
+    fit.add_argument("--kind", default="memory_bank", help=f"model kind: {', '.join(kind_names())}")
     g = fit.add_argument_group("input and geometry (every kind)")
     g.add_argument("--input-size", type=_input_size, default=None,
                    help="S or HxW, multiples of 32 (default: the training images' aspect ratio at about 256x256)")

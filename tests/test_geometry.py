@@ -102,6 +102,9 @@ def test_roi_drops_tiles_outside_it_and_zeroes_cells():
     assert cells[:, :7].all() and not cells[:, 8:].any()
     stitched = g.stitch(np.ones((2, 8, 12), np.float32), layout)
     assert np.all(stitched[:, :7] == 1) and np.all(stitched[:, 8:] == 0)
+    tiles = np.zeros((layout.count,) + SPEC.shape, np.uint8)
+    g.prepare(np.full((64, 192, 3), 250, np.uint8), layout, tiles)
+    assert np.all(tiles[0][:, :56] == 250) and np.all(tiles[1][:, 16:] == 127)  # mid-grey outside the ROI
     frame_roi = g.roi_frame((32, 96))  # a frame of another size: the mask is scaled to it
     assert frame_roi.shape == (32, 96) and frame_roi[:, :29].all() and not frame_roi[:, 31:].any()
 
