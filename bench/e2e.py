@@ -1,11 +1,12 @@
-"""End to end from files: fit on a dataset, then `lineguard run` over its test folder (every image
-read, sent, decoded, scored, postprocessed, results.jsonl, maps and overlays written), as a user
-runs it, with the fp32 and the int8 engine alternately, several times each (this machine's speed
-drifts; the median is reported).
+"""End to end from files: fit on a dataset, then `lineguard run` over its test folder (every image read,
+sent, decoded, scored, postprocessed, results.jsonl, maps and overlays written), as a user runs it,
+with each engine in turn, several times (this machine's speed drifts; medians and the per-round
+ratios are reported).
 
-    python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3]
+    python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3] [--engines fp32 int8] [-- FIT OPTIONS]
+    python -m bench.e2e --dataset magnetic_tile/tile --models bank=--kind,memory_bank rec=--kind,reconstruction
 
-Writes bench/results/e2e-<dataset>.json.
+Writes bench/results/e2e-<dataset>[-<tag>].json.
 """
 
 from __future__ import annotations
@@ -18,41 +19,58 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.accuracy import DATA, ROOT
+from bench.accuracy import DATA, RESULTS
 from calibration.artifact import machine_info
-from calibration.fit import FitConfig, fit
-from calibration.int8 import quantize_onnxruntime
-from calibration.model import Deployment
+from engines.runtimes import Deployment
+from pipeline.cli import main as lineguard
 from pipeline.run import RunConfig, run_pipeline
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="magnetic_tile/tile")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--engines", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
+    parser.add_argument("--models", nargs="+", default=["default="],
+                        help="NAME=comma,separated,fit,options models to compare (default: one, default settings)")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("fit_args", nargs="*", help="lineguard fit options for every model (after --)")
     args = parser.parse_args()
     data = DATA / args.dataset
     files = sum(1 for p in (data / "test").rglob("*") if p.is_file())
-    runs: dict[str, list] = {"fp32": [], "int8": []}
+    specs = dict(m.split("=", 1) for m in args.models)
+    runs: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "model"
-        fit(data, model, FitConfig())
-        quantize_onnxruntime(model)
+        tmp = Path(tmp)
+        for name, options in specs.items():
+            extra = [o for o in options.split(",") if o]
+            if lineguard(["fit", str(data), "-o", str(tmp / name), *extra, *args.fit_args]) != 0:
+                raise SystemExit(f"fit of {name} failed")
+            if "int8" in args.engines and lineguard(["export", str(tmp / name), "--precision", "int8"]) != 0:
+                raise SystemExit(f"int8 export of {name} failed (see the message: int8 may not hold on this CPU)")
         for _ in range(args.repeats):
-            for precision in runs:
-                out = Path(tmp) / "out"
-                summary = run_pipeline(RunConfig(model=model, source=str(data / "test"), out=out,
-                                                 batch=args.batch_size, deployment=Deployment(precision=precision)))
-                shutil.rmtree(out)
-                runs[precision].append({k: summary[k] for k in ("fps", "latency_ms", "results", "error", "lost")})
-    result = {"dataset": args.dataset, "test_files": files, "batch": args.batch_size, "runs": runs,
+            for name in specs:
+                for precision in args.engines:
+                    out = tmp / "out"
+                    summary = run_pipeline(RunConfig(model=tmp / name, source=str(data / "test"), out=out,
+                                                     batch=args.batch_size, deployment=Deployment(precision=precision)))
+                    shutil.rmtree(out)
+                    runs.setdefault(f"{name}/{precision}", []).append(
+                        {k: summary[k] for k in ("fps", "latency_ms", "results", "error", "lost", "stage_ms")})
+                    print(f"{name}/{precision}: {summary['fps']:.1f} images/s", flush=True)
+    keys = list(runs)
+    ratios = {f"{a} / {keys[0]}": [ra["fps"] / r0["fps"] for ra, r0 in zip(runs[a], runs[keys[0]])] for a in keys[1:]}
+    result = {"dataset": args.dataset, "test_files": files, "batch": args.batch_size, "models": specs,
+              "fit_args": args.fit_args, "runs": runs,
               "median_fps": {k: float(np.median([r["fps"] for r in v])) for k, v in runs.items()},
+              "median_ratio": {k: float(np.median(v)) for k, v in ratios.items()}, "round_ratios": ratios,
+              "method": "rounds of every model and engine in turn; medians of the rounds and of the per-round ratios",
               "machine": machine_info()}
-    (ROOT / "bench" / "results" / f"e2e-{args.dataset.split('/')[-1]}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{args.dataset}: {files} files; images/s fp32 {result['median_fps']['fp32']:.1f}, int8 engine "
-          f"{result['median_fps']['int8']:.1f} (median of {args.repeats}; runs "
-          f"{[round(r['fps'], 1) for r in runs['fp32']]} / {[round(r['fps'], 1) for r in runs['int8']]})")
+    name = args.dataset.split("/")[-1] + (f"-{args.tag}" if args.tag else "")
+    (RESULTS / f"e2e-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.dataset}: {files} files; median images/s {json.dumps(result['median_fps'])}; "
+          f"ratios {json.dumps(result['median_ratio'])}")
 
 
 if __name__ == "__main__":

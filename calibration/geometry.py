@@ -199,11 +199,15 @@ def _edge_weights(h: int, w: int) -> np.ndarray:
     return np.minimum.outer(y, x).astype(np.float32)
 
 
-def input_for_frames(sizes: list[tuple[int, int]], area: int = 256 * 256) -> InputSpec:
-    """A height x width input (multiples of 32) with the training frames' median aspect ratio and about `area` pixels."""
+def input_for_frames(sizes: list[tuple[int, int]], area: int = 256 * 256, spread: float = 1.25) -> InputSpec:
+    """A height x width input (multiples of 32) of about `area` pixels with the training frames' aspect
+    ratio when they share one (the 90th and 10th percentile aspects within `spread` of each other:
+    a fixed camera); frames of many shapes get a square input, no one aspect being theirs."""
     if not sizes:
         raise ConfigError("no frame sizes to choose an input from")
-    aspect = float(np.median([w / h for h, w in sizes]))
+    aspects = np.array([w / h for h, w in sizes])
+    lo, hi = np.percentile(aspects, [10, 90])
+    aspect = float(np.median(aspects)) if hi / lo <= spread else 1.0
     height = math.sqrt(area / aspect)
     width = height * aspect
     return InputSpec(max(32, int(round(height / 32)) * 32), max(32, int(round(width / 32)) * 32))

@@ -1,8 +1,10 @@
 """The memory-bank kind (PatchCore-style, and few-shot): a FAISS bank of normal patch embeddings.
 
 Fit: the exported `PatchEmbedding` graph embeds every input of every training frame with the
-runtime that will serve it; a greedy k-center coreset picks the bank; each calibration frame is
-then scored against the bank without its own patches (leave one image out). Serve: embed, then
+runtime that will serve it; with a learned ("pca") projection the principal axes of those
+embeddings reduce them to `dim` and are baked into the served graph; a greedy k-center coreset
+picks the bank; each calibration frame is then scored against the bank without its own patches
+(leave one image out). Serve: embed, then
 the distance of every patch to its nearest bank vector is the anomaly map.
 
 Few-shot (`shots` K): the bank holds every patch of K normal images and of their augmented views
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from calibration.coreset import greedy_coreset
 from calibration.kinds import Detector, Kind
@@ -59,13 +62,13 @@ class BankOptions:
         if self.augment not in AUGMENTS:
             raise ConfigError(f"unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTS)}")
 
-    FLAGS = ("backbone", "layers", "weighting", "context", "dim", "coreset_ratio", "coreset_max", "index", "shots",
-             "augment")
+    FLAGS = ("backbone", "layers", "weighting", "context", "dim", "projection", "coreset_ratio", "coreset_max", "index",
+             "shots", "augment")
 
     @classmethod
     def from_flags(cls, flags: dict, seed: int = 0) -> "BankOptions":
         """Options from command-line values (FLAGS names), defaults for the rest."""
-        emb = {k: flags[k] for k in ("backbone", "layers", "weighting", "context", "dim") if k in flags}
+        emb = {k: flags[k] for k in ("backbone", "layers", "weighting", "context", "dim", "projection") if k in flags}
         bank = BankConfig(index=flags["index"]) if "index" in flags else BankConfig()
         own = {k: flags[k] for k in ("coreset_ratio", "coreset_max", "shots", "augment") if k in flags}
         return cls(embedding=dataclasses.replace(EmbeddingConfig(), **emb, seed=seed), bank=bank, **own)
@@ -84,9 +87,16 @@ def views(image: np.ndarray, augment: str) -> list[np.ndarray]:
 
 
 def network(model_dir: Path, manifest: dict) -> PatchEmbedding:
-    section = manifest["memory_bank"]
-    return PatchEmbedding(EmbeddingConfig(**section["embedding"]), manifest["input"]["height"],
-                          manifest["input"]["width"], manifest.get("weights"))
+    config = EmbeddingConfig(**manifest["memory_bank"]["embedding"])
+    module = PatchEmbedding(config, manifest["input"]["height"], manifest["input"]["width"], manifest.get("weights"))
+    if config.learned:
+        module.set_projection(torch.from_numpy(np.load(Path(model_dir) / "projection.npy")))
+    return module
+
+
+def _files(manifest: dict) -> list[str]:
+    learned = EmbeddingConfig(**manifest["memory_bank"]["embedding"]).learned
+    return ["model.onnx", "bank.faiss"] + (["projection.npy"] if learned else [])
 
 
 class MemoryBankDetector(Detector):
@@ -109,10 +119,24 @@ class MemoryBankDetector(Detector):
         return distance_maps(self.bank, self.engine.infer(inputs))
 
     def maps_device(self, inputs: np.ndarray):
+        if not self.bank.torch_search:  # an IVF / HNSW bank on the CPU: FAISS searches it there
+            return torch.from_numpy(self.maps(inputs))
         features = self.engine.infer_device(inputs)
         n, h, w, d = features.shape
         dist, _ = self.bank.search_tensor(features.reshape(n * h * w, d), 1)
         return dist.reshape(n, h, w)
+
+
+def principal_axes(features: np.ndarray, dim: int, seed: int, sample: int = 200_000) -> np.ndarray:
+    """float32 [C, dim]: the top `dim` principal axes of features [M, C] (a seeded sample of at most
+    `sample` rows), each signed so that its largest component is positive (deterministic)."""
+    rng = np.random.default_rng(seed)
+    rows = features if len(features) <= sample else features[rng.choice(len(features), sample, replace=False)]
+    centred = rows.astype(np.float64) - rows.mean(axis=0, dtype=np.float64)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    axes = vectors[:, ::-1][:, :dim]
+    axes *= np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(dim)])
+    return np.ascontiguousarray(axes, dtype=np.float32)
 
 
 def distance_maps(bank: MemoryBank, features: np.ndarray, exclude: tuple[int, int] | None = None) -> np.ndarray:
@@ -129,11 +153,13 @@ def fit(ctx: "FitContext") -> "FitOutput":
     o: BankOptions = ctx.options
     spec = ctx.spec
     start = time.perf_counter()
-    module = PatchEmbedding(o.embedding, spec.height, spec.width, ctx.weights)
-    if ctx.maps.stride != module.stride:
-        raise ConfigError(f"map stride {ctx.maps.stride} differs from the embedding's {module.stride}")
-    export_onnx(module, spec.height, spec.width, ctx.out / "model.onnx", "embeddings")
-    engine = ctx.deployment.build(ctx.out, spec.height, spec.width, lambda: module)
+    # a learned projection needs the full embedding first: extract with every channel, project after
+    extractor = PatchEmbedding(dataclasses.replace(o.embedding, dim=0) if o.embedding.learned else o.embedding,
+                               spec.height, spec.width, ctx.weights)
+    if ctx.maps.stride != extractor.stride:
+        raise ConfigError(f"map stride {ctx.maps.stride} differs from the embedding's {extractor.stride}")
+    export_onnx(extractor, spec.height, spec.width, ctx.out / "model.onnx", "embeddings")
+    engine = ctx.deployment.build(ctx.out, spec.height, spec.width, lambda: extractor)
     rng = np.random.default_rng(ctx.seed)
 
     # frames: every training image, or K of them and their views; groups: the source image of each frame
@@ -171,6 +197,15 @@ def fit(ctx: "FitContext") -> "FitOutput":
     owner = np.concatenate(owner)
     n_patches = len(flat)
     del kept
+    module, project = extractor, None
+    if o.embedding.learned:
+        axes = principal_axes(flat, o.embedding.dim, ctx.seed)
+        flat = flat @ axes
+        module = PatchEmbedding(o.embedding, spec.height, spec.width, ctx.weights)
+        module.set_projection(torch.from_numpy(axes))
+        export_onnx(module, spec.height, spec.width, ctx.out / "model.onnx", "embeddings")
+        np.save(ctx.out / "projection.npy", axes)
+        project = axes
     keep = len(flat) if o.shots else max(1, int(round(o.coreset_ratio * len(flat))))
     if o.coreset_max and not o.shots:
         keep = min(keep, o.coreset_max)
@@ -194,7 +229,8 @@ def fit(ctx: "FitContext") -> "FitOutput":
             raise AssertionError("bank ids of a frame are not contiguous")  # an invariant of the sorted picks
         if exclude is not None and exclude[1] - exclude[0] >= bank.size:
             raise ConfigError("calibration needs at least two training images (or --shots with views)")
-        maps = distance_maps(bank, calib_feats.pop(i), exclude)
+        feats = calib_feats.pop(i)
+        maps = distance_maps(bank, feats if project is None else feats @ project, exclude)
         canvas_maps.append(ctx.geometer.stitch(maps, layouts[i]))
         names.append(paths[groups[i]].name + (f" (view {i - groups.tolist().index(groups[i])})" if o.shots else ""))
         ctx.progress("calibrate", k + 1, n_calib)
@@ -215,5 +251,4 @@ def stride(options: BankOptions) -> int:
     return create_backbone(options.embedding.backbone, "random").stage(options.embedding.layers[0]).stride
 
 
-KIND = Kind("memory_bank", lambda manifest: ["model.onnx", "bank.faiss"], BankOptions, fit, network,
-            MemoryBankDetector, stride)
+KIND = Kind("memory_bank", _files, BankOptions, fit, network, MemoryBankDetector, stride)

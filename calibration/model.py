@@ -65,16 +65,21 @@ class Model:
         """Raw canvas map float32 [h, w] -> the smoothed raw map at the frame's size (0 outside the ROI)."""
         return to_frame(smooth(canvas_map, self.maps), layout.frame, self.geometer.roi_frame(layout.frame))
 
-    def decide(self, canvas_map: np.ndarray, frame: tuple[int, int], raw_score: float) -> Decision:
+    def decide(self, canvas_map: np.ndarray, frame: tuple[int, int], raw_score: float,
+               heat8: np.ndarray | None = None) -> Decision:
         """A frame's verdict from its image score; for a defect, the regions of its smoothed map at or
-        above the pixel threshold, or (when none reach it) the cells behind the image score."""
+        above the pixel threshold, or (when none reach it) the cells behind the image score.
+        heat8: the normalised smoothed map x 255 (uint8) when the device path has made it already."""
         score = float(normalise(raw_score, self.thresholds["image"]))
         if score < 0.5:
             return Decision("ok", score, [])
-        heat = normalise(smooth(canvas_map, self.maps), self.thresholds["pixel"])
-        roi = self.geometer.roi_frame(heat.shape)
-        if roi is not None:
-            heat[~roi] = 0.0
+        if heat8 is not None:
+            heat = heat8.astype(np.float32) / 255.0
+        else:
+            heat = normalise(smooth(canvas_map, self.maps), self.thresholds["pixel"])
+            roi = self.geometer.roi_frame(heat.shape)
+            if roi is not None:
+                heat[~roi] = 0.0
         scale = (frame[0] / heat.shape[0], frame[1] / heat.shape[1])
         found = regions(heat >= 0.5, heat, scale)
         if not found:  # the image score crossed its threshold, no pixel crossed its own
@@ -89,22 +94,43 @@ class Model:
 
 @dataclasses.dataclass
 class Inspection:
-    """One frame's raw result: its layout, canvas map float32 [h, w] and raw image score."""
+    """One frame's raw result: its layout, canvas map float32 [h, w], raw image score and, from the
+    device path, the defect heat already smoothed and normalised there (uint8 [Hc, Wc], x 255;
+    defective frames only, else None)."""
 
     layout: Layout
     canvas_map: np.ndarray
     score: float
+    heat: np.ndarray | None = None
 
 
 class Inspector:
-    """A Model's detector on a deployment. inspect(frames) batches every frame's inputs, `batch` at a time."""
+    """A Model's detector on a deployment. inspect(frames) batches every frame's inputs, `batch` at a time.
 
-    def __init__(self, model: Model, deployment: Deployment = Deployment(), batch: int = 8):
+    On a device deployment (torch or TensorRT on CUDA) the whole per-frame path stays on the device
+    for frames of one input (resize geometry): the uint8 batch is copied once from page-locked
+    memory, the network, the bank search, the image scores, the verdict, and the smoothing and
+    normalisation of defective frames' maps run there; scores, small raw maps and the 8-bit heat of
+    defective frames come back. Tiled frames stitch on the host. `device_path` forces the device
+    path on any torch device (the tests run it on the CPU).
+    """
+
+    def __init__(self, model: Model, deployment: Deployment = Deployment(), batch: int = 8,
+                 device_path: bool | None = None):
         self.model = model
         self.deployment = deployment
         self.batch = batch
         self.detector = model.detector(deployment)
-        self.buffer = np.empty((batch,) + model.spec.shape, np.uint8)
+        self.device_path = deployment.device != "cpu" if device_path is None else device_path
+        self.buffer = self._buffer(batch)
+
+    def _buffer(self, n: int) -> np.ndarray:
+        shape = (n,) + self.model.spec.shape
+        if self.deployment.device == "cpu":
+            return np.empty(shape, np.uint8)
+        import torch
+
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()  # page-locked: one async copy
 
     def __enter__(self) -> "Inspector":
         self.detector.__enter__()
@@ -122,11 +148,13 @@ class Inspector:
         layouts = layouts or self.layouts([im.shape[:2] for im in images])
         total = sum(l.count for l in layouts)
         if total > len(self.buffer):  # tiled frames: grow the reused input buffer
-            self.buffer = np.empty((total,) + self.model.spec.shape, np.uint8)
+            self.buffer = self._buffer(total)
         done = 0
         for image, layout in zip(images, layouts):
             geometer.prepare(image, layout, self.buffer[done:done + layout.count])
             done += layout.count
+        if self.device_path and total == len(layouts):
+            return self._inspect_on_device(layouts, total)
         maps = np.concatenate([self.detector.maps(self.buffer[s:min(s + self.batch, total)])
                                for s in range(0, total, self.batch)])
         results, at = [], 0
@@ -135,3 +163,35 @@ class Inspector:
             at += layout.count
             results.append(Inspection(layout, canvas, image_score(canvas, self.model.maps)))
         return results
+
+    def _inspect_on_device(self, layouts: list[Layout], total: int) -> list[Inspection]:
+        """One input per frame: maps, scores, verdicts and defective frames' heat computed on the device."""
+        import torch
+
+        from calibration.maps import smooth_torch
+
+        model, config = self.model, self.model.maps
+        maps = torch.cat([self.detector.maps_device(self.buffer[s:min(s + self.batch, total)])
+                          for s in range(0, total, self.batch)])  # [N, h, w] on the device
+        cells = model.geometer.roi_cells(layouts[0])
+        if not cells.all():
+            maps = maps * torch.from_numpy(cells).to(maps.device)
+        flat = maps.reshape(len(maps), -1)
+        k = 1 if config.image_score == "max" else min(config.top_k, flat.shape[1])
+        scores = flat.topk(k, dim=1).values.mean(dim=1)
+        t = model.thresholds
+        lo, thr = t["image"]["min"], t["image"]["threshold"]
+        defect = (0.5 * (scores - lo) / max(thr - lo, 1e-12)) >= 0.5
+        heat_by_frame = {}
+        if bool(defect.any()):
+            index = torch.nonzero(defect).flatten()
+            p_lo, p_thr = t["pixel"]["min"], t["pixel"]["threshold"]
+            heat = (0.5 * (smooth_torch(maps[index], config) - p_lo) / max(p_thr - p_lo, 1e-12)).clamp(0, 1)
+            roi = model.geometer.roi_frame(tuple(heat.shape[1:]))
+            if roi is not None:
+                heat = heat * torch.from_numpy(roi).to(heat.device)
+            heat8 = (heat * 255).to(torch.uint8).cpu().numpy()  # only the defective frames' 8-bit maps come back
+            heat_by_frame = dict(zip(index.cpu().tolist(), heat8))
+        maps_host, scores_host = maps.cpu().numpy(), scores.cpu().numpy()  # N small maps, N scores
+        return [Inspection(layout, maps_host[i], float(scores_host[i]), heat_by_frame.get(i))
+                for i, layout in enumerate(layouts)]

@@ -32,11 +32,11 @@ BANK_PRECISIONS = ("fp32", "fp16")
 class BankConfig:
     """index: one of INDEX_KINDS; nlist / nprobe for ivf (nlist 0: 4*sqrt(M)); m / ef_search for hnsw."""
 
-    index: str = "flat"
+    index: str = "hnsw"
     nlist: int = 0
-    nprobe: int = 8
-    hnsw_m: int = 32
-    ef_search: int = 64
+    nprobe: int = 32
+    hnsw_m: int = 16
+    ef_search: int = 32
 
     def __post_init__(self):
         if self.index not in INDEX_KINDS:
@@ -53,10 +53,11 @@ class MemoryBank:
     """A FAISS index over normal patch embeddings."""
 
     def __init__(self, index, config: BankConfig, device: str = "cpu", precision: str = "fp32"):
-        """device: "cpu", or "cuda[:N]" for the flat bank searched by torch on that GPU (no faiss-gpu
-        needed) and for ivf through faiss-gpu on every visible GPU.
+        """device: "cpu", or "cuda[:N]": a flat or HNSW bank is then searched exactly by torch on that
+        GPU (its vectors copied there; no faiss-gpu needed, and exact search is what a GPU does fast);
+        an ivf bank through faiss-gpu on every visible GPU.
 
-        precision of the flat search's distance products: fp32, or fp16 (vectors stored in half,
+        precision of the torch search's distance products: fp32, or fp16 (vectors stored in half,
         for GPUs). Whatever picks the nearest neighbour, its distance is recomputed in fp32.
         """
         if precision not in BANK_PRECISIONS:
@@ -66,12 +67,13 @@ class MemoryBank:
         self.config = config
         self.device = device
         self._apply_search_params()
-        self._matrix = None  # flat: the bank as a torch tensor [M, d] and its squared norms [M]
-        if config.index == "flat":
+        self._matrix = None  # torch search: the bank as a tensor [M, d] and its squared norms [M]
+        if config.index == "flat" or (config.index == "hnsw" and device != "cpu"):
             import torch
 
-            vectors = _faiss().rev_swig_ptr(index.get_xb(), index.ntotal * index.d)
-            matrix = torch.from_numpy(np.array(vectors, np.float32).reshape(index.ntotal, index.d)).to(device)
+            vectors = index.reconstruct_n(0, index.ntotal) if config.index == "hnsw" else np.array(
+                _faiss().rev_swig_ptr(index.get_xb(), index.ntotal * index.d), np.float32).reshape(index.ntotal, index.d)
+            matrix = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(device)
             self._matrix = matrix.half() if precision == "fp16" else matrix
             self._norms = (matrix * matrix).sum(1)
         elif device != "cpu":
@@ -101,6 +103,11 @@ class MemoryBank:
             self.index.nprobe = self.config.nprobe
         elif self.config.index == "hnsw":
             self.index.hnsw.efSearch = self.config.ef_search
+
+    @property
+    def torch_search(self) -> bool:
+        """Whether torch searches this bank exactly (flat banks; any bank on a GPU): `search_tensor` works."""
+        return self._matrix is not None
 
     @property
     def size(self) -> int:
@@ -146,7 +153,8 @@ class MemoryBank:
         import torch
 
         if self._matrix is None:
-            raise ConfigError(f"search_tensor needs a flat bank; this one is {self.config.index}")
+            raise ConfigError(f"search_tensor needs a flat bank (or an HNSW bank on a GPU); this one is "
+                              f"{self.config.index} on {self.device}")
         q = queries.to(self._matrix.device, torch.float32)
         dist = torch.empty((len(q), k), dtype=torch.float32, device=q.device)
         ids = torch.empty((len(q), k), dtype=torch.int64, device=q.device)
@@ -185,8 +193,6 @@ class MemoryBank:
 def _to_gpus(index, config: BankConfig, fp16: bool):
     """A copy of a CPU ivf index on every visible GPU (faiss-gpu); clear errors where that cannot be."""
     faiss = _faiss()
-    if config.index != "ivf":
-        raise ConfigError(f"a {config.index} bank has no GPU search in FAISS; fit with --index flat or ivf for a GPU")
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         raise MissingExtraError("an ivf bank on a GPU needs faiss with GPU support; pip install 'lineguard[gpu]' "
                                 "(or fit with --index flat: it is searched on the GPU by torch)")

@@ -21,6 +21,7 @@ from engines.backbones import create_backbone
 from engines.errors import ConfigError
 
 WEIGHTINGS = ("equal", "none")
+PROJECTIONS = ("pca", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +33,17 @@ class EmbeddingConfig:
     stage weighs the same in an L2 distance, "none" concatenates them as they come; context: pixels
     of the image mirrored around each input before the network and cropped from its features
     (a multiple of the deepest stride), so border patches see image instead of zero padding;
-    dim: embedding size (0 keeps every channel; smaller values apply a fixed orthogonal projection
-    seeded by `seed`).
+    dim: embedding size (0 keeps every channel); projection: how `dim` is reached, "pca" (the
+    principal axes of the training patches, learned by fit and stored with the model) or "random"
+    (a fixed orthogonal matrix seeded by `seed`).
     """
 
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("stage2", "stage4")
     weighting: str = "equal"
     context: int = 0
-    dim: int = 0
+    dim: int = 128
+    projection: str = "pca"
     seed: int = 0
 
     def __post_init__(self):
@@ -51,6 +54,13 @@ class EmbeddingConfig:
             raise ConfigError(f"unknown stage weighting {self.weighting!r}; valid: {', '.join(WEIGHTINGS)}")
         if self.dim < 0 or self.context < 0:
             raise ConfigError(f"dim {self.dim} and context {self.context} must be >= 0")
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"unknown projection {self.projection!r}; valid: {', '.join(PROJECTIONS)}")
+
+    @property
+    def learned(self) -> bool:
+        """Whether fit learns the projection from the training patches (stored as projection.npy)."""
+        return bool(self.dim) and self.projection == "pca"
 
 
 class Encoder(nn.Module):
@@ -100,7 +110,8 @@ class PatchEmbedding(nn.Module):
     """uint8 images [N, H, W, 3] (NHWC, RGB) -> float32 embeddings [N, H/s, W/s, d] (s: the first stage's stride).
 
     Stages from `Encoder`, weighted (config.weighting), concatenated and, if `dim` asks for it,
-    projected by a fixed orthogonal matrix.
+    projected: by a fixed orthogonal matrix, or by the learned one `set_projection` installs (until
+    then, a "pca" embedding projects on its first `dim` channels).
     """
 
     def __init__(self, config: EmbeddingConfig, height: int, width: int, weights: str | None = None):
@@ -113,17 +124,30 @@ class PatchEmbedding(nn.Module):
         else:
             scales = torch.ones(sum(self.encoder.channels))
         channels = scales.numel()
-        if config.dim and config.dim < channels:
-            gen = torch.Generator().manual_seed(config.seed)
-            q, _ = torch.linalg.qr(torch.randn(channels, config.dim, generator=gen))
-            projection = scales[:, None] * q
-        else:
-            projection = torch.diag(scales)
-        self.register_buffer("projection", projection)  # [C_total, d]
         self.register_buffer("scales", scales)  # [C_total]: the diagonal, applied as a cheaper product
-        self.diagonal = projection.shape[0] == projection.shape[1]
-        self.dim = projection.shape[1]
+        if config.dim and config.dim < channels:
+            if config.projection == "random":
+                gen = torch.Generator().manual_seed(config.seed)
+                matrix, _ = torch.linalg.qr(torch.randn(channels, config.dim, generator=gen))
+            else:
+                matrix = torch.eye(channels)[:, :config.dim]
+            self.register_buffer("projection", scales[:, None] * matrix)  # [C_total, d]
+        else:
+            self.register_buffer("projection", torch.diag(scales))
+        self.diagonal = self.projection.shape[0] == self.projection.shape[1]
+        self.dim = self.projection.shape[1]
         self.eval()
+
+    @property
+    def channels(self) -> int:
+        return self.scales.numel()
+
+    def set_projection(self, matrix: torch.Tensor) -> None:
+        """Project the weighted features with float32 `matrix` [C_total, d] (e.g. principal axes)."""
+        if matrix.shape != (self.channels, self.dim):
+            raise ConfigError(f"projection of shape {tuple(matrix.shape)}; this embedding needs "
+                              f"[{self.channels}, {self.dim}]")
+        self.projection = self.scales[:, None] * matrix.to(torch.float32)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = torch.cat(self.encoder(images), dim=1).permute(0, 2, 3, 1)  # [N, h, w, C_total]

@@ -81,7 +81,7 @@ def _deployment(args):
 
 
 # options that configure a kind; each kind's options class lists in FLAGS those it takes
-KIND_FLAGS = ("backbone", "layers", "weighting", "context", "dim", "coreset_ratio", "coreset_max", "index", "shots",
+KIND_FLAGS = ("backbone", "layers", "weighting", "context", "dim", "projection", "coreset_ratio", "coreset_max", "index", "shots",
               "augment", "steps", "epochs", "lr", "max_minutes", "holdout", "decoder_width", "flip_features")
 
 
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     from calibration.memory_bank import AUGMENTS
     from engines.backbones import backbone_names
     from engines.banks import INDEX_KINDS
-    from engines.heads import WEIGHTINGS
+    from engines.heads import PROJECTIONS, WEIGHTINGS
     from engines.runtimes import PRECISIONS, RUNTIMES
 
     parser = argparse.ArgumentParser(prog="lineguard", description="Streaming visual inspection.")
@@ -394,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="stage weighting in the embedding")
     g.add_argument("--context", type=int, default=None, help="mirrored border pixels seen around each input")
     g.add_argument("--dim", type=int, default=None, help="embedding size (0: all channels)")
+    g.add_argument("--projection", choices=PROJECTIONS, default=None, help="how --dim is reached: pca (learned) | random")
     g.add_argument("--coreset-ratio", type=float, default=None, help="fraction of training patches in the bank")
     g.add_argument("--coreset-max", type=int, default=None, help="largest bank size (0: no limit); bounds search time")
     g.add_argument("--index", choices=INDEX_KINDS, default=None, help="flat (exact) | ivf | hnsw")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -73,6 +74,20 @@ class Ledger:
     def complete(self) -> bool:
         return self.expected is not None and self.next_seq >= self.expected and not self.pending and not self.skipped
 
+    def ack(self) -> list:
+        """The cumulative acknowledgement message of this stream (wire.encode_ack)."""
+        missing = sorted(self.skipped | set(self.pending))
+        upto = max([self.next_seq] + [m + 1 for m in missing])
+        gaps = set(range(self.next_seq, upto)) - set(self.pending)
+        return wire.encode_ack(self.stream, upto, sorted((self.skipped | gaps))[:wire.MAX_ACK_MISSING], self.complete)
+
+    def resume(self, released: set[int]) -> None:
+        """Continue after a restart from the seqs already released (logged): those below the highest
+        that are not among them are waiting for a late result."""
+        if released:
+            self.next_seq = max(released) + 1
+            self.skipped = set(range(self.next_seq)) - released
+
     def missing(self) -> list[int]:
         """Seqs without a result (only meaningful after end of stream)."""
         end = max(self.expected or 0, self.next_seq, max(self.pending, default=-1) + 1)
@@ -92,22 +107,52 @@ class Ledger:
 
 
 class Sink:
-    """Counts, orders and writes results; see the module docstring."""
+    """Counts, orders and writes results; see the module docstring.
+
+    The JSONL log is written through: flushed to the operating system as each result is released
+    (a reader following it sees every verdict at once, and a sink killed with kill -9 loses none it
+    had released) and fsync'd at most `fsync_s` seconds later (a power cut loses at most that).
+    resume: continue an existing log (after a restart): its results count, its seqs are not logged
+    again (a truncated last line, from a kill in mid-write, is cut off).
+    """
 
     def __init__(self, jsonl: Path | None = None, maps_dir: Path | None = None, pub: zmq.Socket | None = None,
-                 window: int = 256):
-        self.jsonl = open(jsonl, "w") if jsonl else None
-        self.maps_dir = maps_dir
-        self.pub = pub
-        self.window = window
+                 window: int = 256, resume: bool = False, fsync_s: float = 1.0):
         self.streams: dict[str, Ledger] = {}
         self.counts = {"ok": 0, "defect": 0, "error": 0}
         self.lost = 0
+        self.window = window
+        self.resumed = 0
+        self.jsonl = None
+        if jsonl:
+            if resume and Path(jsonl).is_file():
+                self._resume(Path(jsonl))
+            self.jsonl = open(jsonl, "a" if resume else "w")
+        self.fsync_s = fsync_s
+        self.last_fsync = time.monotonic()
+        self.maps_dir = maps_dir
+        self.pub = pub
         self.rejected: dict[str, int] = {}
         self.latencies: list[float] = []
         self.timing: dict[str, list[float]] = {}
         self.first_t_ns: int | None = None
         self.last_ns: int | None = None
+
+    def _resume(self, path: Path) -> None:
+        data = path.read_bytes()
+        whole = data[:data.rfind(b"\n") + 1]  # a line cut by a kill in mid-write is dropped
+        if len(whole) != len(data):
+            with open(path, "r+b") as f:
+                f.truncate(len(whole))
+        released: dict[str, set[int]] = {}
+        for line in whole.decode().splitlines():
+            record = json.loads(line)
+            released.setdefault(record["stream"], set()).add(record["seq"])
+            self.counts[record["verdict"]] += 1
+            self.lost += bool(record.get("error") and record["error"].startswith("lost"))
+            self.resumed += 1
+        for stream, seqs in released.items():
+            self.ledger(stream).resume(seqs)
 
     def ledger(self, stream: str) -> Ledger:
         if stream not in self.streams:
@@ -152,6 +197,11 @@ class Sink:
                 if late:
                     record["late"] = True
                 self.jsonl.write(json.dumps(record) + "\n")
+        if released and self.jsonl is not None:
+            self.jsonl.flush()  # written through: visible to readers, and safe from a kill of this process
+            if time.monotonic() - self.last_fsync > self.fsync_s:
+                os.fsync(self.jsonl.fileno())
+                self.last_fsync = time.monotonic()
             if self.maps_dir is not None and result.defect_map is not None:
                 self.maps_dir.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(self.maps_dir / f"{result.stream}-{result.seq:08d}.png"), result.defect_map)
@@ -194,20 +244,27 @@ class Sink:
             "mean_batch": float(np.mean(batch)) if batch else 0.0,
             "streams": {name: {"expected": l.expected, "lost": l.lost_seqs[:10000], "late": l.late}
                         for name, l in self.streams.items()},
+            "resumed_from_log": self.resumed,
         }
 
     def close(self) -> None:
         if self.jsonl is not None:
+            self.jsonl.flush()
+            os.fsync(self.jsonl.fileno())
             self.jsonl.close()
 
 
 def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: Path | None = None,
              maps_dir: Path | None = None, streams: int = 1, drain_timeout: float = 5.0, window: int = 256,
-             control: str | None = None, stop: threading.Event | None = None) -> dict:
+             control: str | None = None, acks_endpoint: str | None = None, resume: bool = False,
+             stop: threading.Event | None = None) -> dict:
     """PULL results and eos (bound at results_endpoint) until `streams` streams have ended and drained.
 
     streams = 0 runs until stopped. A stream that has ended but still misses results after
-    drain_timeout seconds without any new result has them declared lost. Returns the summary.
+    drain_timeout seconds without any new message (result or eos: a producer still re-sending
+    repeats its eos) has them declared lost. acks_endpoint: PUB (bound) of every stream's
+    cumulative acknowledgement, 5 times a second, for producers that re-send what has no verdict.
+    resume: continue an existing JSONL log (a restarted sink). Returns the summary.
     """
     from pipeline.workers import Control, stop_on_signals
 
@@ -221,13 +278,21 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, 10000)
         pub.bind(pub_endpoint)
+    acks = None
+    if acks_endpoint:
+        acks = ctx.socket(zmq.PUB)
+        acks.bind(acks_endpoint)
     ctl = Control(ctx, control, "sink", "sink")
-    sink = Sink(jsonl, maps_dir, pub, window)
+    sink = Sink(jsonl, maps_dir, pub, window, resume=resume)
     ctl.send("ready")
     last_activity = time.monotonic()
-    last_status = 0.0
+    last_status = last_ack = 0.0
     try:
         while not stop.is_set():
+            if acks is not None and time.monotonic() - last_ack > 0.2:
+                last_ack = time.monotonic()
+                for ledger in sink.streams.values():
+                    acks.send_multipart(ledger.ack())
             if inp.poll(100):
                 sink.handle(inp.recv_multipart(copy=False))
                 last_activity = time.monotonic()
@@ -244,13 +309,17 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
                 ctl.send("status", **_status(sink))
         summary = sink.summary()
         ctl.send("stats", **summary)
+        if acks is not None:
+            for ledger in sink.streams.values():
+                acks.send_multipart(ledger.ack())
         return summary
     finally:
         sink.close()
         ctl.close()
         inp.close(linger=0)
-        if pub is not None:
-            pub.close(linger=1000)
+        for sock in (pub, acks):
+            if sock is not None:
+                sock.close(linger=1000)
         ctx.term()
 
 

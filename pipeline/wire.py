@@ -11,12 +11,16 @@ MAX_HEADER_BYTES; the frames after it are raw buffers. There is no pickle anywhe
                                                                     + a uint8 defect map iff map_shape
     eos     {"v": 1, "kind": "eos", "stream", "count", "dropped"}   no payload
     scored  {"v": 1, "kind": "scored", "stream", "seq", "t_ns", "shape", "product", "meta", "score",
-             "grid": [h, w], "canvas": [Hc, Wc] (optional), "timing"}
+             "grid": [h, w], "canvas": [Hc, Wc] (optional), "heat": [Hc, Wc] (optional), "timing"}
                                     + float32 anomaly map [h, w] (+ uint8 RGB canvas [Hc, Wc, 3] iff
-                                    "canvas": the frame as the model saw it, for overlays)
-                                    (inference worker -> postprocess worker)
+                                    "canvas": the frame as the model saw it, for overlays) (+ uint8
+                                    heat [Hc, Wc] iff "heat": the normalised smoothed map x 255, made
+                                    on the GPU) (inference worker -> postprocess worker)
     control {"v": 1, "kind": "control", "event": "ready" | "stats" | "status", "role", "name", "data"}
                                     no payload (stages -> the supervisor of a run)
+    ack     {"v": 1, "kind": "ack", "stream", "next", "missing": [seq, ...], "done"}
+                                    no payload (sink -> producers: every seq below "next" but those
+                                    in "missing" has its verdict logged; "done": the stream is whole)
 
 Send what the encoders return with ``sock.send_multipart(frames, copy=False)`` and hand what
 ``sock.recv_multipart(copy=False)`` returns to :func:`decode`; raw pixels and defect maps are then
@@ -62,8 +66,10 @@ _RESULT_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "verdict", "score", "reg
                   "map_shape", "meta"}
 _EOS_FIELDS = {"v", "kind", "stream", "count", "dropped"}
 _SCORED_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "shape", "product", "meta", "score", "grid", "canvas",
-                  "timing"}
+                  "heat", "timing"}
 _CONTROL_FIELDS = {"v", "kind", "event", "role", "name", "data"}
+_ACK_FIELDS = {"v", "kind", "stream", "next", "missing", "done"}
+MAX_ACK_MISSING = 4096
 CONTROL_EVENTS = ("ready", "stats", "status")
 _UNPACK_LIMITS = dict(max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, max_ext_len=MAX_HEADER_BYTES,
                       max_array_len=MAX_HEADER_BYTES, max_map_len=MAX_HEADER_BYTES // 2)
@@ -345,7 +351,8 @@ class Scored:
     score: the raw image score; grid_map: float32 [h, w], the raw canvas map (one cell per
     stride canvas pixels); image: None, or the uint8 RGB canvas [Hc, Wc, 3] the map belongs to
     (sent for defective frames, to draw overlays on: the original is not sent again); both are
-    read-only views into the received buffers once decoded. timing: per-stage ms so far.
+    read-only views into the received buffers once decoded. heat: None, or the uint8 [Hc, Wc]
+    normalised smoothed map x 255 (the GPU path makes it on the device). timing: per-stage ms so far.
     """
 
     kind: ClassVar[str] = "scored"
@@ -359,6 +366,7 @@ class Scored:
     timing: dict[str, float] = field(default_factory=dict)
     product: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    heat: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self):
         _str("stream", self.stream)
@@ -378,6 +386,10 @@ class Scored:
             raise WireError("bad_dtype", f"grid_map must be a float32 numpy array, got "
                                          f"{getattr(m, 'dtype', type(m).__name__)}")
         _sides("grid", m.shape, 2)
+        heat = self.heat
+        if heat is not None and (not isinstance(heat, np.ndarray) or heat.dtype != np.uint8 or heat.ndim != 2):
+            raise WireError("bad_dtype", f"heat must be None or a uint8 [H, W] array, got "
+                                         f"{getattr(heat, 'dtype', type(heat).__name__)}")
         if not isinstance(self.timing, dict):
             raise WireError("bad_field", f"timing must be a map of stage name -> ms, got {_show(self.timing)}")
         _set(self, "timing", {_str("timing stage", k): _float(f"timing[{k!r}]", v) for k, v in self.timing.items()})
@@ -399,6 +411,32 @@ class Control:
         _str("role", self.role)
         _str("name", self.name)
         _str_map("control data", self.data)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The sink's acknowledgement of one stream: every seq below ``next`` except those in ``missing``
+    has its verdict released (logged); ``done``: the stream has ended and every seq has one.
+    Acks are cumulative and idempotent, so a lost one is made good by the next."""
+
+    kind: ClassVar[str] = "ack"
+    stream: str
+    next: int
+    missing: tuple[int, ...] = ()
+    done: bool = False
+
+    def __post_init__(self):
+        _str("stream", self.stream)
+        _set(self, "next", _int("next", self.next))
+        if not isinstance(self.missing, (list, tuple)) or len(self.missing) > MAX_ACK_MISSING:
+            raise WireError("bad_field", f"missing must be a list of at most {MAX_ACK_MISSING} seqs")
+        _set(self, "missing", tuple(_int("missing seq", m, 0, self.next) for m in self.missing))
+        if not isinstance(self.done, bool):
+            raise WireError("bad_field", f"done must be a bool, got {_show(self.done)}")
+
+    def covers(self, seq: int) -> bool:
+        """Whether `seq` has its verdict (and may be forgotten by the producer)."""
+        return seq < self.next and seq not in self.missing
 
 
 # ---- encoders: return the list of frames for send_multipart(frames, copy=False) ----
@@ -471,18 +509,30 @@ def encode_eos(stream: str, count: int, dropped: int = 0) -> list:
 
 
 def encode_scored(frame: Frame, score: float, grid_map: np.ndarray, image: np.ndarray | None,
-                  timing: dict[str, float]) -> list:
-    """[header, float32 map (, uint8 canvas image)]; buffers are sent without a copy, so the caller
-    must not reuse them until sent (pass copies of reused batch buffers)."""
+                  timing: dict[str, float], heat: np.ndarray | None = None) -> list:
+    """[header, float32 map (, uint8 canvas image) (, uint8 heat)]; buffers are sent without a copy,
+    so the caller must not reuse them until sent (pass copies of reused batch buffers)."""
     s = Scored(frame.stream, frame.seq, frame.t_ns, frame.shape, score, np.ascontiguousarray(grid_map, np.float32),
-               None if image is None else np.ascontiguousarray(image), dict(timing), frame.product, frame.meta)
+               None if image is None else np.ascontiguousarray(image), dict(timing), frame.product, frame.meta,
+               None if heat is None else np.ascontiguousarray(heat))
     header = {"v": VERSION, "kind": "scored", "stream": s.stream, "seq": s.seq, "t_ns": s.t_ns,
               "shape": list(s.shape), "product": s.product, "meta": s.meta, "score": s.score,
               "grid": list(s.grid_map.shape), "timing": s.timing}
-    if s.image is None:
-        return [_pack(header), _flat(s.grid_map)]
-    header["canvas"] = list(s.image.shape[:2])
-    return [_pack(header), _flat(s.grid_map), _flat(s.image)]
+    out = [_flat(s.grid_map)]
+    if s.image is not None:
+        header["canvas"] = list(s.image.shape[:2])
+        out.append(_flat(s.image))
+    if s.heat is not None:
+        header["heat"] = list(s.heat.shape)
+        out.append(_flat(s.heat))
+    return [_pack(header), *out]
+
+
+def encode_ack(stream: str, next_seq: int, missing: Sequence[int] = (), done: bool = False) -> list:
+    """[header bytes]: the sink's cumulative acknowledgement of a stream (see :class:`Ack`)."""
+    a = Ack(stream, next_seq, tuple(sorted(missing)), done)
+    return [_pack({"v": VERSION, "kind": "ack", "stream": a.stream, "next": a.next, "missing": list(a.missing),
+                   "done": a.done})]
 
 
 def encode_control(event: str, role: str, name: str, data: dict[str, Any] | None = None) -> list:
@@ -510,7 +560,7 @@ def _frame_header(frame: Frame) -> dict:
 
 # ---- decoder ----
 
-def decode(frames: Sequence[bytes | memoryview | zmq.Frame]) -> Frame | Result | Eos | Scored | Control:
+def decode(frames: Sequence[bytes | memoryview | zmq.Frame]) -> Frame | Result | Eos | Scored | Control | Ack:
     """Parse one multipart message (as from ``recv_multipart(copy=False)``) without copying its buffers.
 
     A Frame's payload and a Result's defect map are views into the received buffers. Raises
@@ -551,8 +601,12 @@ def decode(frames: Sequence[bytes | memoryview | zmq.Frame]) -> Frame | Result |
             _keys("control", header, _CONTROL_FIELDS, _CONTROL_FIELDS - {"data"})
             _frame_count("control", rest, 0)
             return Control(header["event"], header["role"], header["name"], header.get("data", {}))
-        raise WireError("bad_kind", f"message kind {_show(kind)}; expected 'frame', 'result', 'eos', 'scored' "
-                                    f"or 'control'")
+        if kind == "ack":
+            _keys("ack", header, _ACK_FIELDS, _ACK_FIELDS)
+            _frame_count("ack", rest, 0)
+            return Ack(header["stream"], header["next"], header["missing"], header["done"])
+        raise WireError("bad_kind", f"message kind {_show(kind)}; expected 'frame', 'result', 'eos', 'scored', "
+                                    f"'control' or 'ack'")
     except WireError as e:
         e.stream = stream if isinstance(stream, str) and stream else None
         e.seq = seq if _is_int(seq) and 0 <= seq <= _UINT64 else None
@@ -574,23 +628,31 @@ def _decode_frame(header: dict, rest: list) -> Frame:
 
 
 def _decode_scored(header: dict, rest: list) -> Scored:
-    _keys("scored", header, _SCORED_FIELDS, _SCORED_FIELDS - {"product", "meta", "timing", "canvas"})
-    _frame_count("scored", rest, 2 if "canvas" in header else 1)
+    _keys("scored", header, _SCORED_FIELDS, _SCORED_FIELDS - {"product", "meta", "timing", "canvas", "heat"})
+    _frame_count("scored", rest, 1 + ("canvas" in header) + ("heat" in header))
     h, w = _sides("grid", header["grid"], 2)
     if len(rest[0]) != h * w * 4:
         raise WireError("payload_size", f"anomaly map is {len(rest[0])} bytes; grid [{h}, {w}] float32 needs {h * w * 4}")
     grid_map = np.frombuffer(rest[0], "<f4").reshape(h, w)
     grid_map.flags.writeable = False
-    image = None
+    image = heat = None
+    at = 1
     if "canvas" in header:
         ch, cw = _sides("canvas", header["canvas"], 2)
-        if len(rest[1]) != ch * cw * 3:
-            raise WireError("payload_size", f"canvas image is {len(rest[1])} bytes; canvas [{ch}, {cw}] RGB needs "
+        if len(rest[at]) != ch * cw * 3:
+            raise WireError("payload_size", f"canvas image is {len(rest[at])} bytes; canvas [{ch}, {cw}] RGB needs "
                                             f"{ch * cw * 3}")
-        image = np.frombuffer(rest[1], np.uint8).reshape(ch, cw, 3)
+        image = np.frombuffer(rest[at], np.uint8).reshape(ch, cw, 3)
         image.flags.writeable = False
+        at += 1
+    if "heat" in header:
+        hh, hw = _sides("heat", header["heat"], 2)
+        if len(rest[at]) != hh * hw:
+            raise WireError("payload_size", f"heat is {len(rest[at])} bytes; [{hh}, {hw}] uint8 needs {hh * hw}")
+        heat = np.frombuffer(rest[at], np.uint8).reshape(hh, hw)
+        heat.flags.writeable = False
     return Scored(header["stream"], header["seq"], header["t_ns"], header["shape"], header["score"], grid_map, image,
-                  header.get("timing", {}), header.get("product"), header.get("meta", {}))
+                  header.get("timing", {}), header.get("product"), header.get("meta", {}), heat)
 
 
 def _decode_result(header: dict, rest: list) -> Result:

@@ -183,8 +183,8 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
         queued = max(0.0, (t_recv - frame.t_ns) / 1e6)
         # defective frames carry the canvas (the frame as the model saw it) for overlays; the rest need none
         canvas = model.geometer.canvas_image(image, r.layout) if model.is_defect(r.score) else None
-        out.send_multipart(wire.encode_scored(frame, r.score, r.canvas_map, canvas, {"queue": queued, **timing}),
-                           copy=False)
+        out.send_multipart(wire.encode_scored(frame, r.score, r.canvas_map, canvas, {"queue": queued, **timing},
+                                              r.heat), copy=False)
     stats.frames += n
     stats.batches += 1
 
@@ -235,7 +235,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                 stats.reject("bad_kind")
                 continue
             frame = item.shape[:2]
-            decision = model.decide(item.grid_map, frame, item.score)
+            decision = model.decide(item.grid_map, frame, item.score, item.heat)
             regions, defect_map = [], None
             if decision.verdict == "defect":
                 regions = [wire.Region(b, a, p) for b, a, p in decision.regions]

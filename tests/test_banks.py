@@ -9,6 +9,7 @@ from engines.banks import INDEX_KINDS, BankConfig, MemoryBank
 from engines.errors import ConfigError
 
 DIST_ATOL = 1e-4
+FLAT = BankConfig(index="flat")
 
 
 def _brute(bank: np.ndarray, queries: np.ndarray, k: int, exclude=None):
@@ -42,7 +43,7 @@ def flat_data():
     rng = np.random.default_rng(0)
     bank = rng.standard_normal((2000, 16)).astype(np.float32)
     queries = rng.standard_normal((300, 16)).astype(np.float32)
-    return bank, queries, MemoryBank.build(bank)
+    return bank, queries, MemoryBank.build(bank, FLAT)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def clustered():
     centres = rng.standard_normal((50, 32)).astype(np.float32) * 4
     bank = (centres[rng.integers(50, size=4000)] + rng.standard_normal((4000, 32))).astype(np.float32)
     queries = (centres[rng.integers(50, size=400)] + rng.standard_normal((400, 32))).astype(np.float32)
-    flat = MemoryBank.build(bank)
+    flat = MemoryBank.build(bank, FLAT)
     return bank, queries, flat
 
 
@@ -91,7 +92,7 @@ def test_flat_save_load_round_trip(flat_data, tmp_path):
     bank, queries, index = flat_data
     path = tmp_path / "bank.faiss"
     index.save(path)
-    loaded = MemoryBank.load(path, BankConfig())
+    loaded = MemoryBank.load(path, FLAT)
     assert loaded.size == index.size and loaded.dim == index.dim
     for k, exclude in [(1, None), (3, None), (2, (0, 1000))]:
         d0, i0 = index.search(queries, k, exclude=exclude)
@@ -103,7 +104,7 @@ def test_flat_save_load_round_trip(flat_data, tmp_path):
 def test_flat_search_self_distance_is_zero(clustered):
     bank, _, flat = clustered
     shifted = bank + np.float32(5.0)  # larger norms, as un-centred CNN features have
-    index = MemoryBank.build(shifted)
+    index = MemoryBank.build(shifted, FLAT)
     dist, ids = index.search(shifted[:500], 1)
     np.testing.assert_array_equal(ids[:, 0], np.arange(500))
     assert dist.max() <= 1e-3, f"self distance up to {dist.max()}"
@@ -111,7 +112,7 @@ def test_flat_search_self_distance_is_zero(clustered):
 
 def test_flat_exclude_never_returns_excluded_ids_even_when_k_exceeds_rest(flat_data):
     bank, queries, _ = flat_data
-    index = MemoryBank.build(bank[:10])
+    index = MemoryBank.build(bank[:10], FLAT)
     dist, ids = index.search(queries[:5], 4, exclude=(0, 8))  # only 2 rows left
     assert not np.any((ids >= 0) & (ids < 8)), ids
 

@@ -14,8 +14,8 @@ import torch
 from calibration.artifact import ArtifactError
 from calibration.int8 import Int8Config, ValidationBar, quantize_onnxruntime, validate_int8
 from calibration.maps import MapConfig, smooth, smooth_torch
-from calibration.model import Model
-from engines.banks import MemoryBank
+from calibration.model import Inspector, Model
+from engines.banks import BankConfig, MemoryBank
 from engines.compiled import cpu_features, engine_file, engine_path
 from engines.errors import ConfigError, MissingExtraError
 from engines.runtimes import Deployment
@@ -182,10 +182,9 @@ def test_fp16_bank_storage_on_cpu_is_close():
     rng = np.random.default_rng(1)
     bank = rng.standard_normal((500, 32)).astype(np.float32)
     queries = rng.standard_normal((200, 32)).astype(np.float32)
-    from engines.banks import BankConfig
 
-    exact = MemoryBank.build(bank)
-    half = MemoryBank(exact.index, BankConfig(), precision="fp16")
+    exact = MemoryBank.build(bank, BankConfig(index="flat"))
+    half = MemoryBank(exact.index, BankConfig(index="flat"), precision="fp16")
     d32, i32 = exact.search(queries)
     d16, i16 = half.search(queries)
     assert (i16 == i32).mean() > 0.95
@@ -201,7 +200,7 @@ def test_gpu_bank_equals_cpu_bank():
     rng = np.random.default_rng(2)
     vectors = rng.standard_normal((3000, 64)).astype(np.float32)
     queries = rng.standard_normal((4096, 64)).astype(np.float32)
-    cpu = MemoryBank.build(vectors)
+    cpu = MemoryBank.build(vectors, BankConfig(index="flat"))
     gpu = MemoryBank(cpu.index, cpu.config, device="cuda")
     d_cpu, i_cpu = cpu.search(queries)
     d_gpu, i_gpu = gpu.search_tensor(torch.from_numpy(queries).cuda())
@@ -236,7 +235,6 @@ def test_faiss_gpu_ivf_bank():
 
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         pytest.skip("faiss without GPU support (pip install 'lineguard[gpu]')")
-    from engines.banks import BankConfig
 
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((5000, 32)).astype(np.float32)
@@ -262,9 +260,43 @@ def test_ivf_on_gpu_without_faiss_gpu_names_the_extra():
 
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         pytest.skip("faiss-gpu is installed with a GPU")
-    from engines.banks import BankConfig
 
     vectors = np.random.default_rng(4).standard_normal((400, 8)).astype(np.float32)
     cpu = MemoryBank.build(vectors, BankConfig(index="ivf"))
     with pytest.raises(MissingExtraError, match=r"lineguard\[gpu\]"):
         MemoryBank(cpu.index, cpu.config, device="cuda")
+
+
+def _box_iou(a, b) -> float:
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a, b
+    iw = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    ih = max(0, min(ay + ah, by + bh) - max(ay, by))
+    return iw * ih / (aw * ah + bw * bh - iw * ih)
+
+
+def test_device_path_computes_what_the_host_path_does(fitted_model, synthetic_data):
+    """The GPU path's logic (scores, verdicts, smoothing and normalisation on the device, 8-bit heat of
+    defective frames only) run on a torch CPU device, against the host path."""
+    from calibration.dataset import evaluation_samples, read_images
+
+    model = Model(fitted_model)
+    frames = list(read_images([s.path for s in evaluation_samples(synthetic_data)]))
+    with Inspector(model, Deployment()) as host, Inspector(model, Deployment("torch"), device_path=True) as device:
+        want, got = host.inspect(frames), device.inspect(frames)
+    defects = 0
+    for w, g in zip(want, got):
+        assert g.score == pytest.approx(w.score, rel=1e-4, abs=1e-5)
+        dw = model.decide(w.canvas_map, w.layout.frame, w.score)
+        dg = model.decide(g.canvas_map, g.layout.frame, g.score, g.heat)
+        assert dg.verdict == dw.verdict
+        if dw.verdict == "defect":
+            defects += 1
+            assert g.heat is not None and g.heat.dtype == np.uint8 and g.heat.shape == dw.heat.shape
+            assert np.abs(g.heat.astype(int) - (dw.heat * 255).astype(int)).max() <= 1
+            # the same defect pixels, up to the 8-bit rounding of values at the threshold
+            mask_g, mask_w = g.heat >= 128, dw.heat >= 0.5
+            assert (mask_g & mask_w).sum() >= 0.95 * (mask_g | mask_w).sum()
+            assert _box_iou(dg.regions[0][0], dw.regions[0][0]) >= 0.9  # and the same main region
+        else:
+            assert g.heat is None  # ok frames bring back no map
+    assert defects >= 5

@@ -116,7 +116,8 @@ def test_full_projection_is_per_stage_scaling(module):
 
 
 def test_unweighted_stages_are_plain_concatenation(module):
-    plain = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), weighting="none"), H, W, weights="random")
+    plain = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), weighting="none", dim=0), H, W,
+                           weights="random")
     plain.encoder.backbone.load_state_dict(module.encoder.backbone.state_dict())
     images = _images(1, seed=4)
     with torch.no_grad():
@@ -126,7 +127,8 @@ def test_unweighted_stages_are_plain_concatenation(module):
 
 
 def test_context_mirrors_the_image_around_the_input(module):
-    with_context = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), context=16), H, W, weights="random")
+    with_context = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), context=16, dim=0), H, W,
+                                  weights="random")
     with_context.encoder.backbone.load_state_dict(module.encoder.backbone.state_dict())
     images = _images(1, seed=5)
     mirrored = np.pad(images, ((0, 0), (16, 16), (16, 16), (0, 0)), mode="reflect")
@@ -141,8 +143,9 @@ def test_context_mirrors_the_image_around_the_input(module):
         PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), context=8), H, W, weights="random")
 
 
-def test_reduced_dim_projection():
-    m = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=32), H, W, weights="random")
+def test_random_projection_is_seeded_and_orthogonal():
+    m = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=32, projection="random"), H, W,
+                       weights="random")
     assert m.dim == 32
     with torch.no_grad():
         out = m(torch.from_numpy(_images(1)))
@@ -151,9 +154,11 @@ def test_reduced_dim_projection():
     scales = np.concatenate([np.full(40, 40 ** -0.5), np.full(112, 112 ** -0.5)])
     q = m.projection.numpy() / scales[:, None]
     np.testing.assert_allclose(q.T @ q, np.eye(32), atol=1e-5)
-    again = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=32), H, W, weights="random")
+    again = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=32, projection="random"), H, W,
+                           weights="random")
     assert torch.equal(again.projection, m.projection)
-    other = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=32, seed=1), H, W, weights="random")
+    other = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=32, projection="random", seed=1), H, W,
+                           weights="random")
     assert not torch.equal(other.projection, m.projection)
 
 
@@ -381,3 +386,20 @@ def test_every_runtime_is_one_registry_entry():
         assert entry.name == name and entry.precisions and entry.devices and callable(entry.build)
         assert set(entry.compiled) <= set(entry.precisions)
     assert RUNTIMES["tensorrt"].extras == ("tensorrt", "pycuda")
+
+
+def test_learned_projection_replaces_the_placeholder(module):
+    """A "pca" embedding projects on its first `dim` channels until fit installs the principal axes."""
+    pca = PatchEmbedding(EmbeddingConfig(layers=("stage2", "stage4"), dim=16), H, W, weights="random")
+    pca.encoder.backbone.load_state_dict(module.encoder.backbone.state_dict())
+    images = torch.from_numpy(_images(1, seed=7))
+    with torch.no_grad():
+        full = module(images).numpy()
+        np.testing.assert_allclose(pca(images).numpy(), full[..., :16], rtol=1e-5, atol=1e-6)
+        axes = torch.linalg.qr(torch.randn(152, 16, generator=torch.Generator().manual_seed(3)))[0]
+        pca.set_projection(axes)
+        np.testing.assert_allclose(pca(images).numpy(), full @ axes.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"\[152, 16\]"):
+        pca.set_projection(torch.zeros(152, 8))
+    assert EmbeddingConfig(dim=16).learned and not EmbeddingConfig(dim=16, projection="random").learned
+    assert not EmbeddingConfig(dim=0).learned

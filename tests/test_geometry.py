@@ -119,13 +119,16 @@ def test_resize_layout_with_roi_keeps_its_input():
     assert 0 < stitched.sum() < stitched.size
 
 
-def test_input_for_frames_follows_the_aspect_ratio():
+def test_input_for_frames_follows_a_shared_aspect_ratio():
     assert input_for_frames([(512, 512)] * 3).shape == (256, 256, 3)
-    spec = input_for_frames([(300, 700), (310, 690), (500, 100)])
+    spec = input_for_frames([(300, 700), (310, 690), (305, 700), (300, 720)])
     assert spec.width > spec.height and spec.height % 32 == 0 and spec.width % 32 == 0
     assert abs(spec.width / spec.height - 700 / 300) < 0.35
+    assert spec.height * spec.width == pytest.approx(256 * 256, rel=0.15)
     tall = input_for_frames([(1240, 500)])
     assert tall.height > tall.width
+    # frames of many shapes (crops of varying aspect): a square input
+    assert input_for_frames([(300, 700), (500, 100), (300, 300), (200, 400)]).shape == (256, 256, 3)
 
 
 def test_read_roi_rectangle_mask_and_errors(tmp_path):
