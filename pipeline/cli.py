@@ -208,8 +208,9 @@ def cmd_produce(args) -> int:
     stop_on_signals(stop)
     source = open_source(args.source, frames=args.frames, size=args.size, seed=args.seed)
     stats = produce(source, args.frames_endpoint, args.sink, stream=args.stream, mode=args.mode, hold=args.hold,
-                    stop=stop)
-    print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped)", file=sys.stderr)
+                    acks_endpoint=args.acks, retry_after=args.retry_after, stop=stop)
+    print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped, {stats.resent} sent again, "
+          f"{stats.abandoned} abandoned)", file=sys.stderr)
     return 0
 
 
@@ -234,7 +235,8 @@ def cmd_sink(args) -> int:
     from pipeline.sinks import run_sink
 
     summary = run_sink(args.results, pub_endpoint=args.pub, jsonl=args.jsonl, maps_dir=args.maps,
-                       streams=args.streams, drain_timeout=args.drain_timeout, control=args.control)
+                       streams=args.streams, drain_timeout=args.drain_timeout, control=args.control,
+                       acks_endpoint=args.acks, resume=args.resume)
     if args.summary:
         write_json(args.summary, summary)
     return 0
@@ -266,8 +268,8 @@ def print_summary(summary: dict) -> None:
           f"p99 {lat['p99']:.1f} ms")
     if summary.get("rejected"):
         print(f"rejected messages: {summary['rejected']}")
-    for restart in summary.get("worker_restarts", []):
-        print(f"inference worker {restart['worker']} died (exit {restart['exit_code']}) and was restarted")
+    for restart in summary.get("restarts", []):
+        print(f"{restart['stage']} died (exit {restart['exit_code']}) and was restarted")
 
 
 def cmd_run(args) -> int:
@@ -276,7 +278,7 @@ def cmd_run(args) -> int:
     config = RunConfig(model=args.model, source=args.source, out=args.out, frames=args.frames, workers=args.workers,
                        post_workers=args.post_workers, batch=args.batch_size, batch_ms=args.batch_ms,
                        deployment=_deployment(args), mode=args.mode, stream=args.stream, pub=args.pub,
-                       drain_timeout=args.drain_timeout, respawn=not args.no_respawn)
+                       drain_timeout=args.drain_timeout, retry_after=args.retry_after, respawn=not args.no_respawn)
     status = StatusLine()
     try:
         summary = run_pipeline(config, status)
@@ -452,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pub", default=None, help="also publish results on this ZeroMQ endpoint (PUB, bound)")
     run.add_argument("--drain-timeout", type=float, default=5.0,
                      help="seconds without results after the end of stream before missing frames count as lost")
-    run.add_argument("--no-respawn", action="store_true", help="do not restart inference workers that die")
+    run.add_argument("--retry-after", type=float, default=10.0,
+                     help="seconds without a verdict before the producer sends a frame again")
+    run.add_argument("--no-respawn", action="store_true", help="do not restart stages that die")
     common(run)
     run.set_defaults(func=cmd_run)
 
@@ -473,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--mode", choices=("lossless", "live"), default=None)
     produce.add_argument("--size", type=_positive_int, default=256, help="synthetic frame size")
     produce.add_argument("--seed", type=int, default=0)
+    produce.add_argument("--acks", default=None,
+                         help="the sink's --acks endpoint: keep every frame until its verdict, send again if none comes")
+    produce.add_argument("--retry-after", type=float, default=10.0, help="seconds before a frame is sent again")
     produce.add_argument("--hold", type=float, default=30.0,
                          help="seconds to stay connected after the end of stream, so frames in flight arrive")
     produce.set_defaults(func=cmd_produce)
@@ -505,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--streams", type=int, default=0, help="stop after this many streams ended (0: never)")
     sink.add_argument("--drain-timeout", type=float, default=5.0)
     sink.add_argument("--summary", type=Path, default=None)
+    sink.add_argument("--acks", default=None, help="publish acknowledgements here for producers (PUB, bound)")
+    sink.add_argument("--resume", action="store_true", help="continue an existing --jsonl log (after a restart)")
     sink.add_argument("--control", default=None, help=argparse.SUPPRESS)
     sink.set_defaults(func=cmd_sink)
 

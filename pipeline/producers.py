@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -179,15 +180,69 @@ def open_source(spec: str, frames: int = 0, size: int = 256, seed: int = 0) -> S
 class ProducerStats:
     sent: int = 0
     dropped: int = 0
+    resent: int = 0
+    abandoned: int = 0
+
+
+class Redispatch:
+    """Frames sent but without a verdict yet, kept until the sink acknowledges them (wire.Ack) and
+    sent again when `retry_after` seconds pass without one: the frames a worker held when it died or
+    stalled, or whose results a dying postprocess worker or sink never passed on. A frame is sent at
+    most `attempts` times, then abandoned (the sink reports it lost). At most `capacity` frames wait;
+    a full buffer holds the source back (a live source then drops, and counts, camera frames)."""
+
+    def __init__(self, acks: zmq.Socket, stats: ProducerStats, retry_after: float, capacity: int = 1024,
+                 attempts: int = 4):
+        self.acks, self.stats = acks, stats
+        self.retry_after, self.capacity, self.attempts = retry_after, capacity, attempts
+        self.waiting: dict[int, list] = {}  # seq -> [message, last sent (monotonic), times sent]
+        self.done = False
+
+    def add(self, seq: int, message: list) -> None:
+        self.waiting[seq] = [message, time.monotonic(), 1]
+
+    @property
+    def full(self) -> bool:
+        return len(self.waiting) >= self.capacity
+
+    def poll(self, stream: str) -> None:
+        """Take in every queued acknowledgement of `stream`."""
+        while self.acks.poll(0):
+            try:
+                ack = wire.decode(self.acks.recv_multipart())
+            except wire.WireError:
+                continue
+            if not isinstance(ack, wire.Ack) or ack.stream != stream:
+                continue
+            for seq in [q for q in self.waiting if ack.covers(q)]:
+                del self.waiting[seq]
+            self.done = ack.done
+
+    def overdue(self) -> list[int]:
+        """Seqs to send again now; abandons those already sent `attempts` times."""
+        now = time.monotonic()
+        due = []
+        for seq, entry in list(self.waiting.items()):
+            if now - entry[1] >= self.retry_after:
+                if entry[2] >= self.attempts:
+                    del self.waiting[seq]
+                    self.stats.abandoned += 1
+                else:
+                    due.append(seq)
+        return due
 
 
 def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: str = "cam0", mode: str | None = None,
-            ring: int = 4, hwm: int = 8, hold: float | None = None,
-            stop: threading.Event | None = None) -> ProducerStats:
+            ring: int = 4, hwm: int = 8, hold: float | None = None, acks_endpoint: str | None = None,
+            retry_after: float = 10.0, stop: threading.Event | None = None) -> ProducerStats:
     """Send every frame of source to frames_endpoint (PUSH, bound), then eos to sink_endpoint (PUSH, connected).
 
-    After the end of the stream the sockets stay open until `stop` is set (a supervisor does
-    that once the sink has every result) or `hold` seconds have passed (None: until stopped).
+    acks_endpoint: the sink's acknowledgements (SUB, connected). With it every frame is kept until
+    the sink has its verdict and sent again after `retry_after` seconds without one (Redispatch);
+    after the end of the stream the producer goes on re-sending (and repeating its eos, so a
+    restarted sink learns the count) until the sink acknowledges the whole stream. Then, or without
+    acks right after the eos, the sockets stay open until `stop` is set (a supervisor does that
+    once the sink has every result) or `hold` seconds have passed (None: until stopped).
 
     Frames a source could not read are sent too (a 1x1 frame with the header's "error" field), so
     the sink accounts for them as error results. Returns the counters.
@@ -204,13 +259,51 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
     eos.setsockopt(zmq.LINGER, 5000)
     eos.connect(sink_endpoint)
     stats = ProducerStats()
+    redispatch = None
+    if acks_endpoint:
+        acks = ctx.socket(zmq.SUB)
+        acks.setsockopt(zmq.SUBSCRIBE, b"")
+        acks.setsockopt(zmq.LINGER, 0)
+        acks.connect(acks_endpoint)
+        redispatch = Redispatch(acks, stats, retry_after)
+
+    def tend() -> None:
+        """Acknowledgements in, overdue frames out again."""
+        redispatch.poll(stream)
+        for seq in redispatch.overdue():
+            entry = redispatch.waiting[seq]
+            try:
+                out.send_multipart(entry[0], copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return  # the workers are busy: the next round tries again
+            entry[1], entry[2] = time.monotonic(), entry[2] + 1
+            stats.resent += 1
+
     try:
         frames = _live_frames(source, ring, stats, stop) if mode == "live" else iter(source)
         for seq, item in enumerate(frames):
-            if stop.is_set() or not _send(out, stream, seq, item, stop):
+            while redispatch is not None and redispatch.full and not stop.is_set():
+                tend()
+                stop.wait(0.01)
+            message = _message(stream, seq, item)
+            if stop.is_set() or not _send(out, message, stop, tend if redispatch else None):
                 break
             stats.sent += 1
-        eos.send_multipart(wire.encode_eos(stream, stats.sent, stats.dropped))
+            if redispatch is not None:
+                redispatch.add(seq, message)
+                tend()
+        end = wire.encode_eos(stream, stats.sent, stats.dropped)
+        eos.send_multipart(end)
+        if redispatch is not None:  # until the sink has a verdict for every frame
+            last_eos = time.monotonic()
+            while not stop.is_set() and not (redispatch.done and not redispatch.waiting):
+                tend()
+                if redispatch.waiting and time.monotonic() - last_eos > 1.0:
+                    eos.send_multipart(end)
+                    last_eos = time.monotonic()
+                if not redispatch.waiting and redispatch.done:
+                    break
+                stop.wait(0.05)
         # Stay connected: when a sender closes, ZeroMQ drops what the receiver had not yet taken
         # off the connection (its queue was full), so the last frames would be lost.
         stop.wait(hold)
@@ -223,22 +316,27 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
     return stats
 
 
-def _send(sock: zmq.Socket, stream: str, seq: int, item: SourceFrame, stop: threading.Event) -> bool:
-    """Send one frame, blocking on backpressure; False if stopped before it could be sent."""
+def _message(stream: str, seq: int, item: SourceFrame) -> list:
     meta = dict(item.meta)
     if item.encoded is not None:
-        message = wire.encode_frame_encoded(stream, seq, item.encoded, item.shape, item.encoding, meta=meta)
-    elif item.pixels is not None:
-        message = wire.encode_frame(stream, seq, item.pixels, meta=meta)
-    else:  # unreadable source frame: still sent, so it ends as an error result
-        message = wire.encode_frame(stream, seq, np.zeros((1, 1, 1), np.uint8), meta=meta,
-                                    error=item.error or "the source could not read this frame")
+        return wire.encode_frame_encoded(stream, seq, item.encoded, item.shape, item.encoding, meta=meta)
+    if item.pixels is not None:
+        return wire.encode_frame(stream, seq, item.pixels, meta=meta)
+    # unreadable source frame: still sent, so it ends as an error result
+    return wire.encode_frame(stream, seq, np.zeros((1, 1, 1), np.uint8), meta=meta,
+                             error=item.error or "the source could not read this frame")
+
+
+def _send(sock: zmq.Socket, message: list, stop: threading.Event, idle=None) -> bool:
+    """Send one message, blocking on backpressure (calling `idle` while it waits); False if stopped first."""
     while not stop.is_set():  # block on backpressure, but wake up to notice a stop request
         try:
             sock.send_multipart(message, copy=False, flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
             sock.poll(100, zmq.POLLOUT)
+            if idle is not None:
+                idle()
     return False
 
 

@@ -5,9 +5,9 @@
 Every stage is the same command a user can start alone on another host (`lineguard produce`,
 `worker`, `postprocess`, `sink` with tcp:// endpoints). The supervisor waits for every stage's
 "ready" on its control socket before the producer starts (a handshake, no sleeps), shows a live
-status line, restarts an inference worker that dies (its frames are reported lost by the sink,
-by sequence number), and on the end of the stream, Ctrl-C or SIGTERM stops every process it
-started.
+status line, restarts any inference worker, postprocess worker or sink that dies (the producer
+sends again every frame the sink has not acknowledged, the restarted sink resumes its log), and
+on the end of the stream, Ctrl-C or SIGTERM stops every process it started.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ class RunError(LineguardError):
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """workers / post_workers: process counts; batch, batch_ms: dynamic batching; threads: per
-    inference worker (default: cores / workers); mode: lossless | live (default by source)."""
+    inference worker (default: cores / workers); mode: lossless | live (default by source);
+    retry_after: seconds without a verdict before the producer sends a frame again; respawn:
+    restart inference workers, postprocess workers and the sink that die."""
 
     model: Path
     source: str = "synthetic"
@@ -55,6 +57,7 @@ class RunConfig:
     stream: str = "cam0"
     pub: str | None = None
     drain_timeout: float = 5.0
+    retry_after: float = 10.0
     overlays: bool = True
     respawn: bool = True
     ready_timeout: float = 120.0
@@ -62,6 +65,8 @@ class RunConfig:
     def __post_init__(self):
         if self.workers < 1 or self.post_workers < 1 or self.batch < 1 or self.batch_ms < 0:
             raise ConfigError("workers, post-workers and batch must be >= 1 and batch-ms >= 0")
+        if self.retry_after <= 0 or self.drain_timeout <= 0:
+            raise ConfigError("--retry-after and --drain-timeout must be > 0 seconds")
         if self.mode not in (None, "lossless", "live"):
             raise ConfigError(f"unknown mode {self.mode!r}; valid modes: lossless, live")
 
@@ -107,33 +112,41 @@ class Supervisor:
             args += ["--out", self.endpoint(f"post{i}")]
         return args
 
+    def sink_args(self, resume: bool = False) -> list[str]:
+        c = self.config
+        args = ["sink", "--results", self.endpoint("results"), "--streams", "1", "--acks", self.endpoint("acks"),
+                "--drain-timeout", str(c.drain_timeout), "--summary", str(self.tmp / "summary.json"),
+                "--control", self.endpoint("control")]
+        if c.out is not None:
+            args += ["--jsonl", str(c.out / "results.jsonl"), "--maps", str(c.out / "maps")]
+        if c.pub:
+            args += ["--pub", c.pub]
+        return args + (["--resume"] if resume else [])
+
+    def post_args(self, i: int) -> list[str]:
+        c = self.config
+        args = ["postprocess", str(c.model), "--in", self.endpoint(f"post{i}"), "--sink",
+                self.endpoint("results"), "--control", self.endpoint("control"), "--name", f"post{i}"]
+        if c.out is not None and c.overlays:
+            args += ["--overlays", str(c.out / "overlays")]
+        return args
+
     def run(self) -> dict:
         c = self.config
         ctx = zmq.Context()
         control = ctx.socket(zmq.PULL)
         control.bind(self.endpoint("control"))
         try:
-            out = c.out
-            sink_args = ["sink", "--results", self.endpoint("results"), "--streams", "1",
-                         "--drain-timeout", str(c.drain_timeout), "--summary", str(self.tmp / "summary.json"),
-                         "--control", self.endpoint("control")]
-            if out is not None:
-                sink_args += ["--jsonl", str(out / "results.jsonl"), "--maps", str(out / "maps")]
-            if c.pub:
-                sink_args += ["--pub", c.pub]
-            self.spawn("sink", sink_args)
+            self.spawn("sink", self.sink_args())
             for i in range(c.post_workers):
-                args = ["postprocess", str(c.model), "--in", self.endpoint(f"post{i}"), "--sink",
-                        self.endpoint("results"), "--control", self.endpoint("control"), "--name", f"post{i}"]
-                if out is not None and c.overlays:
-                    args += ["--overlays", str(out / "overlays")]
-                self.spawn(f"post{i}", args)
+                self.spawn(f"post{i}", self.post_args(i))
             for i in range(c.workers):
                 self.spawn(f"infer{i}", self.worker_args(f"infer{i}"))
             self.wait_ready(control, set(self.procs))
             size = self.input_size
             produce = ["produce", c.source, "--frames-endpoint", self.endpoint("frames"), "--sink",
-                       self.endpoint("results"), "--stream", c.stream, "--frames", str(c.frames), "--size", str(size),
+                       self.endpoint("results"), "--acks", self.endpoint("acks"), "--retry-after", str(c.retry_after),
+                       "--stream", c.stream, "--frames", str(c.frames), "--size", str(size),
                        "--hold", "86400"]  # stopped by shutdown() once the sink has every result
             if c.mode:
                 produce += ["--mode", c.mode]
@@ -173,9 +186,31 @@ class Supervisor:
             self.status(msg.data)
         return msg
 
+    def respawn(self, name: str, proc: subprocess.Popen) -> None:
+        """Record a stage that died and start it again (the sink resumes its log)."""
+        self.restarts.append({"stage": name, "exit_code": proc.returncode, "t": time.time()})
+        if not self.config.respawn:
+            raise RunError(f"{name} died (exit {proc.returncode}: {self.log_tail(name)}) and restarts are off "
+                           "(--no-respawn)")
+        if name.startswith("infer"):
+            del self.procs[name]
+            new = f"infer{sum(r['stage'].startswith('infer') for r in self.restarts) + self.config.workers - 1}"
+            self.spawn(new, self.worker_args(new))
+        elif name.startswith("post"):
+            self.spawn(name, self.post_args(int(name[4:])))
+        else:
+            self.spawn("sink", self.sink_args(resume=True))
+
     def watch(self, control: zmq.Socket) -> dict:
-        sink = self.procs["sink"]
-        while sink.poll() is None:
+        while True:
+            sink = self.procs["sink"]
+            if sink.poll() is not None:
+                if sink.returncode == 0:
+                    break
+                if self.log_tail("sink").startswith("lineguard: error"):  # not a crash: it cannot run at all
+                    raise RunError(f"sink failed: {self.log_tail('sink')}")
+                self.respawn("sink", sink)
+                continue
             if self.stop.is_set():
                 raise KeyboardInterrupt
             if control.poll(200):
@@ -184,21 +219,10 @@ class Supervisor:
             if producer.poll() not in (None, 0):
                 raise RunError(f"producer failed: {self.log_tail('producer')}")
             for name, proc in list(self.procs.items()):
-                if name.startswith("infer") and proc.poll() is not None:
-                    self.restarts.append({"worker": name, "exit_code": proc.returncode, "t": time.time()})
-                    del self.procs[name]
-                    if not self.config.respawn:
-                        continue
-                    new = f"infer{len(self.restarts) + self.config.workers - 1}"
-                    self.spawn(new, self.worker_args(new))
-                elif name.startswith("post") and proc.poll() is not None:
-                    raise RunError(f"{name} died: {self.log_tail(name)}")
-            if not any(n.startswith("infer") for n in self.procs):
-                raise RunError("every inference worker died and restarts are off (--no-respawn)")
+                if name.startswith(("infer", "post")) and proc.poll() is not None:
+                    self.respawn(name, proc)
         while control.poll(100):  # the sink's last stats may still be queued
             self._control(control)
-        if sink.returncode != 0:
-            raise RunError(f"sink failed: {self.log_tail('sink')}")
         summary = json.loads((self.tmp / "summary.json").read_text())
         rejected = dict(summary.get("rejected", {}))
         for name, data in self.stats.items():
@@ -206,7 +230,7 @@ class Supervisor:
                 for reason, n in data.get("rejected", {}).items():
                     rejected[reason] = rejected.get(reason, 0) + n
         summary["rejected"] = rejected
-        summary["worker_restarts"] = self.restarts
+        summary["restarts"] = self.restarts
         summary["config"] = json.loads(json.dumps(dataclasses.asdict(self.config), default=str))
         return summary
 
