@@ -199,6 +199,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_produce(args) -> int:
+    from pipeline.security import curve_for
+
     import threading
 
     from pipeline.producers import open_source, produce
@@ -208,35 +210,53 @@ def cmd_produce(args) -> int:
     stop_on_signals(stop)
     source = open_source(args.source, frames=args.frames, size=args.size, seed=args.seed)
     stats = produce(source, args.frames_endpoint, args.sink, stream=args.stream, mode=args.mode, hold=args.hold,
-                    acks_endpoint=args.acks, retry_after=args.retry_after, stop=stop)
+                    acks_endpoint=args.acks, retry_after=args.retry_after, curve=curve_for(args.keys, "producer"),
+                    stop=stop)
     print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped, {stats.resent} sent again, "
           f"{stats.abandoned} abandoned)", file=sys.stderr)
     return 0
 
 
 def cmd_worker(args) -> int:
+    from pipeline.security import curve_for
+
     from pipeline.workers import inference_worker
 
-    stats = inference_worker(args.model, args.frames, args.out, deployment=_deployment(args), batch=args.batch_size, batch_ms=args.batch_ms, control=args.control, name=args.name)
+    stats = inference_worker(args.model, args.frames, args.out, deployment=_deployment(args), batch=args.batch_size,
+                             batch_ms=args.batch_ms, control=args.control, name=args.name,
+                             curve=curve_for(args.keys, "worker"))
     print(f"{args.name}: {stats.frames} frames in {stats.batches} batches, rejected {stats.rejected}", file=sys.stderr)
     return 0
 
 
 def cmd_postprocess(args) -> int:
+    from pipeline.security import curve_for
+
     from pipeline.workers import postprocess_worker
 
     stats = postprocess_worker(args.model, args.inp, args.sink, overlays=args.overlays, attach_maps=not args.no_maps,
-                               control=args.control, name=args.name)
+                               control=args.control, name=args.name, curve=curve_for(args.keys, "postprocess"))
     print(f"{args.name}: {stats.frames} frames, rejected {stats.rejected}", file=sys.stderr)
     return 0
 
 
+def cmd_keys(args) -> int:
+    from pipeline.security import write_keys
+
+    written = write_keys(args.folder)
+    print(f"wrote CURVE key pairs for {', '.join(p.stem for p in written)} in {args.folder}: give each host the "
+          f"public keys (*.key) and only its own role's <role>.key_secret")
+    return 0
+
+
 def cmd_sink(args) -> int:
+    from pipeline.security import curve_for
+
     from pipeline.sinks import run_sink
 
     summary = run_sink(args.results, pub_endpoint=args.pub, jsonl=args.jsonl, maps_dir=args.maps,
                        streams=args.streams, drain_timeout=args.drain_timeout, control=args.control,
-                       acks_endpoint=args.acks, resume=args.resume)
+                       acks_endpoint=args.acks, resume=args.resume, curve=curve_for(args.keys, "sink"))
     if args.summary:
         write_json(args.summary, summary)
     return 0
@@ -482,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--retry-after", type=float, default=10.0, help="seconds before a frame is sent again")
     produce.add_argument("--hold", type=float, default=30.0,
                          help="seconds to stay connected after the end of stream, so frames in flight arrive")
+    produce.add_argument("--keys", type=Path, default=None,
+                     help="CURVE: the folder of `lineguard keys` (this role's secret key, the others' public keys)")
     produce.set_defaults(func=cmd_produce)
 
     worker = sub.add_parser("worker", help="one stage: an inference worker")
@@ -492,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--control", default=None, help=argparse.SUPPRESS)
     worker.add_argument("--name", default="infer0")
     common(worker)
+    worker.add_argument("--keys", type=Path, default=None,
+                     help="CURVE: the folder of `lineguard keys` (this role's secret key, the others' public keys)")
     worker.set_defaults(func=cmd_worker)
 
     post = sub.add_parser("postprocess", help="one stage: a postprocess worker")
@@ -502,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--no-maps", action="store_true", help="do not attach defect maps to results")
     post.add_argument("--control", default=None, help=argparse.SUPPRESS)
     post.add_argument("--name", default="post0")
+    post.add_argument("--keys", type=Path, default=None,
+                     help="CURVE: the folder of `lineguard keys` (this role's secret key, the others' public keys)")
     post.set_defaults(func=cmd_postprocess)
 
     sink = sub.add_parser("sink", help="one stage: collect, order and write results")
@@ -515,7 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--acks", default=None, help="publish acknowledgements here for producers (PUB, bound)")
     sink.add_argument("--resume", action="store_true", help="continue an existing --jsonl log (after a restart)")
     sink.add_argument("--control", default=None, help=argparse.SUPPRESS)
+    sink.add_argument("--keys", type=Path, default=None,
+                     help="CURVE: the folder of `lineguard keys` (this role's secret key, the others' public keys)")
     sink.set_defaults(func=cmd_sink)
+
+    keys = sub.add_parser("keys", help="write CURVE key pairs for the stages of a line on several hosts")
+    keys.add_argument("folder", type=Path)
+    keys.set_defaults(func=cmd_keys)
 
     demo = sub.add_parser("demo", help="fit and evaluate on a built-in synthetic product (no data needed)")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="where data, model and maps go")

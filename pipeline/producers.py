@@ -234,7 +234,7 @@ class Redispatch:
 
 def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: str = "cam0", mode: str | None = None,
             ring: int = 4, hwm: int = 8, hold: float | None = None, acks_endpoint: str | None = None,
-            retry_after: float = 10.0, stop: threading.Event | None = None) -> ProducerStats:
+            retry_after: float = 10.0, curve=None, stop: threading.Event | None = None) -> ProducerStats:
     """Send every frame of source to frames_endpoint (PUSH, bound), then eos to sink_endpoint (PUSH, connected).
 
     acks_endpoint: the sink's acknowledgements (SUB, connected). With it every frame is kept until
@@ -243,6 +243,7 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
     restarted sink learns the count) until the sink acknowledges the whole stream. Then, or without
     acks right after the eos, the sockets stay open until `stop` is set (a supervisor does that
     once the sink has every result) or `hold` seconds have passed (None: until stopped).
+    curve: a pipeline.security.Curve (role producer) for CURVE on every socket.
 
     Frames a source could not read are sent too (a 1x1 frame with the header's "error" field), so
     the sink accounts for them as error results. Returns the counters.
@@ -254,9 +255,13 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.SNDHWM, hwm)
+    if curve:
+        curve.serve(ctx, out)
     out.bind(frames_endpoint)
     eos = ctx.socket(zmq.PUSH)
     eos.setsockopt(zmq.LINGER, 5000)
+    if curve:
+        curve.connect_to(eos, "sink")
     eos.connect(sink_endpoint)
     stats = ProducerStats()
     redispatch = None
@@ -264,6 +269,8 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
         acks = ctx.socket(zmq.SUB)
         acks.setsockopt(zmq.SUBSCRIBE, b"")
         acks.setsockopt(zmq.LINGER, 0)
+        if curve:
+            curve.connect_to(acks, "sink")
         acks.connect(acks_endpoint)
         redispatch = Redispatch(acks, stats, retry_after)
 
@@ -309,6 +316,8 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
         stop.wait(hold)
     finally:
         source.close()
+        if curve:
+            curve.close()
         # after a stop nothing in flight is wanted; otherwise give a slow receiver a moment, never forever
         out.close(linger=0 if stop.is_set() else 1000)
         eos.close(linger=0 if stop.is_set() else 5000)

@@ -257,14 +257,16 @@ class Sink:
 def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: Path | None = None,
              maps_dir: Path | None = None, streams: int = 1, drain_timeout: float = 5.0, window: int = 256,
              control: str | None = None, acks_endpoint: str | None = None, resume: bool = False,
-             stop: threading.Event | None = None) -> dict:
+             curve=None, stop: threading.Event | None = None) -> dict:
     """PULL results and eos (bound at results_endpoint) until `streams` streams have ended and drained.
 
     streams = 0 runs until stopped. A stream that has ended but still misses results after
     drain_timeout seconds without any new message (result or eos: a producer still re-sending
     repeats its eos) has them declared lost. acks_endpoint: PUB (bound) of every stream's
     cumulative acknowledgement, 5 times a second, for producers that re-send what has no verdict.
-    resume: continue an existing JSONL log (a restarted sink). Returns the summary.
+    resume: continue an existing JSONL log (a restarted sink). curve: a pipeline.security.Curve
+    (role sink): every bound socket a CURVE server; refused senders are counted as rejected
+    ("unauthorised"). Returns the summary.
     """
     from pipeline.workers import Control, stop_on_signals
 
@@ -272,15 +274,21 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
     stop_on_signals(stop)
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
+    if curve:
+        curve.serve(ctx, inp)
     inp.bind(results_endpoint)
     pub = None
     if pub_endpoint:
         pub = ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, 10000)
+        if curve:
+            curve.serve(ctx, pub)
         pub.bind(pub_endpoint)
     acks = None
     if acks_endpoint:
         acks = ctx.socket(zmq.PUB)
+        if curve:
+            curve.serve(ctx, acks)
         acks.bind(acks_endpoint)
     ctl = Control(ctx, control, "sink", "sink")
     sink = Sink(jsonl, maps_dir, pub, window, resume=resume)
@@ -307,6 +315,9 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
             if time.monotonic() - last_status > 0.5:
                 last_status = time.monotonic()
                 ctl.send("status", **_status(sink))
+        if curve:
+            for reason, n in curve.refusals.counts.items():
+                sink.rejected[reason] = sink.rejected.get(reason, 0) + n
         summary = sink.summary()
         ctl.send("stats", **summary)
         if acks is not None:
@@ -315,6 +326,8 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
         return summary
     finally:
         sink.close()
+        if curve:
+            curve.close()
         ctl.close()
         inp.close(linger=0)
         for sock in (pub, acks):

@@ -31,7 +31,7 @@ on the wire; ``t_ns`` is ``time.time_ns()`` of the producer (wall clock, so it c
 and a result carries the t_ns of its frame. A header field the version does not define is rejected
 (extensions go in "meta"). Anything malformed or hostile raises :class:`WireError` with a short
 ``reason`` code (TypeError only for a frame that is not a buffer at all), and allocates no more
-than the header declares, within MAX_HEADER_BYTES and MAX_SIDE.
+than the header declares, within MAX_HEADER_BYTES, MAX_SIDE and MAX_PIXELS.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from engines.errors import LineguardError
 VERSION = 1
 MAX_HEADER_BYTES = 65536  # a larger header is rejected before msgpack parses it
 MAX_SIDE = 16384  # per image or defect-map dimension
+MAX_PIXELS = 1 << 26  # per image (67 megapixels): a small file claiming more (a decompression bomb) is refused
 MAX_CHANNELS = 4
 
 DTYPES = ("uint8", "uint16")
@@ -147,6 +148,9 @@ def _image_shape(x: Any) -> tuple[int, int, int]:
     shape = _sides("shape", x, 3)
     if shape[2] not in (1, 3, MAX_CHANNELS):
         raise WireError("bad_shape", f"shape {list(shape)} has {shape[2]} channels; expected 1, 3 or 4")
+    if shape[0] * shape[1] > MAX_PIXELS:
+        raise WireError("bad_shape", f"shape {list(shape)} has {shape[0] * shape[1]} pixels, over MAX_PIXELS = "
+                                     f"{MAX_PIXELS}")
     return shape  # type: ignore[return-value]
 
 

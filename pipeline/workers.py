@@ -60,8 +60,12 @@ class Control:
             self.sock.close()
 
 
-def _shut(ctx: zmq.Context, ctl: Control, stats: WorkerStats, inp: zmq.Socket, out: zmq.Socket) -> None:
+def _shut(ctx: zmq.Context, ctl: Control, stats: WorkerStats, inp: zmq.Socket, out: zmq.Socket, curve=None) -> None:
     """A worker's last stats to the supervisor, then its sockets: unread input dropped, results flushed."""
+    if curve is not None:
+        for reason, n in curve.refusals.counts.items():
+            stats.rejected[reason] = stats.rejected.get(reason, 0) + n
+        curve.close()
     ctl.send("stats", **dataclasses.asdict(stats))
     ctl.close()
     inp.close(linger=0)
@@ -84,7 +88,7 @@ def _reject(out: zmq.Socket, stats: WorkerStats, reason: str, stream: str | None
 
 def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints: list[str], *,
                      deployment=None, batch: int = 8, batch_ms: float = 10.0,
-                     hwm: int = 4, control: str | None = None, name: str = "infer0",
+                     hwm: int = 4, control: str | None = None, name: str = "infer0", curve=None,
                      stop: threading.Event | None = None) -> WorkerStats:
     """PULL frames (connect), batch up to `batch` frames or `batch_ms` after the first, score, PUSH on (connect).
 
@@ -102,10 +106,14 @@ def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints:
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.setsockopt(zmq.RCVHWM, hwm)
+    if curve:
+        curve.connect_to(inp, "producer")
     inp.connect(frames_endpoint)
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.SNDHWM, 4 * batch)
     out.setsockopt(zmq.LINGER, 5000)
+    if curve:
+        curve.connect_to(out, "postprocess")
     for endpoint in out_endpoints:
         out.connect(endpoint)
     ctl = Control(ctx, control, "infer", name)
@@ -119,7 +127,7 @@ def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints:
                     _score_batch(inspector, messages, out, stats)
                     ctl.send("stats", **dataclasses.asdict(stats))
     finally:
-        _shut(ctx, ctl, stats, inp, out)
+        _shut(ctx, ctl, stats, inp, out, curve)
     return stats
 
 
@@ -191,7 +199,7 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
 
 def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: str, *, overlays: Path | None = None,
                        attach_maps: bool = True, hwm: int = 32, control: str | None = None, name: str = "post0",
-                       stop: threading.Event | None = None) -> WorkerStats:
+                       curve=None, stop: threading.Event | None = None) -> WorkerStats:
     """PULL scored frames (bound at in_endpoint), emit results to the sink (PUSH, connect).
 
     The verdict is the model's (calibration.model.Model.decide): defective when the normalised image
@@ -209,9 +217,13 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.setsockopt(zmq.RCVHWM, hwm)
+    if curve:
+        curve.serve(ctx, inp)
     inp.bind(in_endpoint)
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.LINGER, 5000)
+    if curve:
+        curve.connect_to(out, "sink")
     out.connect(sink_endpoint)
     ctl = Control(ctx, control, "post", name)
     ctl.send("ready")
@@ -259,5 +271,5 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                 ctl.send("stats", **dataclasses.asdict(stats))
                 last_stats = time.monotonic()
     finally:
-        _shut(ctx, ctl, stats, inp, out)
+        _shut(ctx, ctl, stats, inp, out, curve)
     return stats
