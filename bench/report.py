@@ -6,41 +6,65 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+NAMES = {"mvtec_subset/hazelnut": "hazelnut", "mpdd/metal_plate": "metal_plate", "magnetic_tile/tile": "magnetic_tile"}
 
 
-def _load(pattern: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))]
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def accuracy_table() -> str:
-    rows = ["| dataset | image AUROC | pixel AUROC | pixel AU-PRO | image AP | pixel AP | bank | fit s | images/s |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in _load("accuracy-*.json"):
-        if r["config"]["bank"]["index"] != "flat" or r.get("serve", {}).get("precision", "fp32") != "fp32":
-            continue
-        m, f = r["metrics"], r["fit"]
-        rows.append(f"| {r['dataset']} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | {m['pixel_aupro']:.3f} | "
-                    f"{m['image_ap']:.3f} | {m['pixel_ap']:.3f} | {f['bank_size']} x {f['dim']} | "
-                    f"{f['fit_seconds']:.1f} | {m['images_per_s']:.1f} |")
+def accuracy_table(tags: dict[str, str]) -> str:
+    """tags: row label -> result-file tag ("" for the defaults)."""
+    rows = ["| dataset | model | image AUROC | pixel AUROC | AU-PRO | pixel IoU-max | fit s | eval images/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for dataset, short in NAMES.items():
+        for label, tag in tags.items():
+            r = _load(f"accuracy-{dataset.split('/')[-1]}{'-' + tag if tag else ''}.json")
+            if r is None:
+                continue
+            m, f = r["metrics"], r["manifest"]["fit"]
+            rows.append(f"| {short} | {label} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | {m['pixel_aupro']:.3f} "
+                        f"| {m['pixel_iou_max']:.3f} | {f['fit_seconds']:.1f} | {m['images_per_s']:.1f} |")
     return "\n".join(rows)
 
 
-def int8_table() -> str:
-    rows = ["| dataset | engine fp32 ms/image | int8 ms/image | speed-up | image AUROC fp32 -> int8 | "
-            "pixel AUROC fp32 -> int8 |", "|---|---|---|---|---|---|"]
-    for r in [json.loads(p.read_text()) for p in sorted(RESULTS.glob("int8-*.json")) if not p.stem.endswith("-all")]:
-        for row in r["rows"]:
-            if (row["method"], row["per_channel"]) == ("minmax", True):
-                rows.append(f"| {r['dataset']} | {row['fp32_ms_per_image']:.2f} | {row['int8_ms_per_image']:.2f} | "
-                            f"{row['speedup']:.2f}x | {r['fp32']['image_auroc']:.4f} -> {row['int8_image_auroc']:.4f} | "
-                            f"{r['fp32']['pixel_auroc']:.4f} -> {row['int8_pixel_auroc']:.4f} |")
-    return "\n".join(rows)
+def levers_table() -> str:
+    data = _load("levers.json")
+    if data is None:
+        return ""
+    rows = data["rows"]
+    levers = list(dict.fromkeys(r["lever"] for r in rows))
+    head = "| lever | " + " | ".join(NAMES[d] for d in NAMES) + " |"
+    out = [head, "|---|" + "---|" * len(NAMES)]
+    for lever in levers:
+        cells = []
+        for d in NAMES:
+            r = next((x for x in rows if x["lever"] == lever and x["dataset"] == d), None)
+            cells.append("" if r is None else f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} / {r['pixel_aupro']:.3f}")
+        out.append(f"| {lever} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def fewshot_table() -> str:
+    data = _load("fewshot.json")
+    if data is None:
+        return ""
+    out = ["| dataset | K = 1 | K = 2 | K = 4 | K = 8 |", "|---|---|---|---|---|"]
+    for d, short in NAMES.items():
+        cells = {r["shots"]: f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} / {r['pixel_aupro']:.3f}"
+                 for r in data["rows"] if r["dataset"] == d}
+        out.append(f"| {short} | " + " | ".join(cells.get(k, "") for k in (1, 2, 4, 8)) + " |")
+    return "\n".join(out)
 
 
 def main() -> None:
-    print(accuracy_table())
+    print(accuracy_table({"memory bank (defaults)": "", "reconstruction": "rec", "bank + reconstruction (fused)":
+                          "ensemble", "memory bank, centre crop 224/256": "crop"}))
     print()
-    print(int8_table())
+    print(levers_table())
+    print()
+    print(fewshot_table())
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def library_versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for name in ("lineguard", "torch", "onnx", "onnxruntime", "faiss-cpu", "numpy", "opencv-python-headless",
-                 "pyzmq", "msgpack"):
+                 "pyzmq", "msgpack", "matplotlib"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

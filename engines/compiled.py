@@ -30,16 +30,23 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# CPU_FEATURES as numpy's runtime dispatcher names them: it asks CPUID, as ONNX Runtime does (an
+# emulated CPU answers for itself there, while /proc/cpuinfo describes the host)
+_NUMPY_NAMES = {"avx2": "AVX2", "fma": "FMA3", "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512vl": "AVX512VL",
+                "avx512_vnni": "AVX512VNNI"}
+
+
 def cpu_features() -> list[str]:
-    """The CPU_FEATURES this machine has (from /proc/cpuinfo; empty where there is none)."""
+    """The CPU_FEATURES this CPU has: CPUID through numpy; the few numpy does not name from /proc/cpuinfo."""
+    import numpy as np
+
+    known = np._core._multiarray_umath.__cpu_features__
+    flags: set[str] = set()
     info = Path("/proc/cpuinfo")
-    if not info.is_file():
-        return []
-    for line in info.read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return [f for f in CPU_FEATURES if f in flags]
-    return []
+    if info.is_file():
+        line = next((l for l in info.read_text().splitlines() if l.startswith("flags")), "flags:")
+        flags = set(line.split(":", 1)[1].split())
+    return [f for f in CPU_FEATURES if (known.get(_NUMPY_NAMES[f], False) if f in _NUMPY_NAMES else f in flags)]
 
 
 def gpu_name() -> str:

@@ -178,6 +178,7 @@ class OnnxRuntimeEngine(Engine):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ONNX Runtime's notes on graph rewrites are not the user's
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             options.intra_op_num_threads = self.threads

