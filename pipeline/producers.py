@@ -15,8 +15,8 @@ import collections
 import dataclasses
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -143,37 +143,57 @@ class SyntheticSource(Source):
             yield SourceFrame(pixels=image, meta={"planted": kind} if kind else {})
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+    """One kind of source in SOURCES: which specs it takes, how it reads a spec into its target
+    (validated, nothing opened: a supervisor checks before it starts stages), and how it opens it."""
+
+    name: str
+    example: str
+    matches: Callable[[str], bool]
+    target: Callable[[str], object]
+    open: Callable[[object, int, int, int], Source]  # (target, frames, size, seed) -> Source
+
+
+def _camera_index(spec: str) -> int:
+    index = spec.split(":", 1)[1]
+    if not index.isdigit():
+        raise ConfigError(f"camera source {spec!r}: expected camera:N with N a device index, e.g. camera:0")
+    return int(index)
+
+
+SOURCES: tuple[SourceKind, ...] = (
+    SourceKind("synthetic", "synthetic", lambda s: s == "synthetic", lambda s: None,
+               lambda _, frames, size, seed: SyntheticSource(frames or 300, size=size, seed=seed)),
+    SourceKind("camera", "camera:N", lambda s: s.startswith("camera:"), _camera_index,
+               lambda index, frames, size, seed: VideoSource(index, live=True, limit=frames)),
+    SourceKind("stream", "an rtsp:// URL", lambda s: s.startswith(("rtsp://", "rtsps://", "http://", "https://")),
+               str, lambda url, frames, size, seed: VideoSource(url, live=True, limit=frames)),
+    SourceKind("folder", "a folder of images", lambda s: Path(s).is_dir(), Path,
+               lambda path, frames, size, seed: FolderSource(path)),
+    SourceKind("video", "a video file", lambda s: Path(s).is_file(), str,
+               lambda path, frames, size, seed: VideoSource(path, live=False, limit=frames)),
+)
+
+
+def parse_source(spec: str) -> tuple[SourceKind, object]:
+    """The SOURCES entry that takes `spec` and its target; SourceError / ConfigError naming the fix."""
+    for kind in SOURCES:
+        if kind.matches(spec):
+            return kind, kind.target(spec)
+    raise SourceError(f"source {spec!r} not found; give " + ", ".join(k.example for k in SOURCES[:-1]) +
+                      f" or {SOURCES[-1].example}")
+
+
 def check_source(spec: str) -> None:
-    """Raise the error open_source would, without opening a device (for a supervisor, before it starts stages)."""
-    if spec == "synthetic" or spec.startswith(("rtsp://", "rtsps://", "http://", "https://")):
-        return
-    if spec.startswith("camera:"):
-        if not spec.split(":", 1)[1].isdigit():
-            raise ConfigError(f"camera source {spec!r}: expected camera:N with N a device index, e.g. camera:0")
-        return
-    if not Path(spec).exists():
-        raise SourceError(f"source {spec!r} not found; give 'synthetic', a folder of images, a video file, "
-                          "camera:N or an rtsp:// URL")
+    """Raise the error open_source would, without opening anything (for a supervisor, before it starts stages)."""
+    parse_source(spec)
 
 
 def open_source(spec: str, frames: int = 0, size: int = 256, seed: int = 0) -> Source:
-    """'synthetic', a folder, a video file, 'camera:N' or an rtsp:// / http:// URL."""
-    if spec == "synthetic":
-        return SyntheticSource(frames or 300, size=size, seed=seed)
-    if spec.startswith("camera:"):
-        index = spec.split(":", 1)[1]
-        if not index.isdigit():
-            raise ConfigError(f"camera source {spec!r}: expected camera:N with N a device index, e.g. camera:0")
-        return VideoSource(int(index), live=True, limit=frames)
-    if spec.startswith(("rtsp://", "rtsps://", "http://", "https://")):
-        return VideoSource(spec, live=True, limit=frames)
-    path = Path(spec)
-    if path.is_dir():
-        return FolderSource(path)
-    if path.is_file():
-        return VideoSource(str(path), live=False, limit=frames)
-    raise SourceError(f"source {spec!r} not found; give 'synthetic', a folder of images, a video file, "
-                      "camera:N or an rtsp:// URL")
+    """A Source for any spec SOURCES takes: 'synthetic', 'camera:N', an rtsp:// / http:// URL, a folder, a video file."""
+    kind, target = parse_source(spec)
+    return kind.open(target, frames, size, seed)
 
 
 @dataclasses.dataclass

@@ -197,14 +197,14 @@ class Sink:
                 if late:
                     record["late"] = True
                 self.jsonl.write(json.dumps(record) + "\n")
+            if self.maps_dir is not None and result.defect_map is not None:
+                self.maps_dir.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(self.maps_dir / f"{result.stream}-{result.seq:08d}.png"), result.defect_map)
         if released and self.jsonl is not None:
             self.jsonl.flush()  # written through: visible to readers, and safe from a kill of this process
             if time.monotonic() - self.last_fsync > self.fsync_s:
                 os.fsync(self.jsonl.fileno())
                 self.last_fsync = time.monotonic()
-            if self.maps_dir is not None and result.defect_map is not None:
-                self.maps_dir.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(self.maps_dir / f"{result.stream}-{result.seq:08d}.png"), result.defect_map)
 
     def complete(self, streams: int) -> bool:
         return streams > 0 and self.ended >= streams and all(l.complete for l in self.streams.values())

@@ -15,13 +15,25 @@ import cv2
 import numpy as np
 import pytest
 import zmq
+from plumbing import Background, Net
 
 from calibration.synthetic import DEFECT_TYPES
 from engines.errors import ConfigError
 from pipeline import wire
-from pipeline.producers import (FolderSource, ProducerStats, Source, SourceError, SourceFrame, SyntheticSource,
-                                VideoSource, open_source, produce)
-from plumbing import Background, Net
+from pipeline.producers import (
+    SOURCES,
+    FolderSource,
+    ProducerStats,
+    Source,
+    SourceError,
+    SourceFrame,
+    SyntheticSource,
+    VideoSource,
+    check_source,
+    open_source,
+    parse_source,
+    produce,
+)
 
 TIMEOUT_S = 10.0  # the most any step may take before the test fails instead of hanging
 
@@ -271,6 +283,23 @@ def test_open_source_camera_needs_a_device_index(spec):
 def test_open_source_unknown_path_is_a_source_error(tmp_path):
     with pytest.raises(SourceError, match="not found"):
         open_source(str(tmp_path / "no-such-thing"))
+    with pytest.raises(SourceError, match="not found"):
+        check_source(str(tmp_path / "no-such-thing"))
+
+
+def test_one_registry_parses_a_spec_for_check_and_open(tmp_path, video):
+    """Every source kind is picked by parse_source; check_source raises what open_source would, opening nothing."""
+    folder = tmp_path / "folder"
+    write_image(folder / "x.png", rgb(4, 4))
+    specs = {"synthetic": "synthetic", "camera": "camera:3", "stream": "rtsp://host/line",
+             "folder": str(folder), "video": str(video)}
+    assert sorted(specs) == sorted(kind.name for kind in SOURCES)
+    for name, spec in specs.items():
+        kind, _ = parse_source(spec)
+        assert kind.name == name
+        check_source(spec)  # camera 3 and the URL are not opened here
+    with pytest.raises(ConfigError, match="camera:N"):
+        check_source("camera:x")
 
 
 # ---- SyntheticSource ----

@@ -150,6 +150,17 @@ def test_ledger_flush_without_any_result():
 
 # ---- Sink ----
 
+def test_sink_writes_every_defect_map_released_together(tmp_path):
+    """Results released in one go (a gap filled) each keep their defect map."""
+    sink = Sink(jsonl=tmp_path / "results.jsonl", maps_dir=tmp_path / "maps")
+    defect_map = np.full((4, 4), 200, np.uint8)
+    for seq in (2, 1):
+        sink.handle(wire.encode_result(res(seq, "defect", score=0.9, defect_map=defect_map)))
+    sink.handle(wire.encode_result(res(0, score=0.1)))  # releases 0, 1 and 2 at once
+    sink.close()
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["cam0-00000001.png", "cam0-00000002.png"]
+
+
 def test_sink_counts_orders_and_writes_results(tmp_path):
     jsonl, maps = tmp_path / "results.jsonl", tmp_path / "maps"
     sink = Sink(jsonl=jsonl, maps_dir=maps)
