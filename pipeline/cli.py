@@ -203,6 +203,7 @@ def cmd_produce(args) -> int:
 
     import threading
 
+    from pipeline.metrics import stage_metrics
     from pipeline.producers import open_source, produce
     from pipeline.workers import stop_on_signals
 
@@ -211,7 +212,7 @@ def cmd_produce(args) -> int:
     source = open_source(args.source, frames=args.frames, size=args.size, seed=args.seed)
     stats = produce(source, args.frames_endpoint, args.sink, stream=args.stream, mode=args.mode, hold=args.hold,
                     acks_endpoint=args.acks, retry_after=args.retry_after, curve=curve_for(args.keys, "producer"),
-                    stop=stop)
+                    metrics=stage_metrics("producer", args.stream, args.metrics_port), stop=stop)
     print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped, {stats.resent} sent again, "
           f"{stats.abandoned} abandoned)", file=sys.stderr)
     return 0
@@ -224,7 +225,7 @@ def cmd_worker(args) -> int:
 
     stats = inference_worker(args.model, args.frames, args.out, deployment=_deployment(args), batch=args.batch_size,
                              batch_ms=args.batch_ms, control=args.control, name=args.name,
-                             curve=curve_for(args.keys, "worker"))
+                             curve=curve_for(args.keys, "worker"), metrics_port=args.metrics_port)
     print(f"{args.name}: {stats.frames} frames in {stats.batches} batches, rejected {stats.rejected}", file=sys.stderr)
     return 0
 
@@ -235,7 +236,8 @@ def cmd_postprocess(args) -> int:
     from pipeline.workers import postprocess_worker
 
     stats = postprocess_worker(args.model, args.inp, args.sink, overlays=args.overlays, attach_maps=not args.no_maps,
-                               control=args.control, name=args.name, curve=curve_for(args.keys, "postprocess"))
+                               control=args.control, name=args.name, curve=curve_for(args.keys, "postprocess"),
+                               metrics_port=args.metrics_port)
     print(f"{args.name}: {stats.frames} frames, rejected {stats.rejected}", file=sys.stderr)
     return 0
 
@@ -252,11 +254,13 @@ def cmd_keys(args) -> int:
 def cmd_sink(args) -> int:
     from pipeline.security import curve_for
 
+    from pipeline.metrics import stage_metrics
     from pipeline.sinks import run_sink
 
     summary = run_sink(args.results, pub_endpoint=args.pub, jsonl=args.jsonl, maps_dir=args.maps,
                        streams=args.streams, drain_timeout=args.drain_timeout, control=args.control,
-                       acks_endpoint=args.acks, resume=args.resume, curve=curve_for(args.keys, "sink"))
+                       acks_endpoint=args.acks, resume=args.resume, curve=curve_for(args.keys, "sink"),
+                       metrics=stage_metrics("sink", "sink", args.metrics_port))
     if args.summary:
         write_json(args.summary, summary)
     return 0
@@ -298,7 +302,8 @@ def cmd_run(args) -> int:
     config = RunConfig(model=args.model, source=args.source, out=args.out, frames=args.frames, workers=args.workers,
                        post_workers=args.post_workers, batch=args.batch_size, batch_ms=args.batch_ms,
                        deployment=_deployment(args), mode=args.mode, stream=args.stream, pub=args.pub,
-                       drain_timeout=args.drain_timeout, retry_after=args.retry_after, respawn=not args.no_respawn)
+                       drain_timeout=args.drain_timeout, retry_after=args.retry_after, respawn=not args.no_respawn,
+                       metrics_port=args.metrics_port)
     status = StatusLine()
     try:
         summary = run_pipeline(config, status)
@@ -477,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-after", type=float, default=10.0,
                      help="seconds without a verdict before the producer sends a frame again")
     run.add_argument("--no-respawn", action="store_true", help="do not restart stages that die")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="Prometheus: the run on PORT, the sink on PORT+1, the producer PORT+2, then the workers")
     common(run)
     run.set_defaults(func=cmd_run)
 
@@ -487,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None)
     common(bench)
     bench.set_defaults(func=cmd_bench)
+
+    def stage_options(stage: argparse.ArgumentParser) -> None:
+        stage.add_argument("--keys", type=Path, default=None,
+                           help="CURVE: the folder of `lineguard keys` (this role's secret key, the others' public keys)")
+        stage.add_argument("--metrics-port", type=int, default=None,
+                           help="serve Prometheus metrics at http://HOST:PORT/metrics")
 
     produce = sub.add_parser("produce", help="one stage: send a source's frames (PUSH, bound)")
     produce.add_argument("source")
@@ -502,8 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--retry-after", type=float, default=10.0, help="seconds before a frame is sent again")
     produce.add_argument("--hold", type=float, default=30.0,
                          help="seconds to stay connected after the end of stream, so frames in flight arrive")
-    produce.add_argument("--keys", type=Path, default=None,
-                     help="CURVE: the folder of `lineguard keys` (this role's secret key, the others' public keys)")
+    stage_options(produce)
     produce.set_defaults(func=cmd_produce)
 
     worker = sub.add_parser("worker", help="one stage: an inference worker")
@@ -514,8 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--control", default=None, help=argparse.SUPPRESS)
     worker.add_argument("--name", default="infer0")
     common(worker)
-    worker.add_argument("--keys", type=Path, default=None,
-                     help="CURVE: the folder of `lineguard keys` (this role's secret key, the others' public keys)")
+    stage_options(worker)
     worker.set_defaults(func=cmd_worker)
 
     post = sub.add_parser("postprocess", help="one stage: a postprocess worker")
@@ -526,8 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--no-maps", action="store_true", help="do not attach defect maps to results")
     post.add_argument("--control", default=None, help=argparse.SUPPRESS)
     post.add_argument("--name", default="post0")
-    post.add_argument("--keys", type=Path, default=None,
-                     help="CURVE: the folder of `lineguard keys` (this role's secret key, the others' public keys)")
+    stage_options(post)
     post.set_defaults(func=cmd_postprocess)
 
     sink = sub.add_parser("sink", help="one stage: collect, order and write results")
@@ -541,8 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--acks", default=None, help="publish acknowledgements here for producers (PUB, bound)")
     sink.add_argument("--resume", action="store_true", help="continue an existing --jsonl log (after a restart)")
     sink.add_argument("--control", default=None, help=argparse.SUPPRESS)
-    sink.add_argument("--keys", type=Path, default=None,
-                     help="CURVE: the folder of `lineguard keys` (this role's secret key, the others' public keys)")
+    stage_options(sink)
     sink.set_defaults(func=cmd_sink)
 
     keys = sub.add_parser("keys", help="write CURVE key pairs for the stages of a line on several hosts")

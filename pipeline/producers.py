@@ -27,6 +27,7 @@ from calibration.dataset import IMAGE_SUFFIXES
 from calibration.synthetic import DEFECT_TYPES, normal_frame, plant_defect
 from engines.errors import ConfigError, LineguardError
 from pipeline import wire
+from pipeline.metrics import NoMetrics
 
 MODES = ("lossless", "live")
 
@@ -254,7 +255,7 @@ class Redispatch:
 
 def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: str = "cam0", mode: str | None = None,
             ring: int = 4, hwm: int = 8, hold: float | None = None, acks_endpoint: str | None = None,
-            retry_after: float = 10.0, curve=None, stop: threading.Event | None = None) -> ProducerStats:
+            retry_after: float = 10.0, curve=None, metrics=None, stop: threading.Event | None = None) -> ProducerStats:
     """Send every frame of source to frames_endpoint (PUSH, bound), then eos to sink_endpoint (PUSH, connected).
 
     acks_endpoint: the sink's acknowledgements (SUB, connected). With it every frame is kept until
@@ -263,7 +264,8 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
     restarted sink learns the count) until the sink acknowledges the whole stream. Then, or without
     acks right after the eos, the sockets stay open until `stop` is set (a supervisor does that
     once the sink has every result) or `hold` seconds have passed (None: until stopped).
-    curve: a pipeline.security.Curve (role producer) for CURVE on every socket.
+    curve: a pipeline.security.Curve (role producer) for CURVE on every socket. metrics: a
+    pipeline.metrics.Metrics, given the counters as they grow.
 
     Frames a source could not read are sent too (a 1x1 frame with the header's "error" field), so
     the sink accounts for them as error results. Returns the counters.
@@ -272,6 +274,7 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     stop = stop or threading.Event()
+    metrics = metrics or NoMetrics()
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.SNDHWM, hwm)
@@ -294,8 +297,22 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
         acks.connect(acks_endpoint)
         redispatch = Redispatch(acks, stats, retry_after)
 
+    reported = ProducerStats()
+
+    def report() -> None:
+        """The counters' growth since the last report, into the metrics."""
+        for field in dataclasses.fields(ProducerStats):
+            grown = getattr(stats, field.name) - getattr(reported, field.name)
+            if grown:
+                metrics.count(f"frames_{field.name}", f"frames {field.name}", grown, stream=stream)
+                setattr(reported, field.name, getattr(stats, field.name))
+        if redispatch is not None:
+            metrics.set("unacknowledged_frames", "frames sent and kept until the sink has their verdict",
+                        len(redispatch.waiting), stream=stream)
+
     def tend() -> None:
         """Acknowledgements in, overdue frames out again."""
+        report()
         redispatch.poll(stream)
         for seq in redispatch.overdue():
             entry = redispatch.waiting[seq]
@@ -316,6 +333,7 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
             if stop.is_set() or not _send(out, message, stop, tend if redispatch else None):
                 break
             stats.sent += 1
+            report()
             if redispatch is not None:
                 redispatch.add(seq, message)
                 tend()
@@ -333,8 +351,11 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
                 stop.wait(0.05)
         # Stay connected: when a sender closes, ZeroMQ drops what the receiver had not yet taken
         # off the connection (its queue was full), so the last frames would be lost.
+        report()
         stop.wait(hold)
     finally:
+        report()
+        metrics.close()
         source.close()
         if curve:
             curve.close()

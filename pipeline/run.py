@@ -31,6 +31,7 @@ from calibration.artifact import load_manifest
 from engines.errors import ConfigError, LineguardError
 from engines.runtimes import Deployment
 from pipeline import wire
+from pipeline.metrics import stage_metrics
 
 
 class RunError(LineguardError):
@@ -42,7 +43,8 @@ class RunConfig:
     """workers / post_workers: process counts; batch, batch_ms: dynamic batching; threads: per
     inference worker (default: cores / workers); mode: lossless | live (default by source);
     retry_after: seconds without a verdict before the producer sends a frame again; respawn:
-    restart inference workers, postprocess workers and the sink that die."""
+    restart inference workers, postprocess workers and the sink that die; metrics_port: Prometheus
+    endpoints from this port up (pipeline.metrics says which stage gets which)."""
 
     model: Path
     source: str = "synthetic"
@@ -61,12 +63,17 @@ class RunConfig:
     overlays: bool = True
     respawn: bool = True
     ready_timeout: float = 120.0
+    metrics_port: int | None = None
 
     def __post_init__(self):
         if self.workers < 1 or self.post_workers < 1 or self.batch < 1 or self.batch_ms < 0:
             raise ConfigError("workers, post-workers and batch must be >= 1 and batch-ms >= 0")
         if self.retry_after <= 0 or self.drain_timeout <= 0:
             raise ConfigError("--retry-after and --drain-timeout must be > 0 seconds")
+        last = None if self.metrics_port is None else self.metrics_port + 2 + self.post_workers + self.workers
+        if last is not None and not (0 < self.metrics_port and last < 65536):
+            raise ConfigError(f"--metrics-port {self.metrics_port}: the run needs ports {self.metrics_port}..{last}, "
+                              "all within 1..65535")
         if self.mode not in (None, "lossless", "live"):
             raise ConfigError(f"unknown mode {self.mode!r}; valid modes: lossless, live")
 
@@ -84,6 +91,12 @@ class Supervisor:
         self.stats: dict[str, dict] = {}
         self.restarts: list[dict] = []
         self.stop = threading.Event()
+        self.slots: dict[str, int] = {}  # inference worker name -> its slot (a restarted worker takes the dead one's)
+        self.metrics = stage_metrics("run", "run", config.metrics_port, config.model)
+
+    def port(self, offset: int) -> list[str]:
+        """--metrics-port for the stage `offset` ports above the run's own, if the run has metrics."""
+        return [] if self.config.metrics_port is None else ["--metrics-port", str(self.config.metrics_port + offset)]
 
     def endpoint(self, name: str) -> str:
         return f"ipc://{self.tmp / name}"
@@ -107,7 +120,7 @@ class Supervisor:
         deployment = dataclasses.replace(d, threads=threads).to_json()  # crosses the process boundary as JSON
         args = ["worker", str(c.model), "--frames", self.endpoint("frames"), "--deployment", deployment,
                 "--batch-size", str(c.batch), "--batch-ms", str(c.batch_ms),
-                "--control", self.endpoint("control"), "--name", name]
+                "--control", self.endpoint("control"), "--name", name, *self.port(3 + c.post_workers + self.slots[name])]
         for i in range(c.post_workers):
             args += ["--out", self.endpoint(f"post{i}")]
         return args
@@ -116,7 +129,7 @@ class Supervisor:
         c = self.config
         args = ["sink", "--results", self.endpoint("results"), "--streams", "1", "--acks", self.endpoint("acks"),
                 "--drain-timeout", str(c.drain_timeout), "--summary", str(self.tmp / "summary.json"),
-                "--control", self.endpoint("control")]
+                "--control", self.endpoint("control"), *self.port(1)]
         if c.out is not None:
             args += ["--jsonl", str(c.out / "results.jsonl"), "--maps", str(c.out / "maps")]
         if c.pub:
@@ -126,7 +139,7 @@ class Supervisor:
     def post_args(self, i: int) -> list[str]:
         c = self.config
         args = ["postprocess", str(c.model), "--in", self.endpoint(f"post{i}"), "--sink",
-                self.endpoint("results"), "--control", self.endpoint("control"), "--name", f"post{i}"]
+                self.endpoint("results"), "--control", self.endpoint("control"), "--name", f"post{i}", *self.port(3 + i)]
         if c.out is not None and c.overlays:
             args += ["--overlays", str(c.out / "overlays")]
         return args
@@ -141,13 +154,14 @@ class Supervisor:
             for i in range(c.post_workers):
                 self.spawn(f"post{i}", self.post_args(i))
             for i in range(c.workers):
+                self.slots[f"infer{i}"] = i
                 self.spawn(f"infer{i}", self.worker_args(f"infer{i}"))
             self.wait_ready(control, set(self.procs))
             size = self.input_size
             produce = ["produce", c.source, "--frames-endpoint", self.endpoint("frames"), "--sink",
                        self.endpoint("results"), "--acks", self.endpoint("acks"), "--retry-after", str(c.retry_after),
                        "--stream", c.stream, "--frames", str(c.frames), "--size", str(size),
-                       "--hold", "86400"]  # stopped by shutdown() once the sink has every result
+                       "--hold", "86400", *self.port(2)]  # stopped by shutdown() once the sink has every result
             if c.mode:
                 produce += ["--mode", c.mode]
             self.spawn("producer", produce)
@@ -189,12 +203,14 @@ class Supervisor:
     def respawn(self, name: str, proc: subprocess.Popen) -> None:
         """Record a stage that died and start it again (the sink resumes its log)."""
         self.restarts.append({"stage": name, "exit_code": proc.returncode, "t": time.time()})
+        self.metrics.count("restarts", "stages restarted after they died", stage=name.rstrip("0123456789"))
         if not self.config.respawn:
             raise RunError(f"{name} died (exit {proc.returncode}: {self.log_tail(name)}) and restarts are off "
                            "(--no-respawn)")
         if name.startswith("infer"):
             del self.procs[name]
             new = f"infer{sum(r['stage'].startswith('infer') for r in self.restarts) + self.config.workers - 1}"
+            self.slots[new] = self.slots.pop(name)
             self.spawn(new, self.worker_args(new))
         elif name.startswith("post"):
             self.spawn(name, self.post_args(int(name[4:])))
@@ -246,6 +262,7 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.metrics.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import zmq
 
 from pipeline import wire
+from pipeline.metrics import LATENCY_BUCKETS
 
 
 @dataclasses.dataclass
@@ -117,7 +118,10 @@ class Sink:
     """
 
     def __init__(self, jsonl: Path | None = None, maps_dir: Path | None = None, pub: zmq.Socket | None = None,
-                 window: int = 256, resume: bool = False, fsync_s: float = 1.0):
+                 window: int = 256, resume: bool = False, fsync_s: float = 1.0, metrics=None):
+        from pipeline.metrics import NoMetrics
+
+        self.metrics = metrics or NoMetrics()
         self.streams: dict[str, Ledger] = {}
         self.counts = {"ok": 0, "defect": 0, "error": 0}
         self.lost = 0
@@ -164,27 +168,44 @@ class Sink:
         try:
             item = wire.decode(message)
         except wire.WireError as exc:
-            self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+            self.reject(exc.reason)
             return
         if isinstance(item, wire.Eos):
             ledger = self.ledger(item.stream)
             ledger.expected, ledger.dropped = item.count, item.dropped
+            self.metrics.set("dropped_frames", "frames the producer dropped (live sources)", item.dropped,
+                             stream=item.stream)
         elif isinstance(item, wire.Result):
             if item.verdict != "error" or item.t_ns:
                 self.latencies.append((now - item.t_ns) / 1e6)
+                self.metrics.observe("latency_seconds", "frame creation to the sink", (now - item.t_ns) / 1e9,
+                                     LATENCY_BUCKETS, stream=item.stream)
                 self.first_t_ns = item.t_ns if self.first_t_ns is None else min(self.first_t_ns, item.t_ns)
             self.last_ns = now
             for stage, ms in item.timing.items():
                 self.timing.setdefault(stage, []).append(ms)
-            self._emit(self.ledger(item.stream).accept(item))
+            ledger = self.ledger(item.stream)
+            duplicates = ledger.duplicates
+            self._emit(ledger.accept(item))
+            if ledger.duplicates > duplicates:
+                self.metrics.count("duplicates", "results dropped as duplicates", stream=item.stream)
+            self.metrics.set("waiting_results", "results held for ordering", len(ledger.pending), stream=item.stream)
         else:
-            self.rejected["bad_kind"] = self.rejected.get("bad_kind", 0) + 1
+            self.reject("bad_kind")
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + n
+        self.metrics.count("rejected", "messages rejected, by reason", n, reason=reason)
 
     def _emit(self, released: list[tuple[wire.Result, bool]]) -> None:
         for result, late in released:
             self.counts[result.verdict] += 1
+            self.metrics.count("results", "results released, by verdict", stream=result.stream, verdict=result.verdict)
             if result.error and result.error.startswith("lost"):
                 self.lost += 1
+                self.metrics.count("lost", "frames without a result, declared lost", stream=result.stream)
+            if late:
+                self.metrics.count("late", "results released after later ones", stream=result.stream)
             if self.pub is not None:
                 self.pub.send_multipart(wire.encode_result(result), copy=False)
             if self.jsonl is not None:
@@ -257,7 +278,7 @@ class Sink:
 def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: Path | None = None,
              maps_dir: Path | None = None, streams: int = 1, drain_timeout: float = 5.0, window: int = 256,
              control: str | None = None, acks_endpoint: str | None = None, resume: bool = False,
-             curve=None, stop: threading.Event | None = None) -> dict:
+             curve=None, metrics=None, stop: threading.Event | None = None) -> dict:
     """PULL results and eos (bound at results_endpoint) until `streams` streams have ended and drained.
 
     streams = 0 runs until stopped. A stream that has ended but still misses results after
@@ -266,7 +287,7 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
     cumulative acknowledgement, 5 times a second, for producers that re-send what has no verdict.
     resume: continue an existing JSONL log (a restarted sink). curve: a pipeline.security.Curve
     (role sink): every bound socket a CURVE server; refused senders are counted as rejected
-    ("unauthorised"). Returns the summary.
+    ("unauthorised"). metrics: a pipeline.metrics.Metrics to count into. Returns the summary.
     """
     from pipeline.workers import Control, stop_on_signals
 
@@ -291,7 +312,7 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
             curve.serve(ctx, acks)
         acks.bind(acks_endpoint)
     ctl = Control(ctx, control, "sink", "sink")
-    sink = Sink(jsonl, maps_dir, pub, window, resume=resume)
+    sink = Sink(jsonl, maps_dir, pub, window, resume=resume, metrics=metrics)
     ctl.send("ready")
     last_activity = time.monotonic()
     last_status = last_ack = 0.0
@@ -317,7 +338,7 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
                 ctl.send("status", **_status(sink))
         if curve:
             for reason, n in curve.refusals.counts.items():
-                sink.rejected[reason] = sink.rejected.get(reason, 0) + n
+                sink.reject(reason, n)
         summary = sink.summary()
         ctl.send("stats", **summary)
         if acks is not None:

@@ -20,17 +20,29 @@ import numpy as np
 import zmq
 
 from pipeline import wire
+from pipeline.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, NoMetrics, stage_metrics
 
 
 @dataclasses.dataclass
 class WorkerStats:
+    """A worker's counters (sent to the supervisor as they are) and its Prometheus metrics."""
+
     frames: int = 0
     batches: int = 0
     errors: int = 0
     rejected: dict = dataclasses.field(default_factory=dict)
+    metrics: object = dataclasses.field(default_factory=NoMetrics, repr=False, compare=False)
 
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+    def counts(self) -> dict:
+        return {"frames": self.frames, "batches": self.batches, "errors": self.errors, "rejected": dict(self.rejected)}
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + n
+        self.metrics.count("rejected", "messages rejected, by reason", n, reason=reason)
+
+    def error(self) -> None:
+        self.errors += 1
+        self.metrics.count("errors", "frames answered with an error result")
 
 
 def stop_on_signals(stop: threading.Event) -> None:
@@ -64,9 +76,10 @@ def _shut(ctx: zmq.Context, ctl: Control, stats: WorkerStats, inp: zmq.Socket, o
     """A worker's last stats to the supervisor, then its sockets: unread input dropped, results flushed."""
     if curve is not None:
         for reason, n in curve.refusals.counts.items():
-            stats.rejected[reason] = stats.rejected.get(reason, 0) + n
+            stats.reject(reason, n)
         curve.close()
-    ctl.send("stats", **dataclasses.asdict(stats))
+    stats.metrics.close()
+    ctl.send("stats", **stats.counts())
     ctl.close()
     inp.close(linger=0)
     out.close()
@@ -83,13 +96,13 @@ def _reject(out: zmq.Socket, stats: WorkerStats, reason: str, stream: str | None
     stats.reject(reason)
     if stream is not None and seq is not None:
         out.send_multipart(_error_result(stream, seq, t_ns, f"rejected: {message}"))
-        stats.errors += 1
+        stats.error()
 
 
 def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints: list[str], *,
                      deployment=None, batch: int = 8, batch_ms: float = 10.0,
                      hwm: int = 4, control: str | None = None, name: str = "infer0", curve=None,
-                     stop: threading.Event | None = None) -> WorkerStats:
+                     metrics_port: int | None = None, stop: threading.Event | None = None) -> WorkerStats:
     """PULL frames (connect), batch up to `batch` frames or `batch_ms` after the first, score, PUSH on (connect).
 
     Every kind of model: each frame is decoded once and prepared (resized, or cut into tiles) straight
@@ -102,7 +115,7 @@ def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints:
     stop_on_signals(stop)
     model = Model(model_dir)
     inspector = Inspector(model, deployment or Deployment(), batch)
-    stats = WorkerStats()
+    stats = WorkerStats(metrics=stage_metrics("worker", name, metrics_port, model_dir))
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.setsockopt(zmq.RCVHWM, hwm)
@@ -125,7 +138,7 @@ def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints:
                 messages = _collect(inp, batch, batch_ms, stop)
                 if messages:
                     _score_batch(inspector, messages, out, stats)
-                    ctl.send("stats", **dataclasses.asdict(stats))
+                    ctl.send("stats", **stats.counts())
     finally:
         _shut(ctx, ctl, stats, inp, out, curve)
     return stats
@@ -168,7 +181,7 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
             continue
         if frame.error is not None:  # the source could not read it; account for it as an error
             out.send_multipart(_error_result(frame.stream, frame.seq, frame.t_ns, frame.error, frame.meta))
-            stats.errors += 1
+            stats.error()
             continue
         try:
             images.append(to_rgb(frame.image(), f"{frame.stream} frame {frame.seq}"))
@@ -187,8 +200,14 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
     timing = {"preprocess": 1000 * (t_pre - start) / n, "infer": 1000 * (t_done - t_pre) / n, "batch": float(n),
               "inputs": float(inputs)}
     model = inspector.model
+    metrics = stats.metrics
+    metrics.observe("batch_size", "frames per batch", n, BATCH_BUCKETS)
+    metrics.observe("step_seconds", "seconds per frame in a step", (t_pre - start) / n, step="preprocess")
+    metrics.observe("step_seconds", "seconds per frame in a step", (t_done - t_pre) / n, step="infer")
     for frame, image, r in zip(frames, images, results):
         queued = max(0.0, (t_recv - frame.t_ns) / 1e6)
+        metrics.observe("queue_seconds", "frame creation to the inference worker", queued / 1000, LATENCY_BUCKETS)
+        metrics.count("frames_scored", "frames scored", stream=frame.stream)
         # defective frames carry the canvas (the frame as the model saw it) for overlays; the rest need none
         canvas = model.geometer.canvas_image(image, r.layout) if model.is_defect(r.score) else None
         out.send_multipart(wire.encode_scored(frame, r.score, r.canvas_map, canvas, {"queue": queued, **timing},
@@ -199,7 +218,7 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
 
 def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: str, *, overlays: Path | None = None,
                        attach_maps: bool = True, hwm: int = 32, control: str | None = None, name: str = "post0",
-                       curve=None, stop: threading.Event | None = None) -> WorkerStats:
+                       curve=None, metrics_port: int | None = None, stop: threading.Event | None = None) -> WorkerStats:
     """PULL scored frames (bound at in_endpoint), emit results to the sink (PUSH, connect).
 
     The verdict is the model's (calibration.model.Model.decide): defective when the normalised image
@@ -213,7 +232,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
     stop = stop or threading.Event()
     stop_on_signals(stop)
     model = Model(model_dir)
-    stats = WorkerStats()
+    stats = WorkerStats(metrics=stage_metrics("postprocess", name, metrics_port, model_dir))
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.setsockopt(zmq.RCVHWM, hwm)
@@ -241,7 +260,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                 continue
             if isinstance(item, wire.Result):  # an error result from an inference worker: pass it on
                 out.send_multipart(wire.encode_result(item), copy=False)
-                stats.errors += 1
+                stats.error()
                 continue
             if not isinstance(item, wire.Scored):
                 stats.reject("bad_kind")
@@ -267,8 +286,11 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                                  tuple(regions), timing, None, defect_map, item.meta)
             out.send_multipart(wire.encode_result(result), copy=False)
             stats.frames += 1
+            stats.metrics.count("frames_decided", "frames decided, by verdict", verdict=decision.verdict)
+            stats.metrics.observe("step_seconds", "seconds per frame in a step", time.perf_counter() - start,
+                                  step="post")
             if time.monotonic() - last_stats > 0.5:
-                ctl.send("stats", **dataclasses.asdict(stats))
+                ctl.send("stats", **stats.counts())
                 last_stats = time.monotonic()
     finally:
         _shut(ctx, ctl, stats, inp, out, curve)
