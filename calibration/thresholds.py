@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from calibration.maps import MapConfig, image_score, smooth
+from calibration.maps import MapConfig, image_score, normalise, smooth
 from engines.errors import ConfigError
 
 
@@ -57,6 +57,9 @@ def calibrate(canvas_maps: list[np.ndarray], config: MapConfig, max_false_reject
         "above_threshold": allowed,
         "image": {"threshold": image_thr, "min": float(scores.min()), "mean": float(scores.mean()),
                   "std": float(scores.std())},
+        # the normalised scores of these normal images: the reference of the streams' drift watch
+        "normal_scores": [round(float(v), 6) for v in np.sort(normalise(scores, {"threshold": image_thr,
+                                                                                "min": float(scores.min())}))],
         "pixel": {"threshold": pixel_thr, "min": float(lows.min())},
     }
     if max_false_reject is not None and n < math.ceil(1.0 / max_false_reject):

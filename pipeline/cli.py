@@ -260,7 +260,7 @@ def cmd_sink(args) -> int:
     summary = run_sink(args.results, pub_endpoint=args.pub, jsonl=args.jsonl, maps_dir=args.maps,
                        streams=args.streams, drain_timeout=args.drain_timeout, control=args.control,
                        acks_endpoint=args.acks, resume=args.resume, curve=curve_for(args.keys, "sink"),
-                       metrics=stage_metrics("sink", "sink", args.metrics_port))
+                       metrics=stage_metrics("sink", "sink", args.metrics_port, args.model), model_dir=args.model)
     if args.summary:
         write_json(args.summary, summary)
     return 0
@@ -276,7 +276,8 @@ class StatusLine:
     def __call__(self, s: dict) -> None:
         if self.enabled:
             self.stream.write(f"\rframes {s['results']:>7} | {s['fps']:6.1f} fps | defects {s['defect']:>6} | "
-                              f"drops {s['dropped']:>5} | errors {s['error']:>5}")
+                              f"drops {s['dropped']:>5} | errors {s['error']:>5}" +
+                              (f" | DRIFT on {', '.join(s['drift'])}: re-calibrate" if s.get("drift") else ""))
             self.stream.flush()
 
     def end(self) -> None:
@@ -294,6 +295,11 @@ def print_summary(summary: dict) -> None:
         print(f"rejected messages: {summary['rejected']}")
     for restart in summary.get("restarts", []):
         print(f"{restart['stage']} died (exit {restart['exit_code']}) and was restarted")
+    for stream, watch in summary.get("drift", {}).items():
+        if isinstance(watch, dict) and watch["alarms"]:
+            state = "still drifted" if watch["alarm"] else "drifted, then recovered"
+            print(f"{stream}: scores drifted from the calibration's from frame {watch['first_alarm_frame']} ({state}); "
+                  "re-calibrate: refit the model on current normal images")
 
 
 def cmd_run(args) -> int:
@@ -550,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--summary", type=Path, default=None)
     sink.add_argument("--acks", default=None, help="publish acknowledgements here for producers (PUB, bound)")
     sink.add_argument("--resume", action="store_true", help="continue an existing --jsonl log (after a restart)")
+    sink.add_argument("--model", type=Path, default=None,
+                      help="the streams' model: watch each stream's scores for drift from its calibration")
     sink.add_argument("--control", default=None, help=argparse.SUPPRESS)
     stage_options(sink)
     sink.set_defaults(func=cmd_sink)

@@ -129,7 +129,7 @@ class Supervisor:
         c = self.config
         args = ["sink", "--results", self.endpoint("results"), "--streams", "1", "--acks", self.endpoint("acks"),
                 "--drain-timeout", str(c.drain_timeout), "--summary", str(self.tmp / "summary.json"),
-                "--control", self.endpoint("control"), *self.port(1)]
+                "--control", self.endpoint("control"), "--model", str(c.model), *self.port(1)]
         if c.out is not None:
             args += ["--jsonl", str(c.out / "results.jsonl"), "--maps", str(c.out / "maps")]
         if c.pub:

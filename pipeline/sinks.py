@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
@@ -20,7 +21,10 @@ import numpy as np
 import zmq
 
 from pipeline import wire
+from pipeline.drift import DriftWatch, drift_reference
 from pipeline.metrics import LATENCY_BUCKETS
+
+log = logging.getLogger("lineguard.sink")
 
 
 @dataclasses.dataclass
@@ -118,10 +122,13 @@ class Sink:
     """
 
     def __init__(self, jsonl: Path | None = None, maps_dir: Path | None = None, pub: zmq.Socket | None = None,
-                 window: int = 256, resume: bool = False, fsync_s: float = 1.0, metrics=None):
+                 window: int = 256, resume: bool = False, fsync_s: float = 1.0, metrics=None,
+                 drift_reference: np.ndarray | None = None):
         from pipeline.metrics import NoMetrics
 
         self.metrics = metrics or NoMetrics()
+        self.drift_reference = drift_reference
+        self.drift: dict[str, DriftWatch] = {}
         self.streams: dict[str, Ledger] = {}
         self.counts = {"ok": 0, "defect": 0, "error": 0}
         self.lost = 0
@@ -206,6 +213,8 @@ class Sink:
                 self.metrics.count("lost", "frames without a result, declared lost", stream=result.stream)
             if late:
                 self.metrics.count("late", "results released after later ones", stream=result.stream)
+            if result.score is not None and self.drift_reference is not None:
+                self._watch(result.stream, result.score)
             if self.pub is not None:
                 self.pub.send_multipart(wire.encode_result(result), copy=False)
             if self.jsonl is not None:
@@ -226,6 +235,28 @@ class Sink:
             if time.monotonic() - self.last_fsync > self.fsync_s:
                 os.fsync(self.jsonl.fileno())
                 self.last_fsync = time.monotonic()
+
+    def _watch(self, stream: str, score: float) -> None:
+        watch = self.drift.get(stream)
+        if watch is None:
+            watch = self.drift[stream] = DriftWatch(self.drift_reference)
+        if watch.add(score):
+            if watch.alarm:
+                log.warning("drift on %s: its scores no longer look like the calibration's (KS D %.2f, p %.1e); "
+                            "re-calibrate: refit the model on current normal images", stream, *watch.last)
+            else:
+                log.warning("drift on %s: cleared (KS D %.2f)", stream, watch.last[0])
+        if watch.last is not None:
+            self.metrics.set("drift_statistic", "KS statistic of recent scores against the calibration's",
+                             watch.last[0], stream=stream)
+            self.metrics.set("drift_alarm", "1 while a stream's scores have drifted from the calibration's",
+                             float(watch.alarm), stream=stream)
+
+    def drift_state(self) -> dict:
+        """Per stream its drift watch, or why there is none."""
+        if self.drift_reference is None:
+            return {"off": "no calibration scores: start the sink with --model (a model fitted by this version)"}
+        return {stream: watch.state() for stream, watch in self.drift.items()}
 
     def complete(self, streams: int) -> bool:
         return streams > 0 and self.ended >= streams and all(l.complete for l in self.streams.values())
@@ -266,6 +297,7 @@ class Sink:
             "streams": {name: {"expected": l.expected, "lost": l.lost_seqs[:10000], "late": l.late}
                         for name, l in self.streams.items()},
             "resumed_from_log": self.resumed,
+            "drift": self.drift_state(),
         }
 
     def close(self) -> None:
@@ -278,7 +310,7 @@ class Sink:
 def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: Path | None = None,
              maps_dir: Path | None = None, streams: int = 1, drain_timeout: float = 5.0, window: int = 256,
              control: str | None = None, acks_endpoint: str | None = None, resume: bool = False,
-             curve=None, metrics=None, stop: threading.Event | None = None) -> dict:
+             curve=None, metrics=None, model_dir: Path | None = None, stop: threading.Event | None = None) -> dict:
     """PULL results and eos (bound at results_endpoint) until `streams` streams have ended and drained.
 
     streams = 0 runs until stopped. A stream that has ended but still misses results after
@@ -287,7 +319,9 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
     cumulative acknowledgement, 5 times a second, for producers that re-send what has no verdict.
     resume: continue an existing JSONL log (a restarted sink). curve: a pipeline.security.Curve
     (role sink): every bound socket a CURVE server; refused senders are counted as rejected
-    ("unauthorised"). metrics: a pipeline.metrics.Metrics to count into. Returns the summary.
+    ("unauthorised"). metrics: a pipeline.metrics.Metrics to count into. model_dir: the model whose
+    normal calibration scores every stream's drift watch compares with (pipeline.drift).
+    Returns the summary.
     """
     from pipeline.workers import Control, stop_on_signals
 
@@ -312,7 +346,8 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
             curve.serve(ctx, acks)
         acks.bind(acks_endpoint)
     ctl = Control(ctx, control, "sink", "sink")
-    sink = Sink(jsonl, maps_dir, pub, window, resume=resume, metrics=metrics)
+    reference = drift_reference(model_dir) if model_dir is not None else None
+    sink = Sink(jsonl, maps_dir, pub, window, resume=resume, metrics=metrics, drift_reference=reference)
     ctl.send("ready")
     last_activity = time.monotonic()
     last_status = last_ack = 0.0
@@ -361,4 +396,5 @@ def _status(sink: Sink) -> dict:
     span = (sink.last_ns - sink.first_t_ns) / 1e9 if sink.last_ns and sink.first_t_ns else 0.0
     return {"results": sink.results, "fps": sink.results / span if span > 0 else 0.0,
             "defect": sink.counts["defect"], "error": sink.counts["error"],
-            "dropped": sum(l.dropped for l in sink.streams.values())}
+            "dropped": sum(l.dropped for l in sink.streams.values()),
+            "drift": sorted(stream for stream, watch in sink.drift.items() if watch.alarm)}
