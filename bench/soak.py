@@ -112,7 +112,16 @@ def soak(minutes: float, kill_every: float, batch: int = 8) -> dict:
             "frames_in": summary["frames_in"], "results": summary["results"], "lost": summary["lost"],
             "errors": summary["error"], "duplicates_dropped": summary["duplicates"],
             "logged": len(seqs), "logged_unique": len(set(seqs)), "kills": kills, "restarts": summary["restarts"],
-            "fps": summary["fps"], "memory": memory, "machine": machine_info()}
+            "fps": summary["fps"], "memory": memory, "machine": machine_info(), "commit": _commit()}
+
+
+def _commit() -> str:
+    """The git commit of the code that ran (the soak may run from a snapshot of the tree)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
 
 
 def main() -> None:
