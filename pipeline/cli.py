@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from engines.errors import LineguardError
+from engines.errors import ConfigError, LineguardError
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_iou_max",
                "pixel_aupro")
@@ -251,6 +251,17 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def _sink_models(values: list[str] | None) -> dict[str, Path] | Path | None:
+    """--model MODEL (every stream) or --model STREAM=MODEL ... as run_sink takes them."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return Path(values[0])
+    if not all("=" in v for v in values):
+        raise ConfigError("sink --model: give one MODEL for every stream, or STREAM=MODEL for each")
+    return {stream: Path(model) for stream, model in (v.split("=", 1) for v in values)}
+
+
 def cmd_sink(args) -> int:
     from pipeline.security import curve_for
 
@@ -260,7 +271,7 @@ def cmd_sink(args) -> int:
     summary = run_sink(args.results, pub_endpoint=args.pub, jsonl=args.jsonl, maps_dir=args.maps,
                        streams=args.streams, drain_timeout=args.drain_timeout, control=args.control,
                        acks_endpoint=args.acks, resume=args.resume, curve=curve_for(args.keys, "sink"),
-                       metrics=stage_metrics("sink", "sink", args.metrics_port, args.model), model_dir=args.model)
+                       metrics=stage_metrics("sink", "sink", args.metrics_port), models=_sink_models(args.model))
     if args.summary:
         write_json(args.summary, summary)
     return 0
@@ -305,17 +316,30 @@ def print_summary(summary: dict) -> None:
 def cmd_run(args) -> int:
     from pipeline.run import RunConfig, run_pipeline
 
-    config = RunConfig(model=args.model, source=args.source, out=args.out, frames=args.frames, workers=args.workers,
-                       post_workers=args.post_workers, batch=args.batch_size, batch_ms=args.batch_ms,
-                       deployment=_deployment(args), mode=args.mode, stream=args.stream, pub=args.pub,
-                       drain_timeout=args.drain_timeout, retry_after=args.retry_after, respawn=not args.no_respawn,
-                       metrics_port=args.metrics_port)
+    if args.line is not None:
+        if args.model is not None:
+            raise ConfigError("give a MODEL or --line FILE, not both (the line file names each stream's model)")
+        from pipeline.linefile import load_line
+
+        config = load_line(args.line)
+    elif args.model is None:
+        raise ConfigError("run needs a MODEL (lineguard run MODEL --source ...) or a line file (--line line.toml)")
+    else:
+        config = RunConfig(model=args.model, source=args.source, out=args.out, frames=args.frames,
+                           workers=args.workers, post_workers=args.post_workers, batch=args.batch_size,
+                           batch_ms=args.batch_ms, deployment=_deployment(args), mode=args.mode, stream=args.stream,
+                           pub=args.pub, drain_timeout=args.drain_timeout, retry_after=args.retry_after,
+                           respawn=not args.no_respawn, metrics_port=args.metrics_port)
     status = StatusLine()
     try:
         summary = run_pipeline(config, status)
     finally:
         status.end()
     print_summary(summary)
+    if len(summary["streams"]) > 1:
+        for name, st in summary["streams"].items():
+            print(f"  {name}: {st['ok'] + st['defect'] + st['error']} results: {st['ok']} ok, {st['defect']} defect, "
+                  f"{st['error']} error ({len(st['lost'])} lost)")
     if args.json:
         write_json(args.json, summary)
     return 0
@@ -471,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     run = sub.add_parser("run", help="run the streaming pipeline on a source until it ends")
-    run.add_argument("model", type=Path)
+    run.add_argument("model", type=Path, nargs="?", default=None, help="the model (or --line)")
+    run.add_argument("--line", type=Path, default=None,
+                     help="a line file (TOML): every stream, its source and product model (pipeline/linefile.py)")
     run.add_argument("--source", default="synthetic",
                      help="synthetic | a folder of images | a video file | camera:N | rtsp://...")
     run.add_argument("--frames", type=int, default=0, help="frames to take from the source (0: all; synthetic: 300)")
@@ -526,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="one stage: an inference worker")
     worker.add_argument("model", type=Path)
-    worker.add_argument("--frames", required=True, help="the producer's endpoint (connect)")
+    worker.add_argument("--frames", required=True, action="append",
+                        help="a producer's endpoint (connect); repeat it for several producers")
     worker.add_argument("--out", required=True, action="append", help="postprocess endpoint(s) (connect)")
     worker.add_argument("--batch-ms", type=float, default=10.0)
     worker.add_argument("--control", default=None, help=argparse.SUPPRESS)
@@ -556,8 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--summary", type=Path, default=None)
     sink.add_argument("--acks", default=None, help="publish acknowledgements here for producers (PUB, bound)")
     sink.add_argument("--resume", action="store_true", help="continue an existing --jsonl log (after a restart)")
-    sink.add_argument("--model", type=Path, default=None,
-                      help="the streams' model: watch each stream's scores for drift from its calibration")
+    sink.add_argument("--model", action="append", default=None,
+                      help="MODEL or STREAM=MODEL (repeat for several streams): watch each stream's scores for "
+                           "drift from its model's calibration")
     sink.add_argument("--control", default=None, help=argparse.SUPPRESS)
     stage_options(sink)
     sink.set_defaults(func=cmd_sink)

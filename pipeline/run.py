@@ -38,13 +38,98 @@ class RunError(LineguardError):
     """A stage of the pipeline failed to start or died."""
 
 
+MODES = (None, "lossless", "live")
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """One product's model and the workers that serve it: workers / post_workers: process counts;
+    batch, batch_ms: dynamic batching; deployment.threads: per inference worker (None: the cores
+    shared among every inference worker of the line)."""
+
+    name: str
+    model: Path
+    workers: int = 1
+    post_workers: int = 1
+    batch: int = 8
+    batch_ms: float = 10.0
+    deployment: Deployment = Deployment()
+
+    def __post_init__(self):
+        if self.workers < 1 or self.post_workers < 1 or self.batch < 1 or self.batch_ms < 0:
+            raise ConfigError("workers, post-workers and batch must be >= 1 and batch-ms >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One camera or file source: its name (the wire's stream), source spec, product, frames to take
+    (0: all), mode (lossless | live; None: by source)."""
+
+    name: str
+    source: str
+    product: str
+    frames: int = 0
+    mode: str | None = None
+
+    def __post_init__(self):
+        if not self.name:
+            raise ConfigError("a stream needs a name")
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r}; valid modes: lossless, live")
+        if self.frames < 0:
+            raise ConfigError(f"frames {self.frames} must be >= 0 (0: all)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """Everything one supervisor runs: products (models and their workers), streams (each routed to
+    its product's workers), and one sink for all. retry_after: seconds without a verdict before a
+    producer sends a frame again; respawn: restart inference workers, postprocess workers and the
+    sink that die; metrics_port: Prometheus endpoints from this port up (pipeline.metrics)."""
+
+    products: tuple[Product, ...]
+    streams: tuple[Stream, ...]
+    out: Path | None = None
+    pub: str | None = None
+    drain_timeout: float = 5.0
+    retry_after: float = 10.0
+    overlays: bool = True
+    respawn: bool = True
+    ready_timeout: float = 120.0
+    metrics_port: int | None = None
+
+    def __post_init__(self):
+        names = [p.name for p in self.products]
+        if not self.products or len(set(names)) != len(names):
+            raise ConfigError("a line needs at least one product, each with its own name")
+        streams = [s.name for s in self.streams]
+        if not self.streams or len(set(streams)) != len(streams):
+            raise ConfigError("a line needs at least one stream, each with its own name")
+        for stream in self.streams:
+            if stream.product not in names:
+                raise ConfigError(f"stream {stream.name!r}: product {stream.product!r} is not one of the line's "
+                                  f"products ({', '.join(names)})")
+        if self.retry_after <= 0 or self.drain_timeout <= 0:
+            raise ConfigError("--retry-after and --drain-timeout must be > 0 seconds")
+        if self.metrics_port is not None:
+            last = self.metrics_port + self.ports_needed - 1
+            if not (0 < self.metrics_port and last < 65536):
+                raise ConfigError(f"--metrics-port {self.metrics_port}: the run needs ports {self.metrics_port}..{last}, "
+                                  "all within 1..65535")
+
+    @property
+    def ports_needed(self) -> int:
+        """The run, the sink, a producer per stream, then each product's postprocess and inference workers."""
+        return 2 + len(self.streams) + sum(p.post_workers + p.workers for p in self.products)
+
+    def product(self, name: str) -> Product:
+        return next(p for p in self.products if p.name == name)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """workers / post_workers: process counts; batch, batch_ms: dynamic batching; threads: per
-    inference worker (default: cores / workers); mode: lossless | live (default by source);
-    retry_after: seconds without a verdict before the producer sends a frame again; respawn:
-    restart inference workers, postprocess workers and the sink that die; metrics_port: Prometheus
-    endpoints from this port up (pipeline.metrics says which stage gets which)."""
+    """One stream of one model (`lineguard run MODEL`): the line of a single product; the fields are
+    those of Product, Stream and Line."""
 
     model: Path
     source: str = "synthetic"
@@ -66,44 +151,70 @@ class RunConfig:
     metrics_port: int | None = None
 
     def __post_init__(self):
-        if self.workers < 1 or self.post_workers < 1 or self.batch < 1 or self.batch_ms < 0:
-            raise ConfigError("workers, post-workers and batch must be >= 1 and batch-ms >= 0")
-        if self.retry_after <= 0 or self.drain_timeout <= 0:
-            raise ConfigError("--retry-after and --drain-timeout must be > 0 seconds")
-        last = None if self.metrics_port is None else self.metrics_port + 2 + self.post_workers + self.workers
-        if last is not None and not (0 < self.metrics_port and last < 65536):
-            raise ConfigError(f"--metrics-port {self.metrics_port}: the run needs ports {self.metrics_port}..{last}, "
-                              "all within 1..65535")
-        if self.mode not in (None, "lossless", "live"):
-            raise ConfigError(f"unknown mode {self.mode!r}; valid modes: lossless, live")
+        self.line()  # validates
+
+    def line(self) -> Line:
+        product = Product("product", Path(self.model), self.workers, self.post_workers, self.batch, self.batch_ms,
+                          self.deployment)
+        return Line((product,), (Stream(self.stream, self.source, "product", self.frames, self.mode),), self.out,
+                    self.pub, self.drain_timeout, self.retry_after, self.overlays, self.respawn, self.ready_timeout,
+                    self.metrics_port)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage process of a run: role (sink, producer, post, infer), its product or stream, its index."""
+
+    role: str
+    unit: str = ""
+    index: int = 0
 
 
 class Supervisor:
-    """Starts, watches and stops the stage processes of one run."""
+    """Starts, watches and stops the stage processes of one line."""
 
-    def __init__(self, config: RunConfig, input_size: int, status: Callable[[dict], None] | None = None):
-        self.config = config
-        self.input_size = input_size  # the side of synthetic frames: the model's typical training frame
+    def __init__(self, line: Line, frame_sizes: dict[str, int], status: Callable[[dict], None] | None = None):
+        self.line = line
+        self.frame_sizes = frame_sizes  # product -> the side of its synthetic frames (its typical training frame)
         self.status = status
         self.tmp = Path(tempfile.mkdtemp(prefix="lineguard-run-"))
         self.procs: dict[str, subprocess.Popen] = {}
+        self.stages: dict[str, Stage] = {}
         self.logs: dict[str, Path] = {}
         self.stats: dict[str, dict] = {}
         self.restarts: list[dict] = []
         self.stop = threading.Event()
-        self.slots: dict[str, int] = {}  # inference worker name -> its slot (a restarted worker takes the dead one's)
-        self.metrics = stage_metrics("run", "run", config.metrics_port, config.model)
+        self.spawned: dict[str, int] = {}  # product -> inference workers started so far (names of new ones)
+        self.ports = self._ports()
+        self.metrics = stage_metrics("run", "run", line.metrics_port)
+        self.single = len(line.products) == 1
 
-    def port(self, offset: int) -> list[str]:
-        """--metrics-port for the stage `offset` ports above the run's own, if the run has metrics."""
-        return [] if self.config.metrics_port is None else ["--metrics-port", str(self.config.metrics_port + offset)]
+    def _ports(self) -> dict[Stage, int]:
+        """Each stage's metrics port, in pipeline.metrics' order (an inference worker's slot keeps its port)."""
+        if self.line.metrics_port is None:
+            return {}
+        order = [Stage("sink")] + [Stage("producer", s.name) for s in self.line.streams]
+        for p in self.line.products:
+            order += [Stage("post", p.name, i) for i in range(p.post_workers)]
+            order += [Stage("infer", p.name, i) for i in range(p.workers)]
+        return {stage: self.line.metrics_port + 1 + i for i, stage in enumerate(order)}
+
+    def port(self, stage: Stage) -> list[str]:
+        return ["--metrics-port", str(self.ports[stage])] if stage in self.ports else []
+
+    def name(self, role: str, unit: str, index: int) -> str:
+        """Stage names: infer0, post0, producer for one product and stream; product- / -stream prefixed otherwise."""
+        if role == "producer":
+            return "producer" if len(self.line.streams) == 1 else f"producer-{unit}"
+        return f"{role}{index}" if self.single else f"{unit}-{role}{index}"
 
     def endpoint(self, name: str) -> str:
         return f"ipc://{self.tmp / name}"
 
-    def spawn(self, name: str, args: list[str]) -> None:
+    def spawn(self, name: str, stage: Stage, args: list[str]) -> None:
         log = self.tmp / f"{name}.log"
         self.logs[name] = log
+        self.stages[name] = stage
         with open(log, "wb") as f:
             self.procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=f,
                                                 stdin=subprocess.DEVNULL)
@@ -113,58 +224,72 @@ class Supervisor:
         errors = [l for l in lines if l.startswith("lineguard: error")]
         return (errors or lines or ["(no output)"])[-1]
 
-    def worker_args(self, name: str) -> list[str]:
-        c = self.config
-        d = c.deployment
-        threads = d.threads or max(1, (os.cpu_count() or 1) // c.workers)
+    def spawn_worker(self, product: Product, slot: int) -> None:
+        n = self.spawned.get(product.name, 0)
+        self.spawned[product.name] = n + 1
+        name = self.name("infer", product.name, n)
+        d = product.deployment
+        workers = sum(p.workers for p in self.line.products)
+        threads = d.threads or max(1, (os.cpu_count() or 1) // workers)
         deployment = dataclasses.replace(d, threads=threads).to_json()  # crosses the process boundary as JSON
-        args = ["worker", str(c.model), "--frames", self.endpoint("frames"), "--deployment", deployment,
-                "--batch-size", str(c.batch), "--batch-ms", str(c.batch_ms),
-                "--control", self.endpoint("control"), "--name", name, *self.port(3 + c.post_workers + self.slots[name])]
-        for i in range(c.post_workers):
-            args += ["--out", self.endpoint(f"post{i}")]
-        return args
+        args = ["worker", str(product.model), "--deployment", deployment, "--batch-size", str(product.batch),
+                "--batch-ms", str(product.batch_ms), "--control", self.endpoint("control"), "--name", name,
+                *self.port(Stage("infer", product.name, slot))]
+        for stream in self.line.streams:
+            if stream.product == product.name:
+                args += ["--frames", self.endpoint(f"frames-{stream.name}")]
+        for i in range(product.post_workers):
+            args += ["--out", self.endpoint(f"post-{product.name}-{i}")]
+        self.spawn(name, Stage("infer", product.name, slot), args)
 
     def sink_args(self, resume: bool = False) -> list[str]:
-        c = self.config
-        args = ["sink", "--results", self.endpoint("results"), "--streams", "1", "--acks", self.endpoint("acks"),
-                "--drain-timeout", str(c.drain_timeout), "--summary", str(self.tmp / "summary.json"),
-                "--control", self.endpoint("control"), "--model", str(c.model), *self.port(1)]
+        c = self.line
+        args = ["sink", "--results", self.endpoint("results"), "--streams", str(len(c.streams)), "--acks",
+                self.endpoint("acks"), "--drain-timeout", str(c.drain_timeout), "--summary",
+                str(self.tmp / "summary.json"), "--control", self.endpoint("control"), *self.port(Stage("sink"))]
+        for stream in c.streams:
+            args += ["--model", f"{stream.name}={c.product(stream.product).model}"]
         if c.out is not None:
             args += ["--jsonl", str(c.out / "results.jsonl"), "--maps", str(c.out / "maps")]
         if c.pub:
             args += ["--pub", c.pub]
         return args + (["--resume"] if resume else [])
 
-    def post_args(self, i: int) -> list[str]:
-        c = self.config
-        args = ["postprocess", str(c.model), "--in", self.endpoint(f"post{i}"), "--sink",
-                self.endpoint("results"), "--control", self.endpoint("control"), "--name", f"post{i}", *self.port(3 + i)]
+    def spawn_post(self, product: Product, i: int) -> None:
+        c = self.line
+        name = self.name("post", product.name, i)
+        args = ["postprocess", str(product.model), "--in", self.endpoint(f"post-{product.name}-{i}"), "--sink",
+                self.endpoint("results"), "--control", self.endpoint("control"), "--name", name,
+                *self.port(Stage("post", product.name, i))]
         if c.out is not None and c.overlays:
             args += ["--overlays", str(c.out / "overlays")]
-        return args
+        self.spawn(name, Stage("post", product.name, i), args)
+
+    def spawn_producer(self, stream: Stream) -> None:
+        c = self.line
+        args = ["produce", stream.source, "--frames-endpoint", self.endpoint(f"frames-{stream.name}"), "--sink",
+                self.endpoint("results"), "--acks", self.endpoint("acks"), "--retry-after", str(c.retry_after),
+                "--stream", stream.name, "--frames", str(stream.frames), "--size",
+                str(self.frame_sizes[stream.product]),
+                "--hold", "86400", *self.port(Stage("producer", stream.name))]  # stopped once the sink has all
+        if stream.mode:
+            args += ["--mode", stream.mode]
+        self.spawn(self.name("producer", stream.name, 0), Stage("producer", stream.name), args)
 
     def run(self) -> dict:
-        c = self.config
         ctx = zmq.Context()
         control = ctx.socket(zmq.PULL)
         control.bind(self.endpoint("control"))
         try:
-            self.spawn("sink", self.sink_args())
-            for i in range(c.post_workers):
-                self.spawn(f"post{i}", self.post_args(i))
-            for i in range(c.workers):
-                self.slots[f"infer{i}"] = i
-                self.spawn(f"infer{i}", self.worker_args(f"infer{i}"))
+            self.spawn("sink", Stage("sink"), self.sink_args())
+            for product in self.line.products:
+                for i in range(product.post_workers):
+                    self.spawn_post(product, i)
+                for slot in range(product.workers):
+                    self.spawn_worker(product, slot)
             self.wait_ready(control, set(self.procs))
-            size = self.input_size
-            produce = ["produce", c.source, "--frames-endpoint", self.endpoint("frames"), "--sink",
-                       self.endpoint("results"), "--acks", self.endpoint("acks"), "--retry-after", str(c.retry_after),
-                       "--stream", c.stream, "--frames", str(c.frames), "--size", str(size),
-                       "--hold", "86400", *self.port(2)]  # stopped by shutdown() once the sink has every result
-            if c.mode:
-                produce += ["--mode", c.mode]
-            self.spawn("producer", produce)
+            for stream in self.line.streams:
+                self.spawn_producer(stream)
             return self.watch(control)
         finally:
             control.close(linger=0)
@@ -173,7 +298,7 @@ class Supervisor:
 
     def wait_ready(self, control: zmq.Socket, names: set[str]) -> None:
         waiting = set(names)
-        deadline = time.monotonic() + self.config.ready_timeout
+        deadline = time.monotonic() + self.line.ready_timeout
         while waiting:
             if self.stop.is_set():
                 raise KeyboardInterrupt
@@ -181,7 +306,7 @@ class Supervisor:
                 if self.procs[name].poll() is not None:
                     raise RunError(f"{name} exited while starting: {self.log_tail(name)}")
             if time.monotonic() > deadline:
-                raise RunError(f"{', '.join(sorted(waiting))} not ready after {self.config.ready_timeout:g} s")
+                raise RunError(f"{', '.join(sorted(waiting))} not ready after {self.line.ready_timeout:g} s")
             if control.poll(100):
                 msg = self._control(control)
                 if msg is not None and msg.event == "ready":
@@ -202,20 +327,19 @@ class Supervisor:
 
     def respawn(self, name: str, proc: subprocess.Popen) -> None:
         """Record a stage that died and start it again (the sink resumes its log)."""
+        stage = self.stages[name]
         self.restarts.append({"stage": name, "exit_code": proc.returncode, "t": time.time()})
-        self.metrics.count("restarts", "stages restarted after they died", stage=name.rstrip("0123456789"))
-        if not self.config.respawn:
+        self.metrics.count("restarts", "stages restarted after they died", stage=stage.role)
+        if not self.line.respawn:
             raise RunError(f"{name} died (exit {proc.returncode}: {self.log_tail(name)}) and restarts are off "
                            "(--no-respawn)")
-        if name.startswith("infer"):
-            del self.procs[name]
-            new = f"infer{sum(r['stage'].startswith('infer') for r in self.restarts) + self.config.workers - 1}"
-            self.slots[new] = self.slots.pop(name)
-            self.spawn(new, self.worker_args(new))
-        elif name.startswith("post"):
-            self.spawn(name, self.post_args(int(name[4:])))
+        del self.procs[name]
+        if stage.role == "infer":
+            self.spawn_worker(self.line.product(stage.unit), stage.index)
+        elif stage.role == "post":
+            self.spawn_post(self.line.product(stage.unit), stage.index)
         else:
-            self.spawn("sink", self.sink_args(resume=True))
+            self.spawn("sink", stage, self.sink_args(resume=True))
 
     def watch(self, control: zmq.Socket) -> dict:
         while True:
@@ -231,23 +355,23 @@ class Supervisor:
                 raise KeyboardInterrupt
             if control.poll(200):
                 self._control(control)
-            producer = self.procs["producer"]
-            if producer.poll() not in (None, 0):
-                raise RunError(f"producer failed: {self.log_tail('producer')}")
             for name, proc in list(self.procs.items()):
-                if name.startswith(("infer", "post")) and proc.poll() is not None:
+                role = self.stages[name].role
+                if role == "producer" and proc.poll() not in (None, 0):
+                    raise RunError(f"{name} failed: {self.log_tail(name)}")
+                if role in ("infer", "post") and proc.poll() is not None:
                     self.respawn(name, proc)
         while control.poll(100):  # the sink's last stats may still be queued
             self._control(control)
         summary = json.loads((self.tmp / "summary.json").read_text())
         rejected = dict(summary.get("rejected", {}))
         for name, data in self.stats.items():
-            if name.startswith(("infer", "post")):
+            if self.stages.get(name, Stage("")).role in ("infer", "post"):
                 for reason, n in data.get("rejected", {}).items():
                     rejected[reason] = rejected.get(reason, 0) + n
         summary["rejected"] = rejected
         summary["restarts"] = self.restarts
-        summary["config"] = json.loads(json.dumps(dataclasses.asdict(self.config), default=str))
+        summary["config"] = json.loads(json.dumps(dataclasses.asdict(self.line), default=str))
         return summary
 
     def shutdown(self, grace: float = 5.0) -> None:
@@ -266,15 +390,20 @@ class Supervisor:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_pipeline(config: RunConfig, status: Callable[[dict], None] | None = None) -> dict:
-    """Run the topology until the source ends (or Ctrl-C / SIGTERM); returns the sink's summary."""
+def run_pipeline(config: RunConfig | Line, status: Callable[[dict], None] | None = None) -> dict:
+    """Run a line (or one stream of one model) until every source ends (or Ctrl-C / SIGTERM); the sink's summary."""
     from pipeline.producers import check_source
 
-    manifest = load_manifest(config.model)  # a bad model or source: one clear error here, not a dead stage later
-    check_source(config.source)
-    if config.out is not None:
-        config.out.mkdir(parents=True, exist_ok=True)
-    supervisor = Supervisor(config, manifest.get("frame", [manifest["input"]["height"]])[0], status)
+    line = config.line() if isinstance(config, RunConfig) else config
+    sizes = {}
+    for product in line.products:  # a bad model or source: one clear error here, not a dead stage later
+        manifest = load_manifest(product.model)
+        sizes[product.name] = manifest.get("frame", [manifest["input"]["height"]])[0]
+    for stream in line.streams:
+        check_source(stream.source)
+    if line.out is not None:
+        line.out.mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(line, sizes, status)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -123,12 +123,13 @@ class Sink:
 
     def __init__(self, jsonl: Path | None = None, maps_dir: Path | None = None, pub: zmq.Socket | None = None,
                  window: int = 256, resume: bool = False, fsync_s: float = 1.0, metrics=None,
-                 drift_reference: np.ndarray | None = None):
+                 drift_reference: np.ndarray | dict[str, np.ndarray] | None = None):
         from pipeline.metrics import NoMetrics
 
         self.metrics = metrics or NoMetrics()
-        self.drift_reference = drift_reference
+        self.drift_reference = drift_reference  # one for every stream, or per stream
         self.drift: dict[str, DriftWatch] = {}
+        self.stream_counts: dict[str, dict[str, int]] = {}
         self.streams: dict[str, Ledger] = {}
         self.counts = {"ok": 0, "defect": 0, "error": 0}
         self.lost = 0
@@ -207,6 +208,8 @@ class Sink:
     def _emit(self, released: list[tuple[wire.Result, bool]]) -> None:
         for result, late in released:
             self.counts[result.verdict] += 1
+            per_stream = self.stream_counts.setdefault(result.stream, {"ok": 0, "defect": 0, "error": 0})
+            per_stream[result.verdict] += 1
             self.metrics.count("results", "results released, by verdict", stream=result.stream, verdict=result.verdict)
             if result.error and result.error.startswith("lost"):
                 self.lost += 1
@@ -239,7 +242,11 @@ class Sink:
     def _watch(self, stream: str, score: float) -> None:
         watch = self.drift.get(stream)
         if watch is None:
-            watch = self.drift[stream] = DriftWatch(self.drift_reference)
+            reference = self.drift_reference
+            reference = reference.get(stream) if isinstance(reference, dict) else reference
+            if reference is None:
+                return
+            watch = self.drift[stream] = DriftWatch(reference)
         if watch.add(score):
             if watch.alarm:
                 log.warning("drift on %s: its scores no longer look like the calibration's (KS D %.2f, p %.1e); "
@@ -294,7 +301,9 @@ class Sink:
             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
             "stage_ms": stages,
             "mean_batch": float(np.mean(batch)) if batch else 0.0,
-            "streams": {name: {"expected": l.expected, "lost": l.lost_seqs[:10000], "late": l.late}
+            "streams": {name: {"expected": l.expected, **self.stream_counts.get(name, {"ok": 0, "defect": 0, "error": 0}),
+                               "lost": l.lost_seqs[:10000], "late": l.late, "dropped": l.dropped,
+                               "duplicates": l.duplicates}
                         for name, l in self.streams.items()},
             "resumed_from_log": self.resumed,
             "drift": self.drift_state(),
@@ -310,7 +319,8 @@ class Sink:
 def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: Path | None = None,
              maps_dir: Path | None = None, streams: int = 1, drain_timeout: float = 5.0, window: int = 256,
              control: str | None = None, acks_endpoint: str | None = None, resume: bool = False,
-             curve=None, metrics=None, model_dir: Path | None = None, stop: threading.Event | None = None) -> dict:
+             curve=None, metrics=None, models: dict[str, Path] | Path | None = None,
+             stop: threading.Event | None = None) -> dict:
     """PULL results and eos (bound at results_endpoint) until `streams` streams have ended and drained.
 
     streams = 0 runs until stopped. A stream that has ended but still misses results after
@@ -319,8 +329,8 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
     cumulative acknowledgement, 5 times a second, for producers that re-send what has no verdict.
     resume: continue an existing JSONL log (a restarted sink). curve: a pipeline.security.Curve
     (role sink): every bound socket a CURVE server; refused senders are counted as rejected
-    ("unauthorised"). metrics: a pipeline.metrics.Metrics to count into. model_dir: the model whose
-    normal calibration scores every stream's drift watch compares with (pipeline.drift).
+    ("unauthorised"). metrics: a pipeline.metrics.Metrics to count into. models: the model (or per
+    stream name its model) whose normal calibration scores the drift watch compares with (pipeline.drift).
     Returns the summary.
     """
     from pipeline.workers import Control, stop_on_signals
@@ -346,7 +356,10 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
             curve.serve(ctx, acks)
         acks.bind(acks_endpoint)
     ctl = Control(ctx, control, "sink", "sink")
-    reference = drift_reference(model_dir) if model_dir is not None else None
+    if isinstance(models, dict):
+        reference = {stream: r for stream, model in models.items() if (r := drift_reference(model)) is not None}
+    else:
+        reference = drift_reference(models) if models is not None else None
     sink = Sink(jsonl, maps_dir, pub, window, resume=resume, metrics=metrics, drift_reference=reference)
     ctl.send("ready")
     last_activity = time.monotonic()

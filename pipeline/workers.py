@@ -99,11 +99,12 @@ def _reject(out: zmq.Socket, stats: WorkerStats, reason: str, stream: str | None
         stats.error()
 
 
-def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints: list[str], *,
+def inference_worker(model_dir: str | Path, frames_endpoints: list[str], out_endpoints: list[str], *,
                      deployment=None, batch: int = 8, batch_ms: float = 10.0,
                      hwm: int = 4, control: str | None = None, name: str = "infer0", curve=None,
                      metrics_port: int | None = None, stop: threading.Event | None = None) -> WorkerStats:
-    """PULL frames (connect), batch up to `batch` frames or `batch_ms` after the first, score, PUSH on (connect).
+    """PULL frames (connect, to every producer of this model's streams), batch up to `batch` frames or
+    `batch_ms` after the first, score, PUSH on (connect).
 
     Every kind of model: each frame is decoded once and prepared (resized, or cut into tiles) straight
     into the inspector's reused input buffer; the inputs of a batch's frames run together.
@@ -121,7 +122,8 @@ def inference_worker(model_dir: str | Path, frames_endpoint: str, out_endpoints:
     inp.setsockopt(zmq.RCVHWM, hwm)
     if curve:
         curve.connect_to(inp, "producer")
-    inp.connect(frames_endpoint)
+    for endpoint in frames_endpoints:
+        inp.connect(endpoint)
     out = ctx.socket(zmq.PUSH)
     out.setsockopt(zmq.SNDHWM, 4 * batch)
     out.setsockopt(zmq.LINGER, 5000)

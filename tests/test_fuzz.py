@@ -143,7 +143,7 @@ def test_inference_worker_survives_hostile_frames(fitted_model, tmp_path, ctx):
     push, pull, ctl = _socket(ctx, zmq.PUSH, bind=frames), _socket(ctx, zmq.PULL, bind=out), _socket(ctx, zmq.PULL,
                                                                                                          bind=control)
     stop = threading.Event()
-    run = Background(inference_worker, fitted_model, frames, [out], deployment=Deployment(threads=1), batch=4,
+    run = Background(inference_worker, fitted_model, [frames], [out], deployment=Deployment(threads=1), batch=4,
                      control=control, stop=stop)
     try:
         _wait_ready(ctl, run)

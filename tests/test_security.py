@@ -100,7 +100,7 @@ def test_a_producer_that_is_not_the_lines_gets_nothing_scored(keys, fitted_model
     scored.setsockopt(zmq.LINGER, 0)
     scored.bind(f"tcp://127.0.0.1:{post_port}")
     stop = threading.Event()
-    run = Background(inference_worker, fitted_model, f"tcp://127.0.0.1:{frames_port}",
+    run = Background(inference_worker, fitted_model, [f"tcp://127.0.0.1:{frames_port}"],
                      [f"tcp://127.0.0.1:{post_port}"], deployment=Deployment(threads=1), curve=Curve(keys, "worker"),
                      stop=stop)
     try:

@@ -174,7 +174,7 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
     push = net.socket(zmq.PUSH, bind=frames_ep)
     pull = net.socket(zmq.PULL, bind=out_ep)
     control = net.socket(zmq.PULL, bind=control_ep)
-    run = Background(inference_worker, fitted_model, frames_ep, [out_ep],
+    run = Background(inference_worker, fitted_model, [frames_ep], [out_ep],
                      deployment=Deployment(runtime="onnxruntime", threads=1), batch=4, batch_ms=5.0,
                      control=control_ep, stop=stop)
     try:

@@ -1,0 +1,115 @@
+"""A line from one file: two streams, two product models, one sink; and every bad key named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration.maps import normalise
+from calibration.model import Inspector, Model
+from calibration.synthetic import make_dataset
+from engines.errors import ConfigError
+from engines.runtimes import Deployment
+from pipeline.cli import main
+from pipeline.linefile import load_line
+from pipeline.producers import SyntheticSource
+from pipeline.run import run_pipeline
+
+
+@pytest.fixture(scope="module")
+def second_model(tmp_path_factory) -> Path:
+    """Another product: smaller frames, its own model."""
+    data = make_dataset(tmp_path_factory.mktemp("data2") / "other", n_train=10, n_good=2, n_defect=2, size=96, seed=7)
+    out = tmp_path_factory.mktemp("models2") / "other"
+    assert main(["fit", str(data), "-o", str(out), "--input-size", "96", "--threads", "2"]) == 0
+    return out
+
+
+def write_line(folder: Path, text: str) -> Path:
+    path = folder / "line.toml"
+    path.write_text(text)
+    return path
+
+
+def test_two_streams_each_scored_by_its_own_model(fitted_model, second_model, tmp_path):
+    line = load_line(write_line(tmp_path, f"""
+out = "out"
+[products.weave]
+model = "{fitted_model}"
+[products.other]
+model = "{second_model}"
+batch = 4
+[[streams]]
+name = "cam0"
+source = "synthetic"
+product = "weave"
+frames = 60
+[[streams]]
+name = "cam1"
+source = "synthetic"
+product = "other"
+frames = 40
+"""))
+    summary = run_pipeline(line)
+    streams = summary["streams"]
+    assert (summary["results"], summary["frames_in"], summary["lost"]) == (100, 100, 0)
+    for name, frames in (("cam0", 60), ("cam1", 40)):
+        assert streams[name]["expected"] == frames == streams[name]["ok"] + streams[name]["defect"] + streams[name]["error"]
+    for verdict in ("ok", "defect", "error"):
+        assert summary[verdict] == streams["cam0"][verdict] + streams["cam1"][verdict]
+
+    lines = [json.loads(l) for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    scores = {(r["stream"], r["seq"]): r["score"] for r in lines}
+    assert sorted(scores) == [("cam0", i) for i in range(60)] + [("cam1", i) for i in range(40)]
+    # the verdicts come from each stream's own model: score the same synthetic frames with both models here
+    models = {"weave": Model(fitted_model), "other": Model(second_model)}
+    for stream, product, frames in (("cam0", "weave", 60), ("cam1", "other", 40)):
+        size = models[product].manifest["frame"][0]
+        images = [item.pixels for item in SyntheticSource(frames, size=size, seed=0)]
+        for name, model in models.items():
+            with Inspector(model, Deployment(threads=1), 8) as inspector:
+                expected = [float(normalise(r.score, model.thresholds["image"]))
+                            for i in range(0, frames, 8) for r in inspector.inspect(images[i:i + 8])]
+            got = [scores[stream, i] for i in range(frames)]
+            close = np.isclose(got, expected, atol=2e-3)
+            assert close.all() if name == product else not close.all(), (stream, name)
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[products.a]\nmodel = "{m}"\nwrkers = 2\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
+     "products.a.wrkers is not a line-file key"),
+    ('[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "b"\n',
+     "product 'b' is not one of the line's products"),
+    ('[products.a]\nmodel = "{m}"\nworkers = "two"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
+     "products.a.workers must be a int"),
+    ('[products.a]\nmodel = "nowhere"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
+     "products.a.model 'nowhere': no model there"),
+    ('[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "camera:x"\nproduct = "a"\n',
+     r"streams\[0\]: camera source 'camera:x'"),
+    ('[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nproduct = "a"\n', r"streams\[0\].source is missing"),
+    ('[products.a]\nmodel = "{m}"\nprecision = "fp64"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
+     "products.a: .*fp64"),
+    ('[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n'
+     '[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n', "each with its own name"),
+    ('metrics_port = 65533\n[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
+     "needs ports 65533..65537"),
+    ('[products.a\nmodel = 1\n', "not valid TOML"),
+])
+def test_a_bad_line_file_names_the_key(fitted_model, tmp_path, body, message):
+    path = write_line(tmp_path, body.replace("{m}", str(fitted_model)))
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_line(path)
+    assert str(path) in str(caught.value)
+
+
+def test_run_takes_a_model_or_a_line_not_both(fitted_model, tmp_path, capsys):
+    path = write_line(tmp_path, f'[products.a]\nmodel = "{fitted_model}"\n[[streams]]\nname = "c"\n'
+                                f'source = "synthetic"\nproduct = "a"\nframes = 5\n')
+    assert main(["run", str(fitted_model), "--line", str(path)]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["run"]) == 2
+    assert "--line" in capsys.readouterr().err
+    assert main(["run", "--line", str(path)]) == 0
