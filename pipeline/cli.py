@@ -271,7 +271,8 @@ def cmd_sink(args) -> int:
     summary = run_sink(args.results, pub_endpoint=args.pub, jsonl=args.jsonl, maps_dir=args.maps,
                        streams=args.streams, drain_timeout=args.drain_timeout, control=args.control,
                        acks_endpoint=args.acks, resume=args.resume, curve=curve_for(args.keys, "sink"),
-                       metrics=stage_metrics("sink", "sink", args.metrics_port), models=_sink_models(args.model))
+                       metrics=stage_metrics("sink", "sink", args.metrics_port), models=_sink_models(args.model),
+                       view_port=args.view_port, overlays=args.overlays)
     if args.summary:
         write_json(args.summary, summary)
     return 0
@@ -329,7 +330,7 @@ def cmd_run(args) -> int:
                            workers=args.workers, post_workers=args.post_workers, batch=args.batch_size,
                            batch_ms=args.batch_ms, deployment=_deployment(args), mode=args.mode, stream=args.stream,
                            pub=args.pub, drain_timeout=args.drain_timeout, retry_after=args.retry_after,
-                           respawn=not args.no_respawn, metrics_port=args.metrics_port)
+                           respawn=not args.no_respawn, metrics_port=args.metrics_port, view_port=args.view_port)
     status = StatusLine()
     try:
         summary = run_pipeline(config, status)
@@ -514,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-after", type=float, default=10.0,
                      help="seconds without a verdict before the producer sends a frame again")
     run.add_argument("--no-respawn", action="store_true", help="do not restart stages that die")
+    run.add_argument("--view-port", type=int, default=None, help="serve the live web view at http://HOST:PORT/")
     run.add_argument("--metrics-port", type=int, default=None,
                      help="Prometheus: the run on PORT, the sink on PORT+1, the producer PORT+2, then the workers")
     common(run)
@@ -583,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--summary", type=Path, default=None)
     sink.add_argument("--acks", default=None, help="publish acknowledgements here for producers (PUB, bound)")
     sink.add_argument("--resume", action="store_true", help="continue an existing --jsonl log (after a restart)")
+    sink.add_argument("--view-port", type=int, default=None, help="serve the live web view at http://HOST:PORT/")
+    sink.add_argument("--overlays", type=Path, default=None,
+                      help="where the postprocess workers write overlays (the view shows the latest)")
     sink.add_argument("--model", action="append", default=None,
                       help="MODEL or STREAM=MODEL (repeat for several streams): watch each stream's scores for "
                            "drift from its model's calibration")

@@ -2,6 +2,7 @@
 
     out = "out/line"                  # optional: results.jsonl, maps/, overlays/ (paths relative to this file)
     metrics_port = 9100               # optional: Prometheus, one port per stage from here (pipeline.metrics)
+    view_port = 8080                  # optional: the live web view (pipeline.view)
     pub = "tcp://*:5557"              # optional: the result stream
     drain_timeout = 5.0               # optional
     retry_after = 10.0                # optional
@@ -38,7 +39,7 @@ from engines.runtimes import Deployment
 from pipeline.producers import parse_source
 from pipeline.run import Line, Product, Stream
 
-TOP = {"out": str, "metrics_port": int, "pub": str, "drain_timeout": float, "retry_after": float,
+TOP = {"out": str, "metrics_port": int, "view_port": int, "pub": str, "drain_timeout": float, "retry_after": float,
        "products": dict, "streams": list}
 PRODUCT = {"model": str, "workers": int, "post_workers": int, "batch": int, "batch_ms": float, "runtime": str,
            "precision": str, "device": str, "threads": int}
@@ -108,6 +109,7 @@ def load_line(path: str | Path) -> Line:
     try:
         return Line(tuple(products), tuple(streams), out=base / data["out"] if "out" in data else None,
                     pub=data.get("pub"), drain_timeout=data.get("drain_timeout", 5.0),
-                    retry_after=data.get("retry_after", 10.0), metrics_port=data.get("metrics_port"))
+                    retry_after=data.get("retry_after", 10.0), metrics_port=data.get("metrics_port"),
+                    view_port=data.get("view_port"))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

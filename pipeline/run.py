@@ -97,6 +97,7 @@ class Line:
     respawn: bool = True
     ready_timeout: float = 120.0
     metrics_port: int | None = None
+    view_port: int | None = None
 
     def __post_init__(self):
         names = [p.name for p in self.products]
@@ -149,6 +150,7 @@ class RunConfig:
     respawn: bool = True
     ready_timeout: float = 120.0
     metrics_port: int | None = None
+    view_port: int | None = None
 
     def __post_init__(self):
         self.line()  # validates
@@ -158,7 +160,7 @@ class RunConfig:
                           self.deployment)
         return Line((product,), (Stream(self.stream, self.source, "product", self.frames, self.mode),), self.out,
                     self.pub, self.drain_timeout, self.retry_after, self.overlays, self.respawn, self.ready_timeout,
-                    self.metrics_port)
+                    self.metrics_port, self.view_port)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +255,10 @@ class Supervisor:
             args += ["--jsonl", str(c.out / "results.jsonl"), "--maps", str(c.out / "maps")]
         if c.pub:
             args += ["--pub", c.pub]
+        if c.view_port is not None:
+            args += ["--view-port", str(c.view_port)]
+            if c.out is not None and c.overlays:
+                args += ["--overlays", str(c.out / "overlays")]
         return args + (["--resume"] if resume else [])
 
     def spawn_post(self, product: Product, i: int) -> None:

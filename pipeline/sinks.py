@@ -123,13 +123,14 @@ class Sink:
 
     def __init__(self, jsonl: Path | None = None, maps_dir: Path | None = None, pub: zmq.Socket | None = None,
                  window: int = 256, resume: bool = False, fsync_s: float = 1.0, metrics=None,
-                 drift_reference: np.ndarray | dict[str, np.ndarray] | None = None):
+                 drift_reference: np.ndarray | dict[str, np.ndarray] | None = None, view=None):
         from pipeline.metrics import NoMetrics
 
         self.metrics = metrics or NoMetrics()
         self.drift_reference = drift_reference  # one for every stream, or per stream
         self.drift: dict[str, DriftWatch] = {}
         self.stream_counts: dict[str, dict[str, int]] = {}
+        self.view = view  # a pipeline.view.View shown every released result
         self.streams: dict[str, Ledger] = {}
         self.counts = {"ok": 0, "defect": 0, "error": 0}
         self.lost = 0
@@ -218,6 +219,8 @@ class Sink:
                 self.metrics.count("late", "results released after later ones", stream=result.stream)
             if result.score is not None and self.drift_reference is not None:
                 self._watch(result.stream, result.score)
+            if self.view is not None:
+                self.view.observe(result, late)
             if self.pub is not None:
                 self.pub.send_multipart(wire.encode_result(result), copy=False)
             if self.jsonl is not None:
@@ -320,6 +323,7 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
              maps_dir: Path | None = None, streams: int = 1, drain_timeout: float = 5.0, window: int = 256,
              control: str | None = None, acks_endpoint: str | None = None, resume: bool = False,
              curve=None, metrics=None, models: dict[str, Path] | Path | None = None,
+             view_port: int | None = None, overlays: Path | None = None,
              stop: threading.Event | None = None) -> dict:
     """PULL results and eos (bound at results_endpoint) until `streams` streams have ended and drained.
 
@@ -331,7 +335,8 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
     (role sink): every bound socket a CURVE server; refused senders are counted as rejected
     ("unauthorised"). metrics: a pipeline.metrics.Metrics to count into. models: the model (or per
     stream name its model) whose normal calibration scores the drift watch compares with (pipeline.drift).
-    Returns the summary.
+    view_port: serve the live web view there (pipeline.view), showing the overlays the postprocess
+    workers write to `overlays`. Returns the summary.
     """
     from pipeline.workers import Control, stop_on_signals
 
@@ -360,7 +365,12 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
         reference = {stream: r for stream, model in models.items() if (r := drift_reference(model)) is not None}
     else:
         reference = drift_reference(models) if models is not None else None
-    sink = Sink(jsonl, maps_dir, pub, window, resume=resume, metrics=metrics, drift_reference=reference)
+    view = None
+    if view_port is not None:
+        from pipeline.view import View
+
+        view = View(view_port, models, overlays)
+    sink = Sink(jsonl, maps_dir, pub, window, resume=resume, metrics=metrics, drift_reference=reference, view=view)
     ctl.send("ready")
     last_activity = time.monotonic()
     last_status = last_ack = 0.0
@@ -384,6 +394,8 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
             if time.monotonic() - last_status > 0.5:
                 last_status = time.monotonic()
                 ctl.send("status", **_status(sink))
+                if view is not None:
+                    view.set_drift(sink.drift_state())
         if curve:
             for reason, n in curve.refusals.counts.items():
                 sink.reject(reason, n)
@@ -395,6 +407,8 @@ def run_sink(results_endpoint: str, *, pub_endpoint: str | None = None, jsonl: P
         return summary
     finally:
         sink.close()
+        if view is not None:
+            view.close()
         if curve:
             curve.close()
         ctl.close()

@@ -1,0 +1,119 @@
+"""The live web view in a real browser (headless Chromium + Selenium): it updates itself and its
+counts match the sink's; its JSON and image endpoints without a browser."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+
+from bench.view import chromium, free_port, listening, missing, page_counts, wait_for
+from pipeline import wire
+from pipeline.run import RunConfig, run_pipeline
+from pipeline.sinks import run_sink
+
+BROWSER = missing()
+
+
+def _results(seqs, verdicts) -> list[list]:
+    out = []
+    for seq, verdict in zip(seqs, verdicts):
+        defect_map = np.full((32, 48), 200, np.uint8) if verdict == "defect" else None
+        error = "rejected: broken" if verdict == "error" else None
+        out.append(wire.encode_result(wire.Result("cam0", seq, time.time_ns(), verdict,
+                                                  None if error else (0.9 if defect_map is not None else 0.1),
+                                                  error=error, defect_map=defect_map)))
+    return out
+
+
+@pytest.fixture
+def live_sink(tmp_path, fitted_model):
+    """A standalone sink with the view, fed by the test over ipc; yields (send, port, stop-and-summary)."""
+    port = free_port()
+    endpoint = f"ipc://{tmp_path / 'results'}"
+    summary = {}
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: summary.update(run_sink(endpoint, streams=0, models=fitted_model,
+                                                                     view_port=port, stop=stop)), daemon=True)
+    thread.start()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(endpoint)
+    wait_for(lambda: listening(port), timeout=30)
+
+    def finish() -> dict:
+        stop.set()
+        thread.join(timeout=30)
+        return summary
+
+    yield (lambda messages: [push.send_multipart(m) for m in messages]), port, finish
+    stop.set()
+    push.close(linger=0)
+    ctx.term()
+
+
+def test_state_and_images_without_a_browser(live_sink):
+    send, port, finish = live_sink
+    send(_results(range(6), ["ok", "defect", "ok", "error", "defect", "ok"]))
+    base = f"http://127.0.0.1:{port}"
+    state = wait_for(lambda: (s := json.loads(urllib.request.urlopen(f"{base}/state.json").read()))["streams"]
+                     .get("cam0", {}).get("results") == 6 and s)
+    cam = state["streams"]["cam0"]
+    assert (cam["ok"], cam["defect"], cam["error"], cam["latest_defect"]) == (3, 2, 1, 4)
+    assert [r["seq"] for r in cam["recent"]] == [5, 4, 3, 2, 1, 0]
+    assert state["models"]["*"]["kind"] == "memory_bank" and state["models"]["*"]["normal_images"] > 0
+    png = urllib.request.urlopen(f"{base}/latest/cam0.png").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        urllib.request.urlopen(f"{base}/latest/nothing.png")
+    assert "lineguard" in urllib.request.urlopen(base + "/").read().decode()
+    summary = finish()
+    assert (summary["ok"], summary["defect"], summary["error"]) == (3, 2, 1)
+
+
+@pytest.mark.skipif(BROWSER is not None, reason=f"no browser to drive: {BROWSER}")
+def test_the_page_updates_itself_and_matches_the_sink(live_sink):
+    send, port, finish = live_sink
+    verdicts = ["ok"] * 20 + ["defect"] * 8 + ["error"] * 2
+    send(_results(range(30), verdicts))
+    with chromium() as driver:
+        driver.get(f"http://127.0.0.1:{port}/")
+        first = wait_for(lambda: (c := page_counts(driver, "cam0")) and c["results"] == 30 and c)
+        assert first == {"results": 30, "ok": 20, "defect": 8, "error": 2, "lost": 0}
+        updated = driver.find_element("tag name", "body").get_attribute("data-updated")
+        send(_results(range(30, 55), ["defect"] * 5 + ["ok"] * 20))  # the page must notice these by itself
+        second = wait_for(lambda: (c := page_counts(driver, "cam0")) and c["results"] == 55 and c)
+        assert driver.find_element("tag name", "body").get_attribute("data-updated") != updated
+        assert driver.find_element("css selector", "#stream-cam0 img").get_attribute("src").endswith("seq=34")
+    summary = finish()
+    assert second == {"results": summary["results"], "ok": summary["ok"], "defect": summary["defect"],
+                      "error": summary["error"], "lost": summary["lost"]} == {"results": 55, "ok": 40, "defect": 13,
+                                                                              "error": 2, "lost": 0}
+
+
+@pytest.mark.skipif(BROWSER is not None, reason=f"no browser to drive: {BROWSER}")
+def test_the_page_follows_a_running_line(fitted_model, tmp_path):
+    port = free_port()
+    summary = {}
+    run = threading.Thread(target=lambda: summary.update(run_pipeline(RunConfig(
+        model=fitted_model, frames=1500, out=tmp_path / "out", view_port=port))), daemon=True)
+    run.start()
+    with chromium() as driver:
+        wait_for(lambda: listening(port), timeout=120)
+        driver.get(f"http://127.0.0.1:{port}/")
+        seen = [wait_for(lambda: (c := page_counts(driver, "cam0")) and c["results"] > 0 and c, timeout=120)]
+        seen.append(wait_for(lambda: (c := page_counts(driver, "cam0")) and c["results"] > seen[0]["results"] and c,
+                             timeout=60))
+        assert driver.find_elements("css selector", "#stream-cam0 .fps")
+        driver.save_screenshot(str(tmp_path / "view.png"))
+    run.join(timeout=600)
+    assert (tmp_path / "view.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["results"] == 1500
+    for counts in seen:  # what the page showed never ran ahead of the sink
+        assert counts["results"] <= summary["results"] and counts["defect"] <= summary["defect"]
