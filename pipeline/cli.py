@@ -10,6 +10,8 @@ from pathlib import Path
 
 from engines.errors import ConfigError, LineguardError
 
+CAMERA_HELP = ("genicam sources: exposure=US,gain=G,fps=F,trigger=software|line0|off,pixel_format=Mono8 "
+               "and any GenICam feature NAME=VALUE")
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_iou_max",
                "pixel_aupro")
 
@@ -209,11 +211,15 @@ def cmd_produce(args) -> int:
 
     stop = threading.Event()
     stop_on_signals(stop)
-    source = open_source(args.source, frames=args.frames, size=args.size, seed=args.seed)
+    from pipeline.genicam import parse_settings
+
+    source = open_source(args.source, frames=args.frames, size=args.size, seed=args.seed,
+                         camera=parse_settings(args.camera))
     stats = produce(source, args.frames_endpoint, args.sink, stream=args.stream, mode=args.mode, hold=args.hold,
                     acks_endpoint=args.acks, retry_after=args.retry_after, curve=curve_for(args.keys, "producer"),
                     metrics=stage_metrics("producer", args.stream, args.metrics_port), stop=stop)
-    print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped, {stats.resent} sent again, "
+    print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped, {stats.missed} missed by the "
+          f"source, {stats.resent} sent again, "
           f"{stats.abandoned} abandoned)", file=sys.stderr)
     return 0
 
@@ -239,6 +245,18 @@ def cmd_postprocess(args) -> int:
                                control=args.control, name=args.name, curve=curve_for(args.keys, "postprocess"),
                                metrics_port=args.metrics_port)
     print(f"{args.name}: {stats.frames} frames, rejected {stats.rejected}", file=sys.stderr)
+    return 0
+
+
+def cmd_cameras(args) -> int:
+    from pipeline.genicam import list_cameras
+
+    cameras = list_cameras()
+    for cam in cameras:
+        print(f"{cam['vendor']:<16} {cam['model']:<24} serial {cam['serial']:<16} {cam['address']:<16} "
+              f"{cam['protocol']}  (--source genicam:{cam['serial']})")
+    if not cameras:
+        print("no GenICam camera found (GigE Vision: same subnet, no firewall on UDP 3956; USB3 Vision: udev rules)")
     return 0
 
 
@@ -330,7 +348,8 @@ def cmd_run(args) -> int:
                            workers=args.workers, post_workers=args.post_workers, batch=args.batch_size,
                            batch_ms=args.batch_ms, deployment=_deployment(args), mode=args.mode, stream=args.stream,
                            pub=args.pub, drain_timeout=args.drain_timeout, retry_after=args.retry_after,
-                           respawn=not args.no_respawn, metrics_port=args.metrics_port, view_port=args.view_port)
+                           respawn=not args.no_respawn, metrics_port=args.metrics_port, view_port=args.view_port,
+                           camera=args.camera)
     status = StatusLine()
     try:
         summary = run_pipeline(config, status)
@@ -509,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-ms", type=float, default=10.0, help="longest wait to fill a batch")
     run.add_argument("--mode", choices=("lossless", "live"), default=None, help="default: live for cameras")
     run.add_argument("--stream", default="cam0")
+    run.add_argument("--camera", default="", help=CAMERA_HELP)
     run.add_argument("--pub", default=None, help="also publish results on this ZeroMQ endpoint (PUB, bound)")
     run.add_argument("--drain-timeout", type=float, default=5.0,
                      help="seconds without results after the end of stream before missing frames count as lost")
@@ -544,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--mode", choices=("lossless", "live"), default=None)
     produce.add_argument("--size", type=_positive_int, default=256, help="synthetic frame size")
     produce.add_argument("--seed", type=int, default=0)
+    produce.add_argument("--camera", default="", help=CAMERA_HELP)
     produce.add_argument("--acks", default=None,
                          help="the sink's --acks endpoint: keep every frame until its verdict, send again if none comes")
     produce.add_argument("--retry-after", type=float, default=10.0, help="seconds before a frame is sent again")
@@ -594,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--control", default=None, help=argparse.SUPPRESS)
     stage_options(sink)
     sink.set_defaults(func=cmd_sink)
+
+    cameras = sub.add_parser("cameras", help="list the GenICam cameras (GigE Vision, USB3 Vision) Aravis finds")
+    cameras.set_defaults(func=cmd_cameras)
 
     keys = sub.add_parser("keys", help="write CURVE key pairs for the stages of a line on several hosts")
     keys.add_argument("folder", type=Path)

@@ -24,6 +24,7 @@
     product = "tile"
     frames = 0                        # optional: 0 takes all
     mode = "live"                     # optional: lossless | live (default by source)
+    camera = { exposure = 8000, gain = 2, trigger = "software" }   # optional: genicam sources
 
 A region of interest belongs to the product's model (`lineguard fit --roi`). Every key is checked
 before anything starts; an error names the key, what it expected and what it got.
@@ -43,7 +44,7 @@ TOP = {"out": str, "metrics_port": int, "view_port": int, "pub": str, "drain_tim
        "products": dict, "streams": list}
 PRODUCT = {"model": str, "workers": int, "post_workers": int, "batch": int, "batch_ms": float, "runtime": str,
            "precision": str, "device": str, "threads": int}
-STREAM = {"name": str, "source": str, "product": str, "frames": int, "mode": str}
+STREAM = {"name": str, "source": str, "product": str, "frames": int, "mode": str, "camera": dict}
 DEPLOYMENT = ("runtime", "precision", "device", "threads")
 
 
@@ -103,7 +104,9 @@ def load_line(path: str | Path) -> Line:
             source = str(base / source)
         try:
             parse_source(source)
-            streams.append(Stream(table["name"], source, table["product"], table.get("frames", 0), table.get("mode")))
+            camera = ",".join(f"{k}={v}" for k, v in table.get("camera", {}).items())
+            streams.append(Stream(table["name"], source, table["product"], table.get("frames", 0), table.get("mode"),
+                                  camera))
         except LineguardError as exc:  # a bad source spec or stream field: say where it came from
             raise ConfigError(f"{path}: {where[:-1]}: {exc}") from exc
     try:

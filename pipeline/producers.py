@@ -50,10 +50,12 @@ class SourceFrame:
 
 
 class Source:
-    """Iterable of SourceFrame; `live` sources are read by a capture thread that never blocks."""
+    """Iterable of SourceFrame; `live` sources are read by a capture thread that never blocks.
+    missed: frames the source knows it never delivered (a camera's lost or incomplete frames)."""
 
     live = False
     name = "source"
+    missed = 0
 
     def __iter__(self) -> Iterator[SourceFrame]:
         raise NotImplementedError
@@ -120,6 +122,56 @@ class VideoSource(Source):
         self.capture.release()
 
 
+class GenICamSource(Source):
+    """A GenICam camera through Aravis (pipeline.genicam), live. A camera silent for `timeout_s` is
+    reopened (for up to `give_up_s`, then the source ends); frames lost meanwhile (device frame ids)
+    and incomplete frames are counted in `missed`, reopenings in `reconnects`."""
+
+    live = True
+
+    def __init__(self, wanted: str, settings: dict[str, str] | None = None, limit: int = 0, timeout_s: float = 2.0,
+                 give_up_s: float = 60.0):
+        from pipeline.genicam import GenICamCamera
+
+        self.wanted, self.settings, self.limit = wanted, dict(settings or {}), limit
+        self.timeout_s, self.give_up_s = timeout_s, give_up_s
+        self.name = f"genicam:{wanted}"
+        self.camera = GenICamCamera(wanted, self.settings)
+        self.reconnects = 0
+        self.closed = False
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        from pipeline.genicam import GenICamError, reopen
+
+        n, last_id = 0, None
+        while not self.closed and (not self.limit or n < self.limit):
+            try:
+                got = self.camera.grab(self.timeout_s)
+            except images.ImageError:
+                self.missed += 1
+                continue
+            except GenICamError:
+                got = None
+            if got is None:  # silent or gone: open it again
+                self.camera.close()
+                camera = reopen(self.wanted, self.settings, self.give_up_s, lambda: self.closed)
+                if camera is None:
+                    return
+                self.camera, self.reconnects = camera, self.reconnects + 1
+                continue
+            image, frame_id, timestamp = got
+            if last_id is not None and frame_id > last_id + 1:
+                self.missed += frame_id - last_id - 1
+            last_id = frame_id
+            n += 1
+            yield SourceFrame(pixels=image, meta={"frame_id": frame_id, "timestamp_ns": timestamp,
+                                                  "camera": self.camera.readback})
+
+    def close(self) -> None:
+        self.closed = True
+        self.camera.close()
+
+
 class SyntheticSource(Source):
     """Textured product frames, a fraction with planted defects (meta "planted": kind), from a cycled pool."""
 
@@ -145,6 +197,17 @@ class SyntheticSource(Source):
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """frames: to take (0: all; synthetic: 300); size: synthetic frame side; seed: synthetic frames;
+    camera: GenICam settings (pipeline.genicam.parse_settings)."""
+
+    frames: int = 0
+    size: int = 256
+    seed: int = 0
+    camera: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceKind:
     """One kind of source in SOURCES: which specs it takes, how it reads a spec into its target
     (validated, nothing opened: a supervisor checks before it starts stages), and how it opens it."""
@@ -153,7 +216,7 @@ class SourceKind:
     example: str
     matches: Callable[[str], bool]
     target: Callable[[str], object]
-    open: Callable[[object, int, int, int], Source]  # (target, frames, size, seed) -> Source
+    open: Callable[[object, SourceOptions], Source]
 
 
 def _camera_index(spec: str) -> int:
@@ -163,17 +226,27 @@ def _camera_index(spec: str) -> int:
     return int(index)
 
 
+def _genicam_name(spec: str) -> str:
+    wanted = spec.split(":", 1)[1]
+    if not wanted:
+        raise ConfigError(f"genicam source {spec!r}: expected genicam:SERIAL (or a device id or address); "
+                          "lineguard cameras lists them")
+    return wanted
+
+
 SOURCES: tuple[SourceKind, ...] = (
     SourceKind("synthetic", "synthetic", lambda s: s == "synthetic", lambda s: None,
-               lambda _, frames, size, seed: SyntheticSource(frames or 300, size=size, seed=seed)),
+               lambda _, o: SyntheticSource(o.frames or 300, size=o.size, seed=o.seed)),
     SourceKind("camera", "camera:N", lambda s: s.startswith("camera:"), _camera_index,
-               lambda index, frames, size, seed: VideoSource(index, live=True, limit=frames)),
+               lambda index, o: VideoSource(index, live=True, limit=o.frames)),
+    SourceKind("genicam", "genicam:SERIAL", lambda s: s.startswith("genicam:"), _genicam_name,
+               lambda wanted, o: GenICamSource(wanted, o.camera, limit=o.frames)),
     SourceKind("stream", "an rtsp:// URL", lambda s: s.startswith(("rtsp://", "rtsps://", "http://", "https://")),
-               str, lambda url, frames, size, seed: VideoSource(url, live=True, limit=frames)),
+               str, lambda url, o: VideoSource(url, live=True, limit=o.frames)),
     SourceKind("folder", "a folder of images", lambda s: Path(s).is_dir(), Path,
-               lambda path, frames, size, seed: FolderSource(path)),
+               lambda path, o: FolderSource(path)),
     SourceKind("video", "a video file", lambda s: Path(s).is_file(), str,
-               lambda path, frames, size, seed: VideoSource(path, live=False, limit=frames)),
+               lambda path, o: VideoSource(path, live=False, limit=o.frames)),
 )
 
 
@@ -191,18 +264,20 @@ def check_source(spec: str) -> None:
     parse_source(spec)
 
 
-def open_source(spec: str, frames: int = 0, size: int = 256, seed: int = 0) -> Source:
-    """A Source for any spec SOURCES takes: 'synthetic', 'camera:N', an rtsp:// / http:// URL, a folder, a video file."""
+def open_source(spec: str, frames: int = 0, size: int = 256, seed: int = 0, camera: dict | None = None) -> Source:
+    """A Source for any spec SOURCES takes: 'synthetic', 'camera:N', 'genicam:SERIAL', an rtsp:// /
+    http:// URL, a folder, a video file."""
     kind, target = parse_source(spec)
-    return kind.open(target, frames, size, seed)
+    return kind.open(target, SourceOptions(frames, size, seed, dict(camera or {})))
 
 
 @dataclasses.dataclass
 class ProducerStats:
     sent: int = 0
-    dropped: int = 0
+    dropped: int = 0  # live frames the producer dropped because the line could not keep up
     resent: int = 0
     abandoned: int = 0
+    missed: int = 0  # frames the source never delivered (a camera's lost or incomplete frames)
 
 
 class Redispatch:
@@ -337,7 +412,8 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
             if redispatch is not None:
                 redispatch.add(seq, message)
                 tend()
-        end = wire.encode_eos(stream, stats.sent, stats.dropped)
+        stats.missed = source.missed
+        end = wire.encode_eos(stream, stats.sent, stats.dropped + stats.missed)
         eos.send_multipart(end)
         if redispatch is not None:  # until the sink has a verdict for every frame
             last_eos = time.monotonic()

@@ -63,13 +63,14 @@ class Product:
 @dataclasses.dataclass(frozen=True)
 class Stream:
     """One camera or file source: its name (the wire's stream), source spec, product, frames to take
-    (0: all), mode (lossless | live; None: by source)."""
+    (0: all), mode (lossless | live; None: by source), camera settings (genicam sources: k=v,...)."""
 
     name: str
     source: str
     product: str
     frames: int = 0
     mode: str | None = None
+    camera: str = ""
 
     def __post_init__(self):
         if not self.name:
@@ -78,6 +79,9 @@ class Stream:
             raise ConfigError(f"unknown mode {self.mode!r}; valid modes: lossless, live")
         if self.frames < 0:
             raise ConfigError(f"frames {self.frames} must be >= 0 (0: all)")
+        from pipeline.genicam import parse_settings
+
+        parse_settings(self.camera)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +155,7 @@ class RunConfig:
     ready_timeout: float = 120.0
     metrics_port: int | None = None
     view_port: int | None = None
+    camera: str = ""
 
     def __post_init__(self):
         self.line()  # validates
@@ -158,7 +163,8 @@ class RunConfig:
     def line(self) -> Line:
         product = Product("product", Path(self.model), self.workers, self.post_workers, self.batch, self.batch_ms,
                           self.deployment)
-        return Line((product,), (Stream(self.stream, self.source, "product", self.frames, self.mode),), self.out,
+        return Line((product,), (Stream(self.stream, self.source, "product", self.frames, self.mode, self.camera),),
+                    self.out,
                     self.pub, self.drain_timeout, self.retry_after, self.overlays, self.respawn, self.ready_timeout,
                     self.metrics_port, self.view_port)
 
@@ -280,6 +286,8 @@ class Supervisor:
                 "--hold", "86400", *self.port(Stage("producer", stream.name))]  # stopped once the sink has all
         if stream.mode:
             args += ["--mode", stream.mode]
+        if stream.camera:
+            args += ["--camera", stream.camera]
         self.spawn(self.name("producer", stream.name, 0), Stage("producer", stream.name), args)
 
     def run(self) -> dict:

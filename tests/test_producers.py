@@ -291,13 +291,13 @@ def test_one_registry_parses_a_spec_for_check_and_open(tmp_path, video):
     """Every source kind is picked by parse_source; check_source raises what open_source would, opening nothing."""
     folder = tmp_path / "folder"
     write_image(folder / "x.png", rgb(4, 4))
-    specs = {"synthetic": "synthetic", "camera": "camera:3", "stream": "rtsp://host/line",
+    specs = {"synthetic": "synthetic", "camera": "camera:3", "genicam": "genicam:SN42", "stream": "rtsp://host/line",
              "folder": str(folder), "video": str(video)}
     assert sorted(specs) == sorted(kind.name for kind in SOURCES)
     for name, spec in specs.items():
         kind, _ = parse_source(spec)
         assert kind.name == name
-        check_source(spec)  # camera 3 and the URL are not opened here
+        check_source(spec)  # camera 3, the GenICam camera and the URL are not opened here
     with pytest.raises(ConfigError, match="camera:N"):
         check_source("camera:x")
 
