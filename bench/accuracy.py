@@ -5,10 +5,12 @@ write bench/results/accuracy-<dataset>[-<tag>].json with the options, the metric
     python -m bench.accuracy --datasets magnetic_tile/tile --tag lite2 -- --backbone efficientnet_lite2
     python -m bench.accuracy --kind reconstruction --tag rec      # any `lineguard fit` option after --
     python -m bench.accuracy --protocol crop                      # the peer's centre crop (224 of 256)
+    python -m bench.accuracy --protocol train-every-4 --datasets magnetic_tile/tile   # the peer's subset
 
-Protocols: "full" (the product's figure: every frame whole) or "crop" (each train and test image
-and mask resized to 256 x 256 and cropped to its centre 224 x 224 before fitting: the protocol of
-anomalib's figures with `center_crop_size`, for comparison only).
+Protocols: "full" (the product's figure: every frame whole); "crop" (each train and test image
+and mask resized to 256 x 256 and cropped to its centre 224 x 224 before fitting: anomalib's
+protocol with `center_crop_size`, for comparison only); "train-every-4" (fit on every 4th training
+image in name order, evaluate on the whole test set: the subset shared/PEER.md scores the peer on).
 """
 
 from __future__ import annotations
@@ -45,6 +47,20 @@ def centre_crop_copy(data: Path, out: Path, resize: int = 256, crop: int = 224) 
     return out
 
 
+def train_subset_copy(data: Path, out: Path, every: int = 4) -> Path:
+    """An MVTec-layout view of `data` (symlinks) whose train/good holds every `every`-th image in name order."""
+    train = sorted(p for p in (data / "train" / "good").iterdir() if p.is_file())
+    (out / "train" / "good").mkdir(parents=True)
+    for path in train[::every]:
+        (out / "train" / "good" / path.name).symlink_to(path.resolve())
+    for path in sorted(data.rglob("*")):
+        if path.is_file() and path.parts[len(data.parts)] in ("test", "ground_truth"):
+            target = out / path.relative_to(data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path.resolve())
+    return out
+
+
 def run(dataset: str, fit_args: list[str], eval_args: list[str], protocol: str = "full", precision: str = "fp32") -> dict:
     """Fit with `fit_args`, export int8 if asked, evaluate with `eval_args`: eval's metrics with the manifest."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,6 +68,8 @@ def run(dataset: str, fit_args: list[str], eval_args: list[str], protocol: str =
         data = DATA / dataset
         if protocol == "crop":
             data = centre_crop_copy(data, tmp / "data")
+        elif protocol == "train-every-4":
+            data = train_subset_copy(data, tmp / "data")
         model = tmp / "model"
         start = time.perf_counter()
         if lineguard(["fit", str(data), "-o", str(model), *fit_args]) != 0:
@@ -76,7 +94,7 @@ def run(dataset: str, fit_args: list[str], eval_args: list[str], protocol: str =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
-    parser.add_argument("--protocol", choices=("full", "crop"), default="full")
+    parser.add_argument("--protocol", choices=("full", "crop", "train-every-4"), default="full")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="onnxruntime engine of eval")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help="suffix of the result file names")

@@ -5,7 +5,7 @@
     python -m bench.levers --levers default stages-2-4-5 --datasets magnetic_tile/tile
 
 A lever is a list of `lineguard fit` options; "ensemble" fuses the default bank with the default
-reconstruction model (mean of their normalised maps). Speeds in these rows come from a machine
+reconstruction model (mean of their normalised maps; "ensemble-max" their maximum). Speeds in these rows come from a machine
 that may be running other work: use bench.e2e for throughput.
 """
 
@@ -28,52 +28,57 @@ LEVERS: dict[str, list[str]] = {
     "stages-2-4-5": ["--layers", "stage2,stage4,stage5"],
     "weighting-none": ["--weighting", "none"],
     "weighting-none-stages-2-4-5": ["--weighting", "none", "--layers", "stage2,stage4,stage5"],
-    "dim-128": ["--dim", "128"],
+    "dim-0": ["--dim", "0"],
+    "dim-64": ["--dim", "64"],
     "bank-8k": ["--coreset-max", "8192"],
     "bank-32k": ["--coreset-max", "32768"],
-    "bank-32k-hnsw": ["--coreset-max", "32768", "--index", "hnsw"],
-    "hnsw": ["--index", "hnsw"],
-    "ivf": ["--index", "ivf"],
+    "index-flat": ["--index", "flat"],
+    "index-ivf": ["--index", "ivf"],
     "score-max": ["--image-score", "max"],
     "score-top30": ["--top-k", "30"],
     "blur-2": ["--blur-sigma", "2"],
     "blur-8": ["--blur-sigma", "8"],
     "context-16": ["--context", "16"],
-    "input-256": ["--input-size", "256"],
     "input-320": ["--input-size", "320"],
     "reconstruction": ["--kind", "reconstruction"],
+    "rec-epochs-4": ["--kind", "reconstruction", "--epochs", "4"],
+    "rec-epochs-36": ["--kind", "reconstruction", "--epochs", "36"],
+    "rec-epochs-100": ["--kind", "reconstruction", "--epochs", "100"],
+    "rec-lr-1e-3": ["--kind", "reconstruction", "--lr", "1e-3"],
+    "rec-lr-1e-2": ["--kind", "reconstruction", "--lr", "1e-2"],
+    "rec-flip-features": ["--kind", "reconstruction", "--flip-features"],
 }
 EVAL = ["--threads", "2"]
 
 
-def ensemble(dataset: str) -> dict:
-    """The default bank and reconstruction models fused (mean), evaluated as one model."""
+def ensemble(dataset: str, fusion: str = "mean") -> dict:
+    """The default bank and reconstruction models fused (`fusion`: mean | max), evaluated as one model."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = DATA / dataset
         for name, args in (("bank", []), ("rec", ["--kind", "reconstruction"])):
             if lineguard(["fit", str(data), "-o", str(tmp / name), "--threads", "2", *args]) != 0:
                 raise SystemExit(f"fit {name} failed on {dataset}")
-        if lineguard(["fuse", str(tmp / "bank"), str(tmp / "rec"), "-o", str(tmp / "ens")]) != 0:
+        if lineguard(["fuse", str(tmp / "bank"), str(tmp / "rec"), "-o", str(tmp / "ens"), "--fusion", fusion]) != 0:
             raise SystemExit("fuse failed")
         if lineguard(["eval", str(tmp / "ens"), str(data), "--json", str(tmp / "m.json"), *EVAL]) != 0:
             raise SystemExit("eval failed")
         result = json.loads((tmp / "m.json").read_text())
     return {"dataset": dataset, "metrics": {k: v for k, v in result.items() if k not in ("config", "curve_plots")},
-            "fit_args": ["fuse(default bank, default reconstruction)"], "machine": machine_info()}
+            "fit_args": [f"fuse --fusion {fusion} (default bank, default reconstruction)"], "machine": machine_info()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--levers", nargs="*", default=list(LEVERS) + ["ensemble"])
+    parser.add_argument("--levers", nargs="*", default=list(LEVERS) + ["ensemble", "ensemble-max"])
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
     parser.add_argument("--out", type=Path, default=RESULTS / "levers.json")
     args = parser.parse_args()
     rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
     for lever in args.levers:
         for dataset in args.datasets:
-            if lever == "ensemble":
-                result = ensemble(dataset)
+            if lever.startswith("ensemble"):
+                result = ensemble(dataset, "max" if lever == "ensemble-max" else "mean")
             else:
                 result = run(dataset, [*LEVERS[lever], "--threads", "2"], EVAL)
             m = result["metrics"]

@@ -7,6 +7,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAMES = {"mvtec_subset/hazelnut": "hazelnut", "mpdd/metal_plate": "metal_plate", "magnetic_tile/tile": "magnetic_tile"}
+FILES = {"mvtec_subset/hazelnut": "hazelnut", "mpdd/metal_plate": "metal_plate", "magnetic_tile/tile": "tile"}
+# anomalib 2.7 PatchCore with the same Lite0 weights on these machines (shared/PEER.md and the quality
+# issue): image AUROC, pixel AUROC, AU-PRO, fit seconds (None: not stated)
+PEER = {
+    "mvtec_subset/hazelnut": ((1.000, 0.987, 0.925), 36),
+    "mpdd/metal_plate": ((1.000, 0.993, 0.951), 125),
+    "magnetic_tile/tile": ((0.969, 0.833, 0.716), None),
+}
+PEER_TILE_SUBSET = {"full": (0.877, 0.778, 0.705, 573), "crop": (0.853, 0.790, 0.657, None)}
 
 
 def _load(name: str) -> dict | None:
@@ -14,34 +23,69 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def accuracy_table(tags: dict[str, str]) -> str:
-    """tags: row label -> result-file tag ("" for the defaults)."""
-    rows = ["| dataset | model | image AUROC | pixel AUROC | AU-PRO | pixel IoU-max | fit s | eval images/s |",
-            "|---|---|---|---|---|---|---|---|"]
+def _triple(m: dict) -> str:
+    return f"{m['image_auroc']:.3f} / {m['pixel_auroc']:.3f} / {m['pixel_aupro']:.3f}"
+
+
+def _lever(lever: str, dataset: str) -> dict | None:
+    data = _load("levers.json") or {"rows": []}
+    return next((r for r in data["rows"] if r["lever"] == lever and r["dataset"] == dataset), None)
+
+
+def accuracy_table() -> str:
+    """Every model family on every dataset, full frame, with the peer's figures beside them."""
+    rows = ["| dataset | model | image AUROC / pixel AUROC / AU-PRO | pixel IoU-max | fit s | eval images/s |",
+            "|---|---|---|---|---|---|"]
     for dataset, short in NAMES.items():
-        for label, tag in tags.items():
-            r = _load(f"accuracy-{dataset.split('/')[-1]}{'-' + tag if tag else ''}.json")
-            if r is None:
-                continue
-            m, f = r["metrics"], r["manifest"]["fit"]
-            rows.append(f"| {short} | {label} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | {m['pixel_aupro']:.3f} "
-                        f"| {m['pixel_iou_max']:.3f} | {f['fit_seconds']:.1f} | {m['images_per_s']:.1f} |")
+        for label, tag in (("memory bank (default)", ""), ("reconstruction", "rec")):
+            r = _load(f"accuracy-{FILES[dataset]}{'-' + tag if tag else ''}.json")
+            if r is not None:
+                m, f = r["metrics"], r["manifest"]["fit"]
+                rows.append(f"| {short} | {label} | {_triple(m)} | {m['pixel_iou_max']:.3f} | {f['fit_seconds']:.1f} "
+                            f"| {m['images_per_s']:.1f} |")
+        for label, lever in (("bank + reconstruction, mean", "ensemble"), ("bank + reconstruction, max", "ensemble-max")):
+            r = _lever(lever, dataset)
+            if r is not None:
+                rows.append(f"| {short} | {label} | {_triple(r)} | | | {r['images_per_s']:.1f} |")
+        (peer, fit) = PEER[dataset]
+        rows.append(f"| {short} | anomalib 2.7 PatchCore | {peer[0]:.3f} / {peer[1]:.3f} / {peer[2]:.3f} | | "
+                    f"{fit if fit else ''} | 3 to 10 |")
     return "\n".join(rows)
 
 
-def levers_table() -> str:
+def protocol_table() -> str:
+    """Full frame (the product's figure) against the peer's centre crop, and the peer's tile subset."""
+    rows = ["| dataset | protocol | lineguard memory bank | anomalib 2.7 PatchCore |", "|---|---|---|---|"]
+    for dataset, short in NAMES.items():
+        for protocol, tag in (("full frame", ""), ("centre crop 224 of 256", "-crop")):
+            r = _load(f"accuracy-{FILES[dataset]}{tag}.json")
+            peer = _triple_of(PEER[dataset][0]) if tag == "" else ""
+            if r is not None:
+                rows.append(f"| {short} | {protocol} | {_triple(r['metrics'])} | {peer} |")
+    r = _load("accuracy-tile-train-every-4.json")
+    if r is not None:
+        p = PEER_TILE_SUBSET["full"]
+        rows.append(f"| magnetic_tile, fit on every 4th training image (191) | full frame | {_triple(r['metrics'])}, "
+                    f"fit {r['manifest']['fit']['fit_seconds']:.1f} s | {p[0]:.3f} / {p[1]:.3f} / {p[2]:.3f}, fit {p[3]} s |")
+    return "\n".join(rows)
+
+
+def _triple_of(t: tuple) -> str:
+    return f"{t[0]:.3f} / {t[1]:.3f} / {t[2]:.3f}"
+
+
+def levers_table(prefix: str = "") -> str:
     data = _load("levers.json")
     if data is None:
         return ""
-    rows = data["rows"]
+    rows = [r for r in data["rows"] if r["lever"].startswith(prefix) or (prefix and r["lever"] == "reconstruction")]
     levers = list(dict.fromkeys(r["lever"] for r in rows))
-    head = "| lever | " + " | ".join(NAMES[d] for d in NAMES) + " |"
-    out = [head, "|---|" + "---|" * len(NAMES)]
+    out = ["| lever | " + " | ".join(NAMES.values()) + " |", "|---|" + "---|" * len(NAMES)]
     for lever in levers:
         cells = []
         for d in NAMES:
             r = next((x for x in rows if x["lever"] == lever and x["dataset"] == d), None)
-            cells.append("" if r is None else f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} / {r['pixel_aupro']:.3f}")
+            cells.append("" if r is None else _triple(r) + (f", fit {r['fit_seconds']:.0f} s" if r.get("fit_seconds") else ""))
         out.append(f"| {lever} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -52,19 +96,96 @@ def fewshot_table() -> str:
         return ""
     out = ["| dataset | K = 1 | K = 2 | K = 4 | K = 8 |", "|---|---|---|---|---|"]
     for d, short in NAMES.items():
-        cells = {r["shots"]: f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} / {r['pixel_aupro']:.3f}"
-                 for r in data["rows"] if r["dataset"] == d}
+        cells = {r["shots"]: _triple(r) for r in data["rows"] if r["dataset"] == d}
         out.append(f"| {short} | " + " | ".join(cells.get(k, "") for k in (1, 2, 4, 8)) + " |")
     return "\n".join(out)
 
 
+def multiclass_table() -> str:
+    data = _load("multiclass-reconstruction.json")
+    if data is None:
+        return ""
+    keys = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
+            "pixel_iou_max")
+    out = ["| category | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, m in [*data["categories"].items(), ("mean", data["mean"])]:
+        out.append(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+    return "\n".join(out) + f"\n\nOne model fitted on all three in {data['fit_seconds']:.0f} s."
+
+
+def e2e_table() -> str:
+    out = ["| dataset (files) | model / engine | images/s (median of 3) | ratio to the bank's fp32 (per round, median) |",
+           "|---|---|---|---|"]
+    for d, short in NAMES.items():
+        r = _load(f"e2e-{FILES[d]}.json")
+        if r is None:
+            continue
+        first = next(iter(r["median_fps"]))
+        for key, fps in r["median_fps"].items():
+            ratio = r["median_ratio"].get(f"{key} / {first}")
+            out.append(f"| {short} ({r['test_files']}) | {key} | {fps:.1f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+    return "\n".join(out)
+
+
+def int8_table() -> str:
+    out = ["| dataset | engine fp32 ms / image | int8 ms / image | speed-up (median of pairs) | "
+           "image AUROC fp32 -> int8 | pixel AUROC fp32 -> int8 | AU-PRO fp32 -> int8 |", "|---|---|---|---|---|---|---|"]
+    for d, short in NAMES.items():
+        r = _load(f"int8-{FILES[d]}.json")
+        if r is None:
+            continue
+        f = r["fp32"]
+        for row in r["rows"]:
+            if not row.get("validated"):
+                out.append(f"| {short} | refused: {row.get('refused')} | | | | | |")
+                continue
+            out.append(f"| {short} | {row['fp32_ms_per_image']:.2f} | {row['int8_ms_per_image']:.2f} | "
+                       f"{row['median_pair_speedup']:.2f}x | {f['image_auroc']:.4f} -> {row['int8_image_auroc']:.4f} | "
+                       f"{f['pixel_auroc']:.4f} -> {row['int8_pixel_auroc']:.4f} | "
+                       f"{f['pixel_aupro']:.4f} -> {row['int8_pixel_aupro']:.4f} |")
+    isa = _load("int8-isa-hazelnut.json")
+    if isa is not None:
+        out.append("")
+        out.append("| hazelnut, one int8 engine | CPU features | export validation | pixel AUROC fp32 -> int8 | "
+                   "AU-PRO fp32 -> int8 |")
+        out.append("|---|---|---|---|---|")
+        for name, run in isa["runs"].items():
+            v = run["validation"]
+            verdict = "passes" if v["passed"] else "refuses: " + "; ".join(v["failures"])
+            out.append(f"| {name} | {', '.join(run.get('cpu_features', v['cpu_features']))} | {verdict} | {run['fp32']['pixel_auroc']:.4f} -> "
+                       f"{run['int8']['pixel_auroc']:.4f} | {run['fp32']['pixel_aupro']:.4f} -> "
+                       f"{run['int8']['pixel_aupro']:.4f} |")
+    return "\n".join(out)
+
+
+def reliability_lines() -> str:
+    out = []
+    c = _load("curve.json")
+    if c is not None:
+        runs = c["runs"]
+        plain = ", ".join(f"{r['fps']:.1f}" for r in runs["plain"])
+        curve = ", ".join(f"{r['fps']:.1f}" for r in runs["curve"])
+        out.append(f"- CURVE (`bench.curve`, {c['frames']} frames over tcp, standalone stages, alternating rounds): "
+                   f"plain {plain} frames/s, CURVE {curve}; median per-round ratio CURVE / plain "
+                   f"{c['median_ratio']:.2f}.")
+    s = _load("soak-60min.json")
+    if s is not None:
+        mem = ", ".join(f"{name} {m['first_tenth_mb']:.0f} -> {m['last_tenth_mb']:.0f} MB ({m['change']:+.1%})"
+                        for name, m in s["memory"].items())
+        out.append(f"- Soak (`bench.soak --minutes {s['minutes']:g} --kill-every {s['kill_every_s']:g}`, commit "
+                   f"{s.get('commit', '?')[:7]}): {s['frames_in']} frames in, {s['results']} results, {s['lost']} lost, "
+                   f"{s['errors']} errors, {s['duplicates_dropped']} duplicates dropped, {len(s['kills'])} workers "
+                   f"killed and {len(s['restarts'])} restarts, {s['logged_unique']} unique seqs logged of "
+                   f"{s['logged']} lines; RSS first -> last tenth after the first minute: {mem}.")
+    return "\n".join(out)
+
+
 def main() -> None:
-    print(accuracy_table({"memory bank (defaults)": "", "reconstruction": "rec", "bank + reconstruction (fused)":
-                          "ensemble", "memory bank, centre crop 224/256": "crop"}))
-    print()
-    print(levers_table())
-    print()
-    print(fewshot_table())
+    for title, table in (("accuracy", accuracy_table()), ("protocols", protocol_table()), ("levers", levers_table()),
+                         ("reconstruction levers", levers_table("rec-")), ("few-shot", fewshot_table()),
+                         ("multi-class", multiclass_table()), ("end to end", e2e_table()), ("int8", int8_table()),
+                         ("reliability", reliability_lines())):
+        print(f"<!-- {title} -->\n{table}\n")
 
 
 if __name__ == "__main__":

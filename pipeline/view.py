@@ -88,7 +88,7 @@ class View:
         now = time.monotonic()
         out = {}
         with self.lock:
-            for name, s in self.streams.items():
+            for name, s in sorted(self.streams.items()):
                 recent = [t for t in s.times if now - t <= RATE_WINDOW_S]
                 span = (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
                 results = s.counts["ok"] + s.counts["defect"] + s.counts["error"]
