@@ -22,6 +22,10 @@ class ImageError(LineguardError):
 BAYER = {"RG": cv2.COLOR_BayerBG2RGB, "BG": cv2.COLOR_BayerRG2RGB, "GR": cv2.COLOR_BayerGB2RGB,
          "GB": cv2.COLOR_BayerGR2RGB}
 
+# PNG written at line rate (overlays, defect maps): zlib level 1 encodes a 256 x 256 overlay about 3x
+# faster than OpenCV's default level 3 for about 13 % more bytes (measured in profiling, not a bench record)
+PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+
 # camera pixel formats (GenICam PFNC) this module converts: name -> (bits per sample, bayer pattern, channels)
 PIXEL_FORMATS = {
     "Mono8": (8, None, 1), "Mono10": (10, None, 1), "Mono12": (12, None, 1), "Mono16": (16, None, 1),

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import zmq
 
+from calibration.images import PNG_FAST
 from pipeline import wire
 from pipeline.drift import DriftWatch, drift_reference
 from pipeline.metrics import LATENCY_BUCKETS
@@ -235,7 +236,8 @@ class Sink:
                 self.jsonl.write(json.dumps(record) + "\n")
             if self.maps_dir is not None and result.defect_map is not None:
                 self.maps_dir.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(self.maps_dir / f"{result.stream}-{result.seq:08d}.png"), result.defect_map)
+                cv2.imwrite(str(self.maps_dir / f"{result.stream}-{result.seq:08d}.png"), result.defect_map,
+                            PNG_FAST)
         if released and self.jsonl is not None:
             self.jsonl.flush()  # written through: visible to readers, and safe from a kill of this process
             if time.monotonic() - self.last_fsync > self.fsync_s:

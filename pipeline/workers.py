@@ -228,6 +228,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
     (normalised smoothed score x 255, frame size) and, when `overlays` is given, an overlay PNG drawn
     on the canvas the model saw. Ok frames cost no map work at all.
     """
+    from calibration.images import PNG_FAST
     from calibration.maps import overlay, to_frame
     from calibration.model import Model
 
@@ -281,7 +282,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                     if heat.shape != item.image.shape[:2]:
                         heat = cv2.resize(heat, (item.image.shape[1], item.image.shape[0]))
                     cv2.imwrite(str(overlays / f"{item.stream}-{item.seq:08d}.png"),
-                                overlay(np.ascontiguousarray(item.image), heat, heat >= 0.5))
+                                overlay(np.ascontiguousarray(item.image), heat, heat >= 0.5), PNG_FAST)
             timing = dict(item.timing)
             timing["post"] = 1000 * (time.perf_counter() - start)
             result = wire.Result(item.stream, item.seq, item.t_ns, decision.verdict, decision.score,
