@@ -1,4 +1,5 @@
-"""Markdown tables of bench/results/*.json, for the README: python -m bench.report"""
+"""Markdown tables of bench/results/*.json: python -m bench.report [--readme README.md] (rewrites its
+report blocks, so the README's tables are the recorded results)."""
 
 from __future__ import annotations
 
@@ -180,12 +181,34 @@ def reliability_lines() -> str:
     return "\n".join(out)
 
 
+TABLES = {"accuracy": accuracy_table, "protocols": protocol_table, "levers": levers_table,
+          "reconstruction-levers": lambda: levers_table("rec-"), "few-shot": fewshot_table,
+          "multi-class": multiclass_table, "end-to-end": e2e_table, "int8": int8_table,
+          "reliability": reliability_lines}
+
+
+def fill(markdown: str) -> str:
+    """Every block between <!-- report:NAME --> and <!-- /report --> replaced by that table, now."""
+    out, rest = [], markdown
+    while "<!-- report:" in rest:
+        head, rest = rest.split("<!-- report:", 1)
+        name, rest = rest.split(" -->", 1)
+        _, rest = rest.split("<!-- /report -->", 1)
+        out += [head, f"<!-- report:{name} -->\n{TABLES[name]()}\n<!-- /report -->"]
+    return "".join(out + [rest])
+
+
 def main() -> None:
-    for title, table in (("accuracy", accuracy_table()), ("protocols", protocol_table()), ("levers", levers_table()),
-                         ("reconstruction levers", levers_table("rec-")), ("few-shot", fewshot_table()),
-                         ("multi-class", multiclass_table()), ("end to end", e2e_table()), ("int8", int8_table()),
-                         ("reliability", reliability_lines())):
-        print(f"<!-- {title} -->\n{table}\n")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--readme", type=Path, default=None, help="rewrite this file's report blocks in place")
+    args = parser.parse_args()
+    if args.readme:
+        args.readme.write_text(fill(args.readme.read_text()))
+        return
+    for name, table in TABLES.items():
+        print(f"<!-- report:{name} -->\n{table()}\n<!-- /report -->\n")
 
 
 if __name__ == "__main__":
