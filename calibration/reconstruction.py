@@ -37,7 +37,7 @@ class ReconstructionOptions:
 
     network: ReconstructionConfig = ReconstructionConfig()
     steps: int = 0
-    epochs: float = 12.0
+    epochs: float = 36.0  # measured: bench/results/levers.json, rows rec-epochs-*
     batch: int = 16
     lr: float = 3e-3
     weight_decay: float = 1e-4
