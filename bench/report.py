@@ -174,7 +174,8 @@ def reliability_lines() -> str:
         mem = ", ".join(f"{name} {m['first_tenth_mb']:.0f} -> {m['last_tenth_mb']:.0f} MB ({m['change']:+.1%})"
                         for name, m in s["memory"].items())
         out.append(f"- Soak (`bench.soak --minutes {s['minutes']:g} --kill-every {s['kill_every_s']:g}`, commit "
-                   f"{s.get('commit', '?')[:7]}): {s['frames_in']} frames in, {s['results']} results, {s['lost']} lost, "
+                   f"{s.get('commit', '?')[:7]}; it streamed for {s['elapsed_s'] / 60:.0f} minutes, the frame count being "
+                   f"the rate of a probe run times the minutes): {s['frames_in']} frames in, {s['results']} results, {s['lost']} lost, "
                    f"{s['errors']} errors, {s['duplicates_dropped']} duplicates dropped, {len(s['kills'])} workers "
                    f"killed and {len(s['restarts'])} restarts, {s['logged_unique']} unique seqs logged of "
                    f"{s['logged']} lines; RSS first -> last tenth after the first minute: {mem}.")

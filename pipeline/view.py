@@ -49,7 +49,7 @@ class View:
         view = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
+            def do_GET(self):  # http.server calls this name
                 view._serve(self)
 
             def log_message(self, *args):  # quiet: the line's log is the sink's

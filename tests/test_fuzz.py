@@ -149,8 +149,10 @@ def test_inference_worker_survives_hostile_frames(fitted_model, tmp_path, ctx):
         _wait_ready(ctl, run)
         for _, message in _interleave(rng, bad, good):
             push.send_multipart(message)
+        # messages are handled in order: when this last frame's answer comes, every malformed one was counted
+        push.send_multipart(wire.encode_frame("ok", len(good), np.zeros((40, 56, 3), np.uint8)))
         answers = {}
-        while len([k for k in answers if k[0] == "ok"]) < len(good):
+        while ("ok", len(good)) not in answers:
             assert pull.poll(int(TIMEOUT_S * 1000)), f"only {len(answers)} answers"
             m = wire.decode(pull.recv_multipart())
             answers[(m.stream, m.seq)] = m
@@ -182,15 +184,18 @@ def test_postprocess_worker_survives_hostile_scored_messages(fitted_model, tmp_p
         push = _socket(ctx, zmq.PUSH, connect=inp)
         for _, message in _interleave(rng, bad, good):
             push.send_multipart(message)
+        # handled in order: when this last message's result comes, every malformed one was counted
+        last = wire.Frame("ok", len(good), 1, frame.shape, "uint8", "raw", frame.payload)
+        push.send_multipart(wire.encode_scored(last, 0.0, np.zeros((16, 16), np.float32), None, {}))
         got = set()
-        while len({s for st, s in got if st == "ok"}) < len(good):
+        while ("ok", len(good)) not in got:
             assert pull.poll(int(TIMEOUT_S * 1000)), f"only {len(got)} results"
             r = wire.decode(pull.recv_multipart())
             got.add((r.stream, r.seq))
     finally:
         stop.set()
         stats = run.finish()
-    assert {s for st, s in got if st == "ok"} == set(range(len(good)))
+    assert {s for st, s in got if st == "ok"} == set(range(len(good) + 1))
     assert sum(stats.rejected.values()) == len(bad) and set(stats.rejected) <= set(wire.REASONS)
 
 
