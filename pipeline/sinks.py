@@ -28,6 +28,36 @@ from pipeline.metrics import LATENCY_BUCKETS
 log = logging.getLogger("lineguard.sink")
 
 
+class Reservoir:
+    """A uniform sample of at most `size` of the values seen (reservoir sampling, seeded), their exact
+    count and mean: percentiles of a run of any length in bounded memory."""
+
+    def __init__(self, size: int = 20000, seed: int = 0):
+        self.values = np.empty(size, np.float64)
+        self.count = 0
+        self.total = 0.0
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, value: float) -> None:
+        size = len(self.values)
+        if self.count < size:
+            self.values[self.count] = value
+        else:
+            slot = int(self.rng.integers(self.count + 1))
+            if slot < size:
+                self.values[slot] = value
+        self.count += 1
+        self.total += value
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def percentile(self, q: float) -> float:
+        n = min(self.count, len(self.values))
+        return float(np.percentile(self.values[:n], q)) if n else 0.0
+
+
 @dataclasses.dataclass
 class Ledger:
     """One stream's accounting. Results are released in seq order; a gap is skipped (and recorded)
@@ -147,8 +177,8 @@ class Sink:
         self.maps_dir = maps_dir
         self.pub = pub
         self.rejected: dict[str, int] = {}
-        self.latencies: list[float] = []
-        self.timing: dict[str, list[float]] = {}
+        self.latencies = Reservoir()  # ms, frame creation to the sink (bounded: a line runs for months)
+        self.timing: dict[str, Reservoir] = {}
         self.first_t_ns: int | None = None
         self.last_ns: int | None = None
 
@@ -187,13 +217,13 @@ class Sink:
                              stream=item.stream)
         elif isinstance(item, wire.Result):
             if item.verdict != "error" or item.t_ns:
-                self.latencies.append((now - item.t_ns) / 1e6)
+                self.latencies.add((now - item.t_ns) / 1e6)
                 self.metrics.observe("latency_seconds", "frame creation to the sink", (now - item.t_ns) / 1e9,
                                      LATENCY_BUCKETS, stream=item.stream)
                 self.first_t_ns = item.t_ns if self.first_t_ns is None else min(self.first_t_ns, item.t_ns)
             self.last_ns = now
             for stage, ms in item.timing.items():
-                self.timing.setdefault(stage, []).append(ms)
+                self.timing.setdefault(stage, Reservoir()).add(ms)
             ledger = self.ledger(item.stream)
             duplicates = ledger.duplicates
             self._emit(ledger.accept(item))
@@ -289,9 +319,9 @@ class Sink:
         return sum(self.counts.values())
 
     def summary(self) -> dict:
-        lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+        lat = self.latencies
         span = (self.last_ns - self.first_t_ns) / 1e9 if self.last_ns and self.first_t_ns else 0.0
-        stages = {k: {"mean": float(np.mean(v)), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+        stages = {k: {"mean": v.mean, "p50": v.percentile(50), "p99": v.percentile(99)}
                   for k, v in self.timing.items() if k != "batch"}
         batch = self.timing.get("batch")
         return {
@@ -303,9 +333,9 @@ class Sink:
             "duplicates": sum(l.duplicates for l in self.streams.values()),
             "out_of_order_gaps": sum(l.gaps for l in self.streams.values()),
             "fps": self.results / span if span > 0 else 0.0,
-            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))},
+            "latency_ms": {"p50": lat.percentile(50), "p99": lat.percentile(99)},
             "stage_ms": stages,
-            "mean_batch": float(np.mean(batch)) if batch else 0.0,
+            "mean_batch": batch.mean if batch else 0.0,
             "streams": {name: {"expected": l.expected, **self.stream_counts.get(name, {"ok": 0, "defect": 0, "error": 0}),
                                "lost": l.lost_seqs[:10000], "late": l.late, "dropped": l.dropped,
                                "duplicates": l.duplicates}

@@ -333,3 +333,20 @@ def test_run_sink_publishes_results_to_subscribers(net):
     assert [r.seq for r in received] == list(range(first, n))  # nothing lost once subscribed, in order
     for r in received:
         assert isinstance(r, wire.Result) and r == sent[r.seq]
+
+
+def test_sink_memory_is_bounded_and_its_percentiles_hold():
+    """Latency and stage timings are kept in bounded reservoirs (a line runs for months); their
+    percentiles and means still match the exact ones."""
+    from pipeline.sinks import Reservoir
+
+    rng = np.random.default_rng(5)
+    values = rng.lognormal(3.0, 0.5, 200_000)
+    reservoir = Reservoir(size=20_000, seed=1)
+    for v in values:
+        reservoir.add(float(v))
+    assert reservoir.count == len(values) and len(reservoir.values) == 20_000
+    assert reservoir.mean == pytest.approx(values.mean())
+    for q in (50, 99):
+        assert reservoir.percentile(q) == pytest.approx(np.percentile(values, q), rel=0.03)
+    assert Reservoir().percentile(50) == 0.0 and Reservoir().mean == 0.0
