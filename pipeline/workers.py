@@ -13,7 +13,6 @@ import dataclasses
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -91,25 +90,13 @@ def _error_result(stream: str, seq: int, t_ns: int, message: str, meta: dict | N
     return wire.encode_result(wire.Result(stream, seq, t_ns, "error", error=message, meta=meta or {}))
 
 
-def _reject(replies: list, stats: WorkerStats, reason: str, stream: str | None, seq: int | None, t_ns: int,
+def _reject(out: zmq.Socket, stats: WorkerStats, reason: str, stream: str | None, seq: int | None, t_ns: int,
             message: str) -> None:
-    """Count a rejected message; answer it (into `replies`) with an error result when it named its stream and seq."""
+    """Count a rejected message; answer it with an error result when it named its stream and seq."""
     stats.reject(reason)
     if stream is not None and seq is not None:
-        replies.append(_error_result(stream, seq, t_ns, f"rejected: {message}"))
+        out.send_multipart(_error_result(stream, seq, t_ns, f"rejected: {message}"))
         stats.error()
-
-
-@dataclasses.dataclass
-class _Decoded:
-    """A batch as the decode thread hands it over: frames with their RGB images, the error results
-    to send for the rest, when it was received (ns) and how long decoding took (s)."""
-
-    frames: list
-    images: list
-    replies: list
-    t_recv: int
-    decode_s: float
 
 
 def inference_worker(model_dir: str | Path, frames_endpoints: list[str], out_endpoints: list[str], *,
@@ -145,26 +132,15 @@ def inference_worker(model_dir: str | Path, frames_endpoints: list[str], out_end
     for endpoint in out_endpoints:
         out.connect(endpoint)
     ctl = Control(ctx, control, "infer", name)
-
-    def next_batch() -> _Decoded | None:  # in the decode thread, the only one that touches `inp`
-        messages = _collect(inp, batch, batch_ms, stop)
-        return _decode(messages, stats) if messages else None
-
     try:
-        with inspector, ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
+        with inspector:
             inspector.inspect([np.zeros(model.spec.shape, np.uint8)])  # warm up before announcing readiness
             ctl.send("ready")
-            pending = decoder.submit(next_batch)
             while not stop.is_set():
-                decoded = pending.result()
-                pending = decoder.submit(next_batch)  # the next batch is received and decoded while this one runs
-                if decoded is not None:
-                    for reply in decoded.replies:
-                        out.send_multipart(reply)
-                    if decoded.frames:
-                        _score_batch(inspector, decoded, out, stats)
+                messages = _collect(inp, batch, batch_ms, stop)
+                if messages:
+                    _score_batch(inspector, messages, out, stats)
                     ctl.send("stats", **stats.counts())
-            pending.result()
     finally:
         _shut(ctx, ctl, stats, inp, out, curve)
     return stats
@@ -191,51 +167,44 @@ def _collect(sock: zmq.Socket, batch: int, batch_ms: float, stop: threading.Even
     return messages
 
 
-def _decode(messages: list, stats: WorkerStats) -> _Decoded:
-    """Decode a batch's messages (cv2 releases the GIL: this overlaps the previous batch's inference)."""
+def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats) -> None:
     from calibration.images import ImageError, to_rgb
 
     t_recv = time.time_ns()
     start = time.perf_counter()
-    frames, images, replies = [], [], []
+    frames, images = [], []
     for message in messages:
         try:
             frame = wire.decode(message)
             if not isinstance(frame, wire.Frame):
                 raise wire.WireError("bad_kind", f"inference worker expects frames, got a {frame.kind} message")
         except wire.WireError as exc:
-            _reject(replies, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or t_recv, str(exc))
+            _reject(out, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or t_recv, str(exc))
             continue
         if frame.error is not None:  # the source could not read it; account for it as an error
-            replies.append(_error_result(frame.stream, frame.seq, frame.t_ns, frame.error, frame.meta))
+            out.send_multipart(_error_result(frame.stream, frame.seq, frame.t_ns, frame.error, frame.meta))
             stats.error()
             continue
         try:
             images.append(to_rgb(frame.image(), f"{frame.stream} frame {frame.seq}"))
         except (wire.WireError, ImageError) as exc:
-            _reject(replies, stats, getattr(exc, "reason", "bad_payload"), frame.stream, frame.seq, frame.t_ns,
-                    str(exc))
+            _reject(out, stats, getattr(exc, "reason", "bad_payload"), frame.stream, frame.seq, frame.t_ns, str(exc))
             continue
         frames.append(frame)
-    return _Decoded(frames, images, replies, t_recv, time.perf_counter() - start)
-
-
-def _score_batch(inspector, decoded: _Decoded, out: zmq.Socket, stats: WorkerStats) -> None:
-    frames, images, t_recv = decoded.frames, decoded.images, decoded.t_recv
-    start = time.perf_counter()
+    if not frames:
+        return
     layouts = inspector.layouts([im.shape[:2] for im in images])
     t_pre = time.perf_counter()
     results = inspector.inspect(images, layouts)
     t_done = time.perf_counter()
     n = len(frames)
     inputs = sum(l.count for l in layouts)
-    preprocess = decoded.decode_s + t_pre - start
-    timing = {"preprocess": 1000 * preprocess / n, "infer": 1000 * (t_done - t_pre) / n, "batch": float(n),
+    timing = {"preprocess": 1000 * (t_pre - start) / n, "infer": 1000 * (t_done - t_pre) / n, "batch": float(n),
               "inputs": float(inputs)}
     model = inspector.model
     metrics = stats.metrics
     metrics.observe("batch_size", "frames per batch", n, BATCH_BUCKETS)
-    metrics.observe("step_seconds", "seconds per frame in a step", preprocess / n, step="preprocess")
+    metrics.observe("step_seconds", "seconds per frame in a step", (t_pre - start) / n, step="preprocess")
     metrics.observe("step_seconds", "seconds per frame in a step", (t_done - t_pre) / n, step="infer")
     for frame, image, r in zip(frames, images, results):
         queued = max(0.0, (t_recv - frame.t_ns) / 1e6)
@@ -290,10 +259,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
             try:
                 item = wire.decode(message)
             except wire.WireError as exc:
-                replies = []
-                _reject(replies, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or time.time_ns(), str(exc))
-                for reply in replies:
-                    out.send_multipart(reply)
+                _reject(out, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or time.time_ns(), str(exc))
                 continue
             if isinstance(item, wire.Result):  # an error result from an inference worker: pass it on
                 out.send_multipart(wire.encode_result(item), copy=False)
