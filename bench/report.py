@@ -128,6 +128,18 @@ def e2e_table() -> str:
     return "\n".join(out)
 
 
+def bench_table() -> str:
+    out = ["| engine | bare compute frames/s | whole pipeline frames/s | efficiency | latency p50 / p99 ms |",
+           "|---|---|---|---|---|"]
+    for precision in ("fp32", "int8"):
+        r = _load(f"pipeline-{precision}.json")
+        if r is not None:
+            lat = r["pipeline"]["latency_ms"]
+            out.append(f"| {precision} | {r['compute']['fps']:.1f} | {r['pipeline']['fps']:.1f} | {r['efficiency']:.2f} | "
+                       f"{lat['p50']:.0f} / {lat['p99']:.0f} |")
+    return "\n".join(out)
+
+
 def int8_table() -> str:
     out = ["| dataset | engine fp32 ms / image | int8 ms / image | speed-up (median of pairs) | "
            "image AUROC fp32 -> int8 | pixel AUROC fp32 -> int8 | AU-PRO fp32 -> int8 |", "|---|---|---|---|---|---|---|"]
@@ -184,7 +196,7 @@ def reliability_lines() -> str:
 
 TABLES = {"accuracy": accuracy_table, "protocols": protocol_table, "levers": levers_table,
           "reconstruction-levers": lambda: levers_table("rec-"), "few-shot": fewshot_table,
-          "multi-class": multiclass_table, "end-to-end": e2e_table, "int8": int8_table,
+          "multi-class": multiclass_table, "end-to-end": e2e_table, "bench": bench_table, "int8": int8_table,
           "reliability": reliability_lines}
 
 
