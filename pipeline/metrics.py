@@ -99,13 +99,9 @@ class NoMetrics:
         pass
 
 
-def stage_metrics(role: str, name: str, port: int | None, model_dir=None) -> Metrics | NoMetrics:
-    """Metrics served on `port` (None: NoMetrics), labelled with the model directory and its kind."""
+def stage_metrics(role: str, name: str, port: int | None, model=None) -> Metrics | NoMetrics:
+    """Metrics served on `port` (None: NoMetrics), labelled with the stage's calibration.model.Model
+    (its directory and kind), which the stage has loaded and validated already."""
     if port is None:
         return NoMetrics()
-    kind = ""
-    if model_dir is not None:
-        from calibration.artifact import load_manifest
-
-        kind = load_manifest(model_dir)["kind"]
-    return Metrics(role, name, port, str(model_dir or ""), kind)
+    return Metrics(role, name, port, "" if model is None else str(model.dir), "" if model is None else model.kind.name)
