@@ -39,6 +39,8 @@ LEVERS: dict[str, list[str]] = {
     "blur-2": ["--blur-sigma", "2"],
     "blur-8": ["--blur-sigma", "8"],
     "context-16": ["--context", "16"],
+    "pool-padding-include": ["--pool-padding", "include"],
+    "pool-padding-exclude": ["--pool-padding", "exclude"],
     "input-320": ["--input-size", "320"],
     "reconstruction": ["--kind", "reconstruction"],
     "rec-epochs-4": ["--kind", "reconstruction", "--epochs", "4"],

@@ -79,7 +79,7 @@ def _upgrade_v1(manifest: dict) -> dict:
     """A version-1 manifest (square memory bank, max patch image score) as version 2."""
     emb = dict(manifest["embedding"])
     size = emb.pop("input_size")
-    emb.update(weighting="equal", context=0)
+    emb.update(weighting="equal", context=0, pool_padding="exclude")
     grid = manifest["grid"]
     out = {k: v for k, v in manifest.items() if k not in ("embedding", "bank", "scoring", "grid", "input")}
     out.update(format_version=FORMAT_VERSION, upgraded_from=1,
@@ -90,6 +90,15 @@ def _upgrade_v1(manifest: dict) -> dict:
                memory_bank={"embedding": emb, "bank": manifest["bank"], "feature_dim": manifest["feature_dim"],
                             "shots": 0})
     return out
+
+
+def _embedding_defaults(manifest: dict) -> None:
+    """Embedding settings added after a manifest was written take the value its network was built with."""
+    sections = [manifest.get("memory_bank", {}).get("embedding"),
+                manifest.get("reconstruction", {}).get("network", {}).get("encoder")]
+    for section in sections:
+        if isinstance(section, dict):
+            section.setdefault("pool_padding", "exclude")  # before it was an option, border cells were never padded
 
 
 def load_manifest(model_dir: str | Path) -> dict:
@@ -118,6 +127,7 @@ def load_manifest(model_dir: str | Path) -> dict:
     elif version != FORMAT_VERSION:
         raise ArtifactError(f"{path} has format version {version}, this lineguard reads versions 1 and "
                             f"{FORMAT_VERSION}; {refit} or use the lineguard that wrote it")
+    _embedding_defaults(manifest)
     if manifest.get("kind") not in kind_names():
         raise ArtifactError(f"{path}: unknown model kind {manifest.get('kind')!r}; this lineguard reads "
                             f"{', '.join(kind_names())}; {refit}")

@@ -62,13 +62,14 @@ class BankOptions:
         if self.augment not in AUGMENTS:
             raise ConfigError(f"unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTS)}")
 
-    FLAGS = ("backbone", "layers", "weighting", "context", "dim", "projection", "coreset_ratio", "coreset_max", "index",
+    FLAGS = ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection", "coreset_ratio", "coreset_max", "index",
              "shots", "augment")
 
     @classmethod
     def from_flags(cls, flags: dict, seed: int = 0) -> "BankOptions":
         """Options from command-line values (FLAGS names), defaults for the rest."""
-        emb = {k: flags[k] for k in ("backbone", "layers", "weighting", "context", "dim", "projection") if k in flags}
+        emb = {k: flags[k] for k in ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection")
+               if k in flags}
         bank = BankConfig(index=flags["index"]) if "index" in flags else BankConfig()
         own = {k: flags[k] for k in ("coreset_ratio", "coreset_max", "shots", "augment") if k in flags}
         return cls(embedding=dataclasses.replace(EmbeddingConfig(), **emb, seed=seed), bank=bank, **own)

@@ -21,6 +21,7 @@ from engines.backbones import create_backbone
 from engines.errors import ConfigError
 
 WEIGHTINGS = ("equal", "none")
+POOL_PADDINGS = ("include", "exclude")
 PROJECTIONS = ("pca", "random")
 
 
@@ -33,7 +34,9 @@ class EmbeddingConfig:
     stage weighs the same in an L2 distance, "none" concatenates them as they come; context: pixels
     of the image mirrored around each input before the network and cropped from its features
     (a multiple of the deepest stride), so border patches see image instead of zero padding;
-    dim: embedding size (0 keeps every channel); projection: how `dim` is reached, "pca" (the
+    pool_padding: PatchCore's 3x3 local average at the border, "include" counting the zero padding
+    (border patches damped, as the published PatchCore and anomalib) or "exclude" averaging only the
+    cells inside; dim: embedding size (0 keeps every channel); projection: how `dim` is reached, "pca" (the
     principal axes of the training patches, learned by fit and stored with the model) or "random"
     (a fixed orthogonal matrix seeded by `seed`).
     """
@@ -42,6 +45,7 @@ class EmbeddingConfig:
     layers: tuple[str, ...] = ("stage2", "stage4")
     weighting: str = "equal"
     context: int = 0
+    pool_padding: str = "exclude"
     dim: int = 128
     projection: str = "pca"
     seed: int = 0
@@ -54,6 +58,8 @@ class EmbeddingConfig:
             raise ConfigError(f"unknown stage weighting {self.weighting!r}; valid: {', '.join(WEIGHTINGS)}")
         if self.dim < 0 or self.context < 0:
             raise ConfigError(f"dim {self.dim} and context {self.context} must be >= 0")
+        if self.pool_padding not in POOL_PADDINGS:
+            raise ConfigError(f"unknown pool padding {self.pool_padding!r}; valid: {', '.join(POOL_PADDINGS)}")
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"unknown projection {self.projection!r}; valid: {', '.join(PROJECTIONS)}")
 
@@ -97,7 +103,7 @@ class Encoder(nn.Module):
         grid = (self.grid[0] + 2 * self.crop, self.grid[1] + 2 * self.crop)
         out = []
         for name in self.config.layers:
-            f = F.avg_pool2d(feats[name], 3, 1, 1, count_include_pad=False)
+            f = F.avg_pool2d(feats[name], 3, 1, 1, count_include_pad=self.config.pool_padding == "include")
             if f.shape[-2:] != grid:
                 f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             if self.crop:

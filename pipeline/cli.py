@@ -83,7 +83,7 @@ def _deployment(args):
 
 
 # options that configure a kind; each kind's options class lists in FLAGS those it takes
-KIND_FLAGS = ("backbone", "layers", "weighting", "context", "dim", "projection", "coreset_ratio", "coreset_max", "index", "shots",
+KIND_FLAGS = ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection", "coreset_ratio", "coreset_max", "index", "shots",
               "augment", "steps", "epochs", "lr", "max_minutes", "holdout", "decoder_width", "flip_features")
 
 
@@ -92,7 +92,8 @@ def _kind_options(args):
     from calibration.kinds import get_kind, kind_names
 
     kind = get_kind(args.kind)
-    given = {d: getattr(args, d) for d in KIND_FLAGS if getattr(args, d) not in (None, False)}
+    # not given: None (valued options) or False (switches); 0 is a value (--dim 0, --coreset-max 0)
+    given = {d: getattr(args, d) for d in KIND_FLAGS if getattr(args, d) is not None and getattr(args, d) is not False}
     for dest in given:
         if dest not in kind.options.FLAGS:
             owners = [k for k in kind_names() if dest in get_kind(k).options.FLAGS]
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     from calibration.memory_bank import AUGMENTS
     from engines.backbones import backbone_names
     from engines.banks import INDEX_KINDS
-    from engines.heads import PROJECTIONS, WEIGHTINGS
+    from engines.heads import POOL_PADDINGS, PROJECTIONS, WEIGHTINGS
     from engines.runtimes import PRECISIONS, RUNTIMES
 
     parser = argparse.ArgumentParser(prog="lineguard", description="Streaming visual inspection.")
@@ -470,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = fit.add_argument_group("memory_bank kind")
     g.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="stage weighting in the embedding")
     g.add_argument("--context", type=int, default=None, help="mirrored border pixels seen around each input")
+    g.add_argument("--pool-padding", choices=POOL_PADDINGS, default=None,
+                   help="3x3 patch averaging at the border: include the zero padding (damps border patches) | exclude it")
     g.add_argument("--dim", type=int, default=None, help="embedding size (0: all channels)")
     g.add_argument("--projection", choices=PROJECTIONS, default=None, help="how --dim is reached: pca (learned) | random")
     g.add_argument("--coreset-ratio", type=float, default=None, help="fraction of training patches in the bank")

@@ -155,3 +155,17 @@ def test_wrong_image_shape_for_model_is_named(fitted_model):
     with Model(fitted_model).detector(Deployment()) as detector:
         with pytest.raises(InputError, match=r"\[N, 128, 128, 3\]"):
             detector.maps(np.zeros((1, 256, 256, 3), np.uint8))
+
+
+@pytest.mark.parametrize("flags, field, value", [
+    (["--dim", "0"], "dim", 0),
+    (["--coreset-max", "0"], "coreset_max", 0),
+])
+def test_fit_flags_of_zero_are_values_not_absent(flags, field, value):
+    """`--dim 0` (every channel) and `--coreset-max 0` (no bound) reach the options, not the defaults."""
+    from calibration.memory_bank import BankOptions
+    from pipeline.cli import _kind_options, build_parser
+
+    options = _kind_options(build_parser().parse_args(["fit", "data", "-o", "model", *flags]))
+    got = getattr(options.embedding, field, getattr(options, field, None))
+    assert got == value != getattr(BankOptions().embedding, field, getattr(BankOptions(), field, None))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -54,14 +56,15 @@ def networks(module, reconstruction, tmp_path_factory):
 # ----------------------------------------------------------------------------- the head
 
 
-def _local_mean_3x3(f: np.ndarray) -> np.ndarray:
-    """[N, C, h, w] -> 3x3 neighbourhood mean, border windows averaged over the pixels that exist."""
+def _local_mean_3x3(f: np.ndarray, pool_padding: str) -> np.ndarray:
+    """[N, C, h, w] -> 3x3 neighbourhood mean; border windows divided by 9 (the zero padding included)
+    or by the number of pixels that exist (excluded)."""
     n, c, h, w = f.shape
     padded = np.pad(f, ((0, 0), (0, 0), (1, 1), (1, 1)))
     ones = np.pad(np.ones((h, w)), 1)
     total = sum(padded[:, :, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3))
     count = sum(ones[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3))
-    return total / count
+    return total / (9.0 if pool_padding == "include" else count)
 
 
 def _bilinear(f: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -84,7 +87,7 @@ def _expected_embedding(module: PatchEmbedding, images: np.ndarray) -> np.ndarra
         feats = module.encoder.backbone(torch.from_numpy(x), module.config.layers)
     parts = []
     for name in module.config.layers:
-        f = _local_mean_3x3(feats[name].numpy().astype(np.float64))
+        f = _local_mean_3x3(feats[name].numpy().astype(np.float64), module.config.pool_padding)
         if f.shape[-2:] != module.grid:
             f = _bilinear(f, module.grid)
         parts.append(f)
@@ -108,6 +111,22 @@ def test_embedding_matches_hand_computation(module):
     scale = np.abs(want).max()
     assert scale > 1e-2  # features are not vanishing: the comparison means something
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("pool_padding", ["include", "exclude"])
+def test_pool_padding_matches_hand_computation_and_only_changes_the_border(module, pool_padding):
+    other = PatchEmbedding(dataclasses.replace(module.config, pool_padding=pool_padding), H, W, weights="random")
+    other.encoder.backbone.load_state_dict(module.encoder.backbone.state_dict())
+    images = _images(1, seed=6)
+    with torch.no_grad():
+        got, base = other(torch.from_numpy(images)).numpy(), module(torch.from_numpy(images)).numpy()
+    want = _expected_embedding(other, images)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # interior cells see no padding either way; the stride-16 stage's border cells, resized onto the
+    # stride-8 grid, reach three cells in
+    np.testing.assert_allclose(got[:, 3:-3, 3:-3], base[:, 3:-3, 3:-3], rtol=0, atol=1e-5 * np.abs(base).max())
+    border_changed = not np.allclose(got[:, 0], base[:, 0], rtol=0, atol=1e-5 * np.abs(base).max())
+    assert border_changed == (pool_padding != module.config.pool_padding)
 
 
 def test_full_projection_is_per_stage_scaling(module):
@@ -165,6 +184,7 @@ def test_random_projection_is_seeded_and_orthogonal():
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(weighting="sqrt"), "weighting"),
     (dict(context=-16), "context"),
+    (dict(pool_padding="reflect"), "pool padding"),
     (dict(dim=-1), "dim"),
     (dict(layers=()), "layers"),
 ])

@@ -13,6 +13,7 @@ import pytest
 from calibration.int8 import Int8Config
 from calibration.model import Model
 from calibration.synthetic import make_dataset
+from engines.heads import EmbeddingConfig
 from engines.runtimes import Deployment
 from nets import int8_or_refusal
 from pipeline.cli import main
@@ -203,8 +204,21 @@ def test_version_1_artifact_loads_as_version_2(fitted_model, synthetic_data, tmp
     (old / "manifest.json").write_text(json.dumps(v1))
     model = Model(old)
     assert model.manifest["upgraded_from"] == 1 and model.maps.image_score == "max"
+    assert model.manifest["memory_bank"]["embedding"]["pool_padding"] == "exclude"
     assert (model.spec.height, model.spec.width) == (128, 128)
     assert _eval(old, synthetic_data, tmp_path)["image_auroc"] >= 0.9
+
+
+def test_manifest_from_before_pool_padding_keeps_the_pooling_its_network_has(fitted_model, tmp_path):
+    """A version-2 manifest written before --pool-padding existed: its graph averages border cells
+    over the cells inside, whatever today's default."""
+    old = tmp_path / "old"
+    shutil.copytree(fitted_model, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["memory_bank"]["embedding"]["pool_padding"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert Model(old).manifest["memory_bank"]["embedding"]["pool_padding"] == "exclude"
+    assert Model(fitted_model).manifest["memory_bank"]["embedding"]["pool_padding"] == EmbeddingConfig().pool_padding
 
 
 def _error_line(capsys) -> str:
