@@ -22,9 +22,11 @@ class ImageError(LineguardError):
 BAYER = {"RG": cv2.COLOR_BayerBG2RGB, "BG": cv2.COLOR_BayerRG2RGB, "GR": cv2.COLOR_BayerGB2RGB,
          "GB": cv2.COLOR_BayerGR2RGB}
 
-# PNG written at line rate (overlays, defect maps): zlib level 1 encodes a 256 x 256 overlay about 3x
-# faster than OpenCV's default level 3 for about 13 % more bytes (measured in profiling, not a bench record)
-PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+# PNG written at line rate (overlays, defect maps): zlib level 1, every row filtered against the one
+# above, run-length matching: lossless, faster and smaller than level 1 with adaptive filters
+# (bench/png.py, bench/results/png.json)
+PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+            cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
 
 # camera pixel formats (GenICam PFNC) this module converts: name -> (bits per sample, bayer pattern, channels)
 PIXEL_FORMATS = {

@@ -1,0 +1,89 @@
+"""PNG encoder settings for what lineguard writes at line rate: the 8-bit defect maps (frame size, the
+sink) and the overlays (canvas size, the postprocess worker), made from a fitted model's real maps of
+a dataset's defective test images. Encode milliseconds (best of 5 passes) and bytes per image.
+
+    python -m bench.png MODEL DATA [--images 32]      -> bench/results/png.json
+
+Every setting is lossless; the fastest that is not larger than the current one wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from bench.accuracy import RESULTS
+from calibration.artifact import machine_info
+from calibration.dataset import evaluation_samples, read_image
+from calibration.images import PNG_FAST
+from calibration.maps import normalise, overlay, smooth, to_frame
+from calibration.model import Inspector, Model
+from engines.runtimes import Deployment
+
+C = cv2
+SETTINGS = {
+    "level 1, adaptive filters (before)": [C.IMWRITE_PNG_COMPRESSION, 1],
+    "level 3 (OpenCV default)": [C.IMWRITE_PNG_COMPRESSION, 3],
+    "level 1, huffman only": [C.IMWRITE_PNG_COMPRESSION, 1, C.IMWRITE_PNG_STRATEGY, C.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY],
+    "level 1, filter up": [C.IMWRITE_PNG_COMPRESSION, 1, C.IMWRITE_PNG_FILTER, C.IMWRITE_PNG_FILTER_UP],
+    "level 1, filter sub, rle": [C.IMWRITE_PNG_COMPRESSION, 1, C.IMWRITE_PNG_STRATEGY, C.IMWRITE_PNG_STRATEGY_RLE,
+                                 C.IMWRITE_PNG_FILTER, C.IMWRITE_PNG_FILTER_SUB],
+    "level 1, filter up, rle": [C.IMWRITE_PNG_COMPRESSION, 1, C.IMWRITE_PNG_STRATEGY, C.IMWRITE_PNG_STRATEGY_RLE,
+                                C.IMWRITE_PNG_FILTER, C.IMWRITE_PNG_FILTER_UP],
+    "level 0 (stored)": [C.IMWRITE_PNG_COMPRESSION, 0],
+}
+
+
+def images(model_dir: Path, data: Path, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The frame-size uint8 defect maps and canvas-size overlays of up to n defective test images."""
+    model = Model(model_dir)
+    frames = [read_image(s.path) for s in evaluation_samples(data) if s.label == 1][:n]
+    maps, overlays = [], []
+    with Inspector(model, Deployment(threads=1), 8) as inspector:
+        for start in range(0, len(frames), 8):
+            for frame, r in zip(frames[start:start + 8], inspector.inspect(frames[start:start + 8])):
+                heat = normalise(smooth(r.canvas_map, model.maps), model.thresholds["pixel"])
+                maps.append((to_frame(heat, frame.shape[:2]) * 255).astype(np.uint8))
+                canvas = np.ascontiguousarray(model.geometer.canvas_image(frame, r.layout))
+                if heat.shape != canvas.shape[:2]:
+                    heat = cv2.resize(heat, (canvas.shape[1], canvas.shape[0]))
+                overlays.append(overlay(canvas, heat, heat >= 0.5))
+    return maps, overlays
+
+
+def measure(arrays: list[np.ndarray], params: list[int]) -> dict:
+    best, encoded = float("inf"), []
+    for _ in range(5):
+        start = time.perf_counter()
+        encoded = [cv2.imencode(".png", a, params)[1] for a in arrays]
+        best = min(best, time.perf_counter() - start)
+    for a, e in zip(arrays[:4], encoded):  # lossless, whatever the setting
+        assert np.array_equal(cv2.imdecode(e, cv2.IMREAD_UNCHANGED), a)
+    return {"ms": round(1000 * best / len(arrays), 3), "kb": round(sum(map(len, encoded)) / len(arrays) / 1024, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULTS / "png.json")
+    args = parser.parse_args()
+    maps, overlays = images(args.model, args.data, args.images)
+    rows = [{"setting": name, "in_use": params == PNG_FAST, "map": measure(maps, params),
+             "overlay": measure(overlays, params)} for name, params in SETTINGS.items()]
+    for r in rows:
+        print(f"{r['setting']:<28} map {r['map']['ms']:6.2f} ms {r['map']['kb']:6.1f} KB   "
+              f"overlay {r['overlay']['ms']:6.2f} ms {r['overlay']['kb']:6.1f} KB{'  (in use)' if r['in_use'] else ''}")
+    result = {"data": str(args.data), "images": len(maps), "map_shape": list(maps[0].shape),
+              "overlay_shape": list(overlays[0].shape), "rows": rows, "machine": machine_info()}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
