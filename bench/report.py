@@ -183,14 +183,15 @@ def reliability_lines() -> str:
                    f"{c['median_ratio']:.2f}.")
     s = _load("soak-60min.json")
     if s is not None:
-        mem = ", ".join(f"{name} {m['first_tenth_mb']:.0f} -> {m['last_tenth_mb']:.0f} MB ({m['change']:+.1%})"
+        mem = ", ".join(f"{name} {m['first_window_mb']:.0f} -> {m['last_window_mb']:.0f} MB ({m['change']:+.1%})"
                         for name, m in s["memory"].items())
         out.append(f"- Soak (`bench.soak --minutes {s['minutes']:g} --kill-every {s['kill_every_s']:g}`, commit "
                    f"{s.get('commit', '?')[:7]}; it streamed for {s['elapsed_s'] / 60:.0f} minutes, the frame count being "
                    f"the rate of a probe run times the minutes): {s['frames_in']} frames in, {s['results']} results, {s['lost']} lost, "
                    f"{s['errors']} errors, {s['duplicates_dropped']} duplicates dropped, {len(s['kills'])} workers "
                    f"killed and {len(s['restarts'])} restarts, {s['logged_unique']} unique seqs logged of "
-                   f"{s['logged']} lines; RSS first -> last tenth after the first minute: {mem}.")
+                   f"{s['logged']} lines; mean RSS of the first -> the last "
+                   f"{next(iter(s['memory'].values()))['window_s'] / 60:.0f} minutes after the first minute: {mem}.")
     return "\n".join(out)
 
 

@@ -6,7 +6,8 @@
 
 The number of frames is the rate of a short calibration run times the duration. Recorded: frames in
 and out, lost, duplicates dropped by the sink, restarts, and per stage its RSS samples and the mean
-RSS of the first and last tenth of the run after the first minute (flat memory: within 5 %).
+RSS of the first and last 10 minutes after the first minute (a tenth of the rest for runs under 21
+minutes; flat memory: within 5 %).
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ def _rss_mb(pid: int) -> float | None:
     return None
 
 
+def memory_summary(series: list[list[float]], warm_up_s: float = 60.0, window_s: float = 600.0) -> dict:
+    """RSS samples [[seconds, MB], ...] of one stage -> the means of the first and the last window
+    after warm-up (10 minutes; a tenth of the rest when it is shorter than two windows) and their
+    relative change."""
+    later = [[t, rss] for t, rss in series if t >= warm_up_s] or series
+    span = later[-1][0] - later[0][0]
+    window = window_s if span >= 2 * window_s else span / 10
+    first = [rss for t, rss in later if t <= later[0][0] + window]
+    last = [rss for t, rss in later if t >= later[-1][0] - window]
+    a, b = float(np.mean(first)), float(np.mean(last))
+    return {"window_s": round(window, 1), "first_window_mb": a, "last_window_mb": b, "change": b / a - 1.0,
+            "samples": series}
+
+
 def soak(minutes: float, kill_every: float, batch: int = 8) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -101,13 +116,7 @@ def soak(minutes: float, kill_every: float, batch: int = 8) -> dict:
         lines = (tmp / "out" / "results.jsonl").read_text().splitlines()
         seqs = [json.loads(line)["seq"] for line in lines]
     elapsed = time.monotonic() - start
-    memory = {}
-    for name, series in samples.items():
-        later = [rss for t, rss in series if t >= 60.0] or [rss for _, rss in series]
-        tenth = max(1, len(later) // 10)
-        first, last = float(np.mean(later[:tenth])), float(np.mean(later[-tenth:]))
-        memory[name] = {"first_tenth_mb": first, "last_tenth_mb": last, "change": last / first - 1.0,
-                        "samples": series}
+    memory = {name: memory_summary(series) for name, series in samples.items()}
     return {"minutes": minutes, "elapsed_s": round(elapsed, 1), "kill_every_s": kill_every, "frames": frames,
             "frames_in": summary["frames_in"], "results": summary["results"], "lost": summary["lost"],
             "errors": summary["error"], "duplicates_dropped": summary["duplicates"],
