@@ -64,7 +64,8 @@ def main() -> None:
             inputs.extend(out)
         with detector:
             feats = detector.engine.infer(np.stack(inputs))
-        vectors = detector.bank._matrix.numpy()
+        index = detector.bank.index
+        vectors = index.reconstruct_n(0, index.ntotal)  # the bank's vectors, whatever index holds them
     n, h, w, d = feats.shape
     queries = np.ascontiguousarray(feats.reshape(-1, d))
     exact = MemoryBank.build(vectors, BankConfig(index="flat"))

@@ -3,7 +3,7 @@ sent, decoded, scored, postprocessed, results.jsonl, maps and overlays written),
 with each engine in turn, several times (this machine's speed drifts; medians and the per-round
 ratios are reported).
 
-    python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3] [--engines fp32 int8] [-- FIT OPTIONS]
+    python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3] [--engines fp32 int8] [--workers 1 2] [-- FIT OPTIONS]
     python -m bench.e2e --dataset magnetic_tile/tile --models bank=--kind,memory_bank rec=--kind,reconstruction
 
 Writes bench/results/e2e-<dataset>[-<tag>].json.
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     parser.add_argument("--models", nargs="+", default=["default="],
                         help="NAME=comma,separated,fit,options models to compare (default: one, default settings)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1],
+                        help="inference worker counts to compare (threads: the cores shared among them)")
     parser.add_argument("--tag", default="")
     parser.add_argument("fit_args", nargs="*", help="lineguard fit options for every model (after --)")
     args = parser.parse_args()
@@ -51,17 +53,20 @@ def main() -> None:
                 raise SystemExit(f"int8 export of {name} failed (see the message: int8 may not hold on this CPU)")
         for _ in range(args.repeats):
             for name in specs:
-                for precision in args.engines:
+                for precision, workers in ((p, w) for p in args.engines for w in args.workers):
                     out = tmp / "out"
                     summary = run_pipeline(RunConfig(model=tmp / name, source=str(data / "test"), out=out,
-                                                     batch=args.batch_size, deployment=Deployment(precision=precision)))
+                                                     batch=args.batch_size, workers=workers,
+                                                     deployment=Deployment(precision=precision)))
                     shutil.rmtree(out)
-                    runs.setdefault(f"{name}/{precision}", []).append(
+                    key = f"{name}/{precision}" + (f"/{workers}-workers" if workers != 1 else "")
+                    runs.setdefault(key, []).append(
                         {k: summary[k] for k in ("fps", "latency_ms", "results", "error", "lost", "stage_ms")})
-                    print(f"{name}/{precision}: {summary['fps']:.1f} images/s", flush=True)
+                    print(f"{key}: {summary['fps']:.1f} images/s", flush=True)
     keys = list(runs)
     ratios = {f"{a} / {keys[0]}": [ra["fps"] / r0["fps"] for ra, r0 in zip(runs[a], runs[keys[0]])] for a in keys[1:]}
     result = {"dataset": args.dataset, "test_files": files, "batch": args.batch_size, "models": specs,
+              "workers": args.workers,
               "fit_args": args.fit_args, "runs": runs,
               "median_fps": {k: float(np.median([r["fps"] for r in v])) for k, v in runs.items()},
               "median_ratio": {k: float(np.median(v)) for k, v in ratios.items()}, "round_ratios": ratios,
