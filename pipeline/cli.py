@@ -83,8 +83,9 @@ def _deployment(args):
 
 
 # options that configure a kind; each kind's options class lists in FLAGS those it takes
-KIND_FLAGS = ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection", "coreset_ratio", "coreset_max", "index", "shots",
-              "augment", "steps", "epochs", "lr", "max_minutes", "holdout", "decoder_width", "flip_features")
+KIND_FLAGS = ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection", "coreset_ratio",
+              "coreset_max", "index", "shots", "augment", "steps", "epochs", "lr", "max_minutes", "holdout",
+              "decoder_width", "flip_features")
 
 
 def _kind_options(args):
@@ -93,7 +94,7 @@ def _kind_options(args):
 
     kind = get_kind(args.kind)
     # not given: None (valued options) or False (switches); 0 is a value (--dim 0, --coreset-max 0)
-    given = {d: getattr(args, d) for d in KIND_FLAGS if getattr(args, d) is not None and getattr(args, d) is not False}
+    given = {d: v for d in KIND_FLAGS if (v := getattr(args, d)) is not None and v is not False}
     for dest in given:
         if dest not in kind.options.FLAGS:
             owners = [k for k in kind_names() if dest in get_kind(k).options.FLAGS]
