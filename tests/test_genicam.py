@@ -153,8 +153,12 @@ def test_a_run_from_a_camera_accounts_for_every_frame(camera, fitted_model, tmp_
                  "fps=30,pixel_format=Mono8", "--out", str(out), "--json", str(tmp_path / "summary.json")])
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["frames_in"] == summary["results"] == 40 and summary["lost"] == 0 and summary["error"] == 0
+    # a live source drops the oldest frame when the line falls behind (a loaded machine at start-up):
+    # every frame taken from the camera is a verdict or counted as dropped, and what was sent is never lost
+    sent = summary["frames_in"]
+    assert sent + summary["dropped"] == 40 and sent >= 30
+    assert summary["results"] == sent and summary["lost"] == 0 and summary["error"] == 0
     lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["seq"] for r in lines] == list(range(40))
+    assert [r["seq"] for r in lines] == list(range(sent))
     ids = [r["meta"]["frame_id"] for r in lines]
     assert ids == sorted(ids) and lines[0]["meta"]["camera"]["pixel_format"] == "Mono8"
