@@ -49,10 +49,7 @@ def images(model_dir: Path, data: Path, n: int) -> tuple[list[np.ndarray], list[
             for frame, r in zip(frames[start:start + 8], inspector.inspect(frames[start:start + 8])):
                 heat = normalise(smooth(r.canvas_map, model.maps), model.thresholds["pixel"])
                 maps.append((to_frame(heat, frame.shape[:2]) * 255).astype(np.uint8))
-                canvas = np.ascontiguousarray(model.geometer.canvas_image(frame, r.layout))
-                if heat.shape != canvas.shape[:2]:
-                    heat = cv2.resize(heat, (canvas.shape[1], canvas.shape[0]))
-                overlays.append(overlay(canvas, heat, heat >= 0.5))
+                overlays.append(overlay(np.ascontiguousarray(model.geometer.canvas_image(frame, r.layout)), heat))
     return maps, overlays
 
 

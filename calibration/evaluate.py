@@ -62,7 +62,7 @@ def score_dataset(inspector: Inspector, data: Path, batch_size: int, maps_dir: P
             maps.append(fm)
             if maps_dir is not None:
                 heat = normalise(fm, model.thresholds["pixel"])
-                _write(maps_dir / category / Path(sample.rel).with_suffix(".png"), overlay(image, heat, heat >= 0.5))
+                _write(maps_dir / category / Path(sample.rel).with_suffix(".png"), overlay(image, heat))
             if scores_dir is not None:
                 _write(scores_dir / category / Path(sample.rel).with_suffix(".tiff"), fm)
         if progress:

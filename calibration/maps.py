@@ -101,11 +101,15 @@ def normalise(score: np.ndarray | float, stats: dict) -> np.ndarray:
     return np.clip(0.5 * (np.asarray(score, np.float32) - lo) / max(thr - lo, 1e-12), 0.0, 1.0)
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, defect: np.ndarray) -> np.ndarray:
-    """RGB uint8 [H, W, 3], normalised map float32 [H, W] in [0, 1], bool [H, W] -> BGR uint8 overlay.
+def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3], normalised map float32 [h, w] in [0, 1] (resized to H x W if it differs)
+    -> BGR uint8 overlay [H, W, 3].
 
     Heat map blended over the image; defect regions (normalised score >= 0.5) outlined in red.
     """
+    if heat.shape != image.shape[:2]:
+        heat = cv2.resize(heat, (image.shape[1], image.shape[0]))
+    defect = heat >= 0.5
     colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
     out = cv2.addWeighted(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), 0.6, colour, 0.4, 0)
     contours, _ = cv2.findContours(defect.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

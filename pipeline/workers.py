@@ -278,11 +278,8 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                     defect_map = (frame_heat * 255).astype(np.uint8)
                 if overlays is not None and item.image is not None:  # at canvas size: line rate, not print quality
                     overlays.mkdir(parents=True, exist_ok=True)
-                    heat = decision.heat
-                    if heat.shape != item.image.shape[:2]:
-                        heat = cv2.resize(heat, (item.image.shape[1], item.image.shape[0]))
                     cv2.imwrite(str(overlays / f"{item.stream}-{item.seq:08d}.png"),
-                                overlay(np.ascontiguousarray(item.image), heat, heat >= 0.5), PNG_FAST)
+                                overlay(np.ascontiguousarray(item.image), decision.heat), PNG_FAST)
             timing = dict(item.timing)
             timing["post"] = 1000 * (time.perf_counter() - start)
             result = wire.Result(item.stream, item.seq, item.t_ns, decision.verdict, decision.score,
