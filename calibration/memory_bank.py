@@ -62,16 +62,16 @@ class BankOptions:
         if self.augment not in AUGMENTS:
             raise ConfigError(f"unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTS)}")
 
-    FLAGS = ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection", "coreset_ratio", "coreset_max", "index",
-             "shots", "augment")
+    EMBEDDING_FLAGS = ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection")
+    OWN_FLAGS = ("coreset_ratio", "coreset_max", "shots", "augment")
+    FLAGS = (*EMBEDDING_FLAGS, *OWN_FLAGS, "index")
 
     @classmethod
     def from_flags(cls, flags: dict, seed: int = 0) -> "BankOptions":
         """Options from command-line values (FLAGS names), defaults for the rest."""
-        emb = {k: flags[k] for k in ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection")
-               if k in flags}
+        emb = {k: flags[k] for k in cls.EMBEDDING_FLAGS if k in flags}
         bank = BankConfig(index=flags["index"]) if "index" in flags else BankConfig()
-        own = {k: flags[k] for k in ("coreset_ratio", "coreset_max", "shots", "augment") if k in flags}
+        own = {k: flags[k] for k in cls.OWN_FLAGS if k in flags}
         return cls(embedding=dataclasses.replace(EmbeddingConfig(), **emb, seed=seed), bank=bank, **own)
 
 

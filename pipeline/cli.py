@@ -82,19 +82,14 @@ def _deployment(args):
                       cuda_graphs=args.cuda_graphs)
 
 
-# options that configure a kind; each kind's options class lists in FLAGS those it takes
-KIND_FLAGS = ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection", "coreset_ratio",
-              "coreset_max", "index", "shots", "augment", "steps", "epochs", "lr", "max_minutes", "holdout",
-              "decoder_width", "flip_features")
-
-
 def _kind_options(args):
     """The chosen kind's options from the flags given on the command line (its defaults for the rest)."""
     from calibration.kinds import get_kind, kind_names
 
     kind = get_kind(args.kind)
+    every = dict.fromkeys(f for k in kind_names() for f in get_kind(k).options.FLAGS)  # each kind lists its own
     # not given: None (valued options) or False (switches); 0 is a value (--dim 0, --coreset-max 0)
-    given = {d: v for d in KIND_FLAGS if (v := getattr(args, d)) is not None and v is not False}
+    given = {d: v for d in every if (v := getattr(args, d)) is not None and v is not False}
     for dest in given:
         if dest not in kind.options.FLAGS:
             owners = [k for k in kind_names() if dest in get_kind(k).options.FLAGS]
