@@ -125,7 +125,7 @@ def soak(minutes: float, kill_every: float, batch: int = 8) -> dict:
         finally:
             done.set()
             thread.join()
-        lines = (tmp / "out" / "results.jsonl").read_text().splitlines()
+        lines = log.read_text().splitlines()
         seqs = [json.loads(line)["seq"] for line in lines]
     elapsed = time.monotonic() - start
     memory = {name: memory_summary(series) for name, series in samples.items()}
