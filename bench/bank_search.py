@@ -6,6 +6,11 @@ compares with the exact result: the fraction of patches that get the exact neare
 the mean relative error of the distances.
 
     python -m bench.bank_search --dataset magnetic_tile/tile -- --coreset-max 32768
+    python -m bench.bank_search --threads 1 --hnsw 16:32:32 16:128:32 16:128:24 --rounds 3
+
+HNSW rows are M:EF_CONSTRUCTION:EF_SEARCH; with --rounds R every row is timed R times, the rows
+taking turns (this machine's speed drifts), and the median is recorded with the per-round ratios
+to the first HNSW row.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ def main() -> None:
     parser.add_argument("--dataset", default="magnetic_tile/tile")
     parser.add_argument("--images", type=int, default=24, help="test images used as queries")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hnsw", nargs="+", default=["16:128:16", "16:128:24", "16:128:32", "32:128:32"],
+                        help="HNSW rows as M:EF_CONSTRUCTION:EF_SEARCH")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--skip-flat-ivf", action="store_true", help="time the HNSW rows only")
     parser.add_argument("--tag", default="")
     parser.add_argument("fit_args", nargs="*")
     args = parser.parse_args()
@@ -82,20 +91,35 @@ def main() -> None:
         print(row, flush=True)
         return dist
 
-    ref = record("flat (torch GEMM)", lambda q: exact.search(q)[0][:, 0])
     flat_faiss = faiss.IndexFlatL2(d)
     flat_faiss.add(vectors)
-    record("flat (faiss IndexFlatL2)", lambda q: np.sqrt(np.maximum(flat_faiss.search(q, 1)[0][:, 0], 0)), ref)
-    for nprobe in (8, 16, 32):
-        bank = MemoryBank.build(vectors, BankConfig(index="ivf", nprobe=nprobe))
-        record(f"ivf nlist={bank.index.nlist} nprobe={nprobe}", lambda q, b=bank: b.search(q)[0][:, 0], ref)
-    for m, ef in ((16, 16), (16, 32), (32, 32), (32, 64)):
+    ref = np.sqrt(np.maximum(flat_faiss.search(queries, 1)[0][:, 0], 0))
+    if not args.skip_flat_ivf:
+        record("flat (torch GEMM)", lambda q: exact.search(q)[0][:, 0], ref)
+        record("flat (faiss IndexFlatL2)", lambda q: np.sqrt(np.maximum(flat_faiss.search(q, 1)[0][:, 0], 0)), ref)
+        for nprobe in (8, 16, 32):
+            bank = MemoryBank.build(vectors, BankConfig(index="ivf", nprobe=nprobe))
+            record(f"ivf nlist={bank.index.nlist} nprobe={nprobe}", lambda q, b=bank: b.search(q)[0][:, 0], ref)
+    hnsw = {}
+    for spec in args.hnsw:
+        m, efc, ef = (int(v) for v in spec.split(":"))
         start = time.perf_counter()
-        bank = MemoryBank.build(vectors, BankConfig(index="hnsw", hnsw_m=m, ef_search=ef))
-        record(f"hnsw M={m} ef_search={ef}", lambda q, b=bank: b.search(q)[0][:, 0], ref,
-               build_seconds=round(time.perf_counter() - start, 2))
+        hnsw[f"hnsw M={m} ef_construction={efc} ef_search={ef}"] = (
+            MemoryBank.build(vectors, BankConfig(index="hnsw", hnsw_m=m, ef_construction=efc, ef_search=ef)),
+            round(time.perf_counter() - start, 2))
+    times: dict[str, list[float]] = {name: [] for name in hnsw}
+    for _ in range(args.rounds):
+        for name, (bank, _) in hnsw.items():
+            times[name].append(timed(lambda q, b=bank: b.search(q)[0][:, 0], queries, h * w)[0])
+    first = next(iter(times), None)
+    for name, (bank, build) in hnsw.items():
+        record(name, lambda q, b=bank: b.search(q)[0][:, 0], ref, build_seconds=build,
+               ms_rounds=[round(t, 2) for t in times[name]],
+               median_ratio_to_first=float(np.median(np.array(times[name]) / np.array(times[first]))))
+        rows[-1]["ms_per_image"] = round(float(np.median(times[name])), 2)
     result = {"dataset": args.dataset, "fit_args": args.fit_args, "bank_size": len(vectors), "dim": d,
-              "query_images": args.images, "patches_per_image": h * w, "threads": args.threads, "rows": rows,
+              "query_images": args.images, "patches_per_image": h * w, "threads": args.threads, "rounds": args.rounds,
+              "rows": rows,
               "machine": machine_info()}
     name = args.dataset.split("/")[-1] + (f"-{args.tag}" if args.tag else "")
     (RESULTS / f"bank_search-{name}.json").write_text(json.dumps(result, indent=2) + "\n")

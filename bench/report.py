@@ -75,8 +75,8 @@ def _triple_of(t: tuple) -> str:
     return f"{t[0]:.3f} / {t[1]:.3f} / {t[2]:.3f}"
 
 
-def levers_table(prefix: str = "") -> str:
-    data = _load("levers.json")
+def levers_table(prefix: str = "", file: str = "levers.json") -> str:
+    data = _load(file)
     if data is None:
         return ""
     rows = [r for r in data["rows"] if r["lever"].startswith(prefix) or (prefix and r["lever"] == "reconstruction")]
@@ -196,7 +196,8 @@ def reliability_lines() -> str:
 
 
 TABLES = {"accuracy": accuracy_table, "protocols": protocol_table, "levers": levers_table,
-          "reconstruction-levers": lambda: levers_table("rec-"), "few-shot": fewshot_table,
+          "reconstruction-levers": lambda: levers_table("rec-"),
+          "levers-rerank": lambda: levers_table(file="levers-rerank.json"), "few-shot": fewshot_table,
           "multi-class": multiclass_table, "end-to-end": e2e_table, "bench": bench_table, "int8": int8_table,
           "reliability": reliability_lines}
 

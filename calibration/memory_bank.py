@@ -64,13 +64,14 @@ class BankOptions:
 
     EMBEDDING_FLAGS = ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection")
     OWN_FLAGS = ("coreset_ratio", "coreset_max", "shots", "augment")
-    FLAGS = (*EMBEDDING_FLAGS, *OWN_FLAGS, "index")
+    BANK_FLAGS = ("index", "ef_construction", "ef_search", "rerank")
+    FLAGS = (*EMBEDDING_FLAGS, *OWN_FLAGS, *BANK_FLAGS)
 
     @classmethod
     def from_flags(cls, flags: dict, seed: int = 0) -> "BankOptions":
         """Options from command-line values (FLAGS names), defaults for the rest."""
         emb = {k: flags[k] for k in cls.EMBEDDING_FLAGS if k in flags}
-        bank = BankConfig(index=flags["index"]) if "index" in flags else BankConfig()
+        bank = BankConfig(**{k: flags[k] for k in cls.BANK_FLAGS if k in flags})
         own = {k: flags[k] for k in cls.OWN_FLAGS if k in flags}
         return cls(embedding=dataclasses.replace(EmbeddingConfig(), **emb, seed=seed), bank=bank, **own)
 
@@ -141,10 +142,17 @@ def principal_axes(features: np.ndarray, dim: int, seed: int, sample: int = 200_
 
 
 def distance_maps(bank: MemoryBank, features: np.ndarray, exclude: tuple[int, int] | None = None) -> np.ndarray:
-    """float32 embeddings [N, h, w, d] -> float32 [N, h, w] Euclidean distances to the nearest bank vector."""
+    """float32 embeddings [N, h, w, d] -> float32 [N, h, w] Euclidean distances to the nearest bank vector.
+    An approximate bank's `rerank` highest cells of each map are searched again exactly."""
     n, h, w, d = features.shape
-    dist, _ = bank.search(features.reshape(n * h * w, d), 1, exclude=exclude)
-    return dist[:, 0].reshape(n, h, w)
+    queries = features.reshape(n * h * w, d)
+    dist = bank.search(queries, 1, exclude=exclude)[0][:, 0].reshape(n, h * w)
+    k = min(bank.config.rerank, h * w)
+    if k and not bank.exact:
+        top = np.argpartition(dist, h * w - k, axis=1)[:, h * w - k:]  # [N, k] cells of each map
+        rows = (np.arange(n)[:, None] * (h * w) + top).ravel()
+        dist[np.arange(n)[:, None], top] = bank.search_exact(queries[rows], exclude)[0][:, 0].reshape(n, k)
+    return dist.reshape(n, h, w)
 
 
 def fit(ctx: "FitContext") -> "FitOutput":
@@ -159,6 +167,10 @@ def fit(ctx: "FitContext") -> "FitOutput":
                                spec.height, spec.width, ctx.weights)
     if ctx.maps.stride != extractor.stride:
         raise ConfigError(f"map stride {ctx.maps.stride} differs from the embedding's {extractor.stride}")
+    scored = ctx.maps.top_k if ctx.maps.image_score == "topk" else 1  # cells the image score reads
+    if o.bank.index != "flat" and 0 < o.bank.rerank < scored:
+        raise ConfigError(f"--rerank {o.bank.rerank} is below --top-k {scored}: the image score would read "
+                          f"approximate distances; give --rerank {scored} or more (0: none)")
     export_onnx(extractor, spec.height, spec.width, ctx.out / "model.onnx", "embeddings")
     engine = ctx.deployment.build(ctx.out, spec.height, spec.width, lambda: extractor)
     rng = np.random.default_rng(ctx.seed)

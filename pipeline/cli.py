@@ -61,6 +61,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
 def _input_size(text: str) -> tuple[int, int]:
     """"256" (square) or "HxW", e.g. "224x320"."""
     parts = text.lower().split("x")
@@ -474,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coreset-ratio", type=float, default=None, help="fraction of training patches in the bank")
     g.add_argument("--coreset-max", type=int, default=None, help="largest bank size (0: no limit); bounds search time")
     g.add_argument("--index", choices=INDEX_KINDS, default=None, help="flat (exact) | ivf | hnsw")
+    g.add_argument("--ef-construction", type=_positive_int, default=None, help="hnsw candidates per insertion")
+    g.add_argument("--ef-search", type=_positive_int, default=None,
+                   help="hnsw candidates per query: more is nearer exact and slower (bench.bank_search)")
+    g.add_argument("--rerank", type=_count, default=None,
+                   help="ivf / hnsw: the highest cells of each map searched again exactly (0: none)")
     g.add_argument("--shots", type=int, default=None, help="few-shot: a bank from K normal images and their views")
     g.add_argument("--augment", choices=AUGMENTS, default=None, help="few-shot views of each image (default flips)")
     g = fit.add_argument_group("reconstruction kind")
@@ -522,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--frames", type=int, default=0, help="frames to take from the source (0: all; synthetic: 300)")
     run.add_argument("--out", type=Path, default=None, help="results.jsonl, maps/ and overlays/ go here")
     run.add_argument("--json", type=Path, default=None, help="write the summary here")
-    run.add_argument("--workers", type=_positive_int, default=1, help="inference worker processes")
+    run.add_argument("--workers", type=_count, default=0,
+                     help="inference worker processes (default 0: one per core on the CPU, one on a GPU)")
     run.add_argument("--post-workers", type=_positive_int, default=1, help="postprocess worker processes")
     run.add_argument("--batch-ms", type=float, default=10.0, help="longest wait to fill a batch")
     run.add_argument("--mode", choices=("lossless", "live"), default=None, help="default: live for cameras")

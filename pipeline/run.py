@@ -43,21 +43,37 @@ MODES = (None, "lossless", "live")
 
 @dataclasses.dataclass(frozen=True)
 class Product:
-    """One product's model and the workers that serve it: workers / post_workers: process counts;
-    batch, batch_ms: dynamic batching; deployment.threads: per inference worker (None: the cores
-    shared among every inference worker of the line)."""
+    """One product's model and the workers that serve it: workers / post_workers: process counts
+    (workers 0: chosen by the line, `auto_workers`); batch, batch_ms: dynamic batching;
+    deployment.threads: per inference worker (None: the cores shared among every inference worker
+    of the line)."""
 
     name: str
     model: Path
-    workers: int = 1
+    workers: int = 0
     post_workers: int = 1
     batch: int = 8
     batch_ms: float = 10.0
     deployment: Deployment = Deployment()
 
     def __post_init__(self):
-        if self.workers < 1 or self.post_workers < 1 or self.batch < 1 or self.batch_ms < 0:
-            raise ConfigError("workers, post-workers and batch must be >= 1 and batch-ms >= 0")
+        if self.workers < 0 or self.post_workers < 1 or self.batch < 1 or self.batch_ms < 0:
+            raise ConfigError("post-workers and batch must be >= 1, workers >= 0 (0: auto) and batch-ms >= 0")
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(deployment: Deployment, cpu_products: int, cores: int | None = None) -> int:
+    """Inference workers for a product given none: one for a GPU device; on the CPU one worker per
+    `deployment.threads` cores (one per core when threads is unset), the cores split among the line's
+    CPU products, at most MAX_AUTO_WORKERS. One single-threaded worker per core beat one worker on
+    every core by 1.06-1.19x end to end on 2 cores (bench/results/e2e-*.json, "2-workers"): the
+    decode, the Python steps and the search run side by side instead of in turn."""
+    if deployment.device != "cpu":
+        return 1
+    cores = max(1, (cores or os.cpu_count() or 1) // max(1, cpu_products))
+    return max(1, min(MAX_AUTO_WORKERS, cores // (deployment.threads or 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +120,10 @@ class Line:
     view_port: int | None = None
 
     def __post_init__(self):
+        cpu_products = sum(p.deployment.device == "cpu" for p in self.products)
+        object.__setattr__(self, "products", tuple(  # workers 0: auto, resolved here once for every stage
+            p if p.workers else dataclasses.replace(p, workers=auto_workers(p.deployment, cpu_products))
+            for p in self.products))
         names = [p.name for p in self.products]
         if not self.products or len(set(names)) != len(names):
             raise ConfigError("a line needs at least one product, each with its own name")
@@ -140,7 +160,7 @@ class RunConfig:
     source: str = "synthetic"
     out: Path | None = None
     frames: int = 0
-    workers: int = 1
+    workers: int = 0
     post_workers: int = 1
     batch: int = 8
     batch_ms: float = 10.0

@@ -171,3 +171,35 @@ def test_bank_config_unknown_kind_lists_kinds():
     for kind in INDEX_KINDS:
         assert kind in msg
     assert set(INDEX_KINDS) == {"flat", "ivf", "hnsw"}
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_search_exact_is_brute_force_whatever_the_index(kind, clustered):
+    bank, queries, _ = clustered
+    index = MemoryBank.build(bank, BankConfig(index=kind, nprobe=1, ef_search=1))
+    assert not index.exact
+    for exclude in (None, (1000, 3000)):
+        dist, ids = index.search_exact(queries[:50], exclude)
+        _check_against_brute(bank, queries[:50], dist, ids, 1, exclude)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_distance_maps_rerank_the_highest_cells_of_each_map_exactly(kind, clustered):
+    """A poor approximate search (one probe, one candidate) overstates distances; the `rerank` highest
+    cells of every map come back exact, the rest stay as searched, and rerank 0 leaves all as searched."""
+    from calibration.memory_bank import distance_maps
+
+    bank, queries, _ = clustered
+    features = queries.reshape(4, 10, 10, 32)  # 4 maps of 10 x 10 cells
+    exact = _brute(bank, queries, 1)[0][:, 0].reshape(4, 100)
+    rough = MemoryBank.build(bank, BankConfig(index=kind, nprobe=1, ef_search=1, rerank=0))
+    searched = distance_maps(rough, features).reshape(4, 100)
+    assert (searched > exact + 1e-3).mean() > 0.05, "the rough search must miss for this test to mean anything"
+    assert (searched >= exact - DIST_ATOL).all()  # approximate search only overstates
+    reranked = distance_maps(MemoryBank(rough.index, BankConfig(index=kind, nprobe=1, ef_search=1, rerank=12)),
+                             features).reshape(4, 100)
+    for cells, approx, got in zip(exact, searched, reranked):
+        top = np.argsort(approx)[-12:]
+        np.testing.assert_allclose(got[top], cells[top], atol=DIST_ATOL)
+        rest = np.setdiff1d(np.arange(100), top)
+        np.testing.assert_array_equal(got[rest], approx[rest])

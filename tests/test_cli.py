@@ -160,6 +160,7 @@ def test_wrong_image_shape_for_model_is_named(fitted_model):
 @pytest.mark.parametrize("flags, field, value", [
     (["--dim", "0"], "dim", 0),
     (["--coreset-max", "0"], "coreset_max", 0),
+    (["--rerank", "0"], "rerank", 0),
 ])
 def test_fit_flags_of_zero_are_values_not_absent(flags, field, value):
     """`--dim 0` (every channel) and `--coreset-max 0` (no bound) reach the options, not the defaults."""
@@ -167,5 +168,16 @@ def test_fit_flags_of_zero_are_values_not_absent(flags, field, value):
     from pipeline.cli import _kind_options, build_parser
 
     options = _kind_options(build_parser().parse_args(["fit", "data", "-o", "model", *flags]))
-    got = getattr(options.embedding, field, getattr(options, field, None))
-    assert got == value != getattr(BankOptions().embedding, field, getattr(BankOptions(), field, None))
+    def read(o):
+        return next(getattr(part, field) for part in (o.embedding, o.bank, o) if hasattr(part, field))
+
+    assert read(options) == value != read(BankOptions())
+
+
+def test_bank_search_flags_reach_the_bank_config():
+    from pipeline.cli import _kind_options, build_parser
+
+    options = _kind_options(build_parser().parse_args(
+        ["fit", "data", "-o", "model", "--index", "ivf", "--ef-construction", "40", "--ef-search", "9", "--rerank", "5"]))
+    assert (options.bank.index, options.bank.ef_construction, options.bank.ef_search, options.bank.rerank) == (
+        "ivf", 40, 9, 5)

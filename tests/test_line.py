@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from engines.runtimes import Deployment
 from pipeline.cli import main
 from pipeline.linefile import load_line
 from pipeline.producers import SyntheticSource
-from pipeline.run import run_pipeline
+from pipeline.run import Line, Product, Stream, auto_workers, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ frames = 40
      "products.a: .*fp64"),
     ('[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n'
      '[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n', "each with its own name"),
-    ('metrics_port = 65533\n[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
+    ('metrics_port = 65533\n[products.a]\nmodel = "{m}"\nworkers = 1\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
      "needs ports 65533..65537"),
     ('[products.a\nmodel = 1\n', "not valid TOML"),
 ])
@@ -113,3 +114,19 @@ def test_run_takes_a_model_or_a_line_not_both(fitted_model, tmp_path, capsys):
     assert main(["run"]) == 2
     assert "--line" in capsys.readouterr().err
     assert main(["run", "--line", str(path)]) == 0
+
+
+def test_workers_left_at_auto_get_one_per_core_on_the_cpu_and_one_on_a_gpu(tmp_path):
+    cpu = Deployment()
+    gpu = SimpleNamespace(device="cuda", threads=None)  # a Deployment on cuda needs a visible GPU to be made
+    assert auto_workers(cpu, 1, cores=2) == 2
+    assert auto_workers(Deployment(threads=2), 1, cores=8) == 4  # one per `threads` cores
+    assert auto_workers(cpu, 2, cores=8) == 4  # the cores split among the line's CPU products
+    assert auto_workers(cpu, 1, cores=64) == 8  # bounded
+    assert auto_workers(cpu, 3, cores=2) == 1 and auto_workers(Deployment(threads=4), 1, cores=2) == 1
+    assert auto_workers(gpu, 1, cores=16) == 1
+    line = Line((Product("a", tmp_path), Product("b", tmp_path, workers=3)), (Stream("s", "synthetic", "a"),))
+    assert [p.workers for p in line.products] == [auto_workers(cpu, 2), 3]
+    assert line.ports_needed == 2 + 1 + 2 + sum(p.workers for p in line.products)
+    with pytest.raises(ConfigError, match="workers >= 0"):
+        Product("a", tmp_path, workers=-1)

@@ -82,14 +82,15 @@ def test_sink_metrics_match_its_summary():
 
 
 def test_a_run_serves_every_stage_while_it_runs(fitted_model):
-    base = free_ports(5)
-    config = RunConfig(model=fitted_model, frames=400, batch=4, metrics_port=base)
+    base = free_ports(6)
+    config = RunConfig(model=fitted_model, frames=400, batch=4, workers=2, metrics_port=base)
     seen: dict[str, dict] = {}
     done = threading.Event()
 
     def watch():
         while not done.is_set():
-            for name, port in (("sink", base + 1), ("producer", base + 2), ("post0", base + 3), ("infer0", base + 4)):
+            for name, port in (("sink", base + 1), ("producer", base + 2), ("post0", base + 3), ("infer0", base + 4),
+                               ("infer1", base + 5)):
                 try:
                     seen[name] = scrape(port)
                 except OSError:
@@ -103,16 +104,18 @@ def test_a_run_serves_every_stage_while_it_runs(fitted_model):
     finally:
         done.set()
         thread.join()
-    assert set(seen) == {"sink", "producer", "post0", "infer0"}, "every stage served its metrics during the run"
+    assert set(seen) == {"sink", "producer", "post0", "infer0", "infer1"}, "every stage served its metrics during the run"
     released = total(seen["sink"], "lineguard_results_total")
     assert 0 < released <= summary["results"] == 400
     assert total(seen["sink"], "lineguard_results_total", verdict="defect") <= summary["defect"]
     assert 0 < total(seen["producer"], "lineguard_frames_sent_total", stream="cam0") <= 400
-    scored = total(seen["infer0"], "lineguard_frames_scored_total")
-    assert 0 < scored <= 400 and total(seen["infer0"], "lineguard_batch_size_count") > 0
-    assert total(seen["infer0"], "lineguard_batch_size_sum") == scored  # every scored frame in one batch
+    for worker in ("infer0", "infer1"):
+        scored = total(seen[worker], "lineguard_frames_scored_total")
+        assert 0 < scored <= 400 and total(seen[worker], "lineguard_batch_size_count") > 0
+        assert total(seen[worker], "lineguard_batch_size_sum") == scored  # every scored frame in one batch
+        assert total(seen[worker], "lineguard_stage_info", role="worker", kind="memory_bank") == 1
+    assert sum(total(seen[w], "lineguard_frames_scored_total") for w in ("infer0", "infer1")) <= 400
     assert 0 < total(seen["post0"], "lineguard_frames_decided_total") <= 400
-    assert total(seen["infer0"], "lineguard_stage_info", role="worker", kind="memory_bank") == 1
 
 
 def test_bad_metrics_ports_are_config_errors(fitted_model):
