@@ -115,7 +115,7 @@ def multiclass_table() -> str:
 
 
 def e2e_table() -> str:
-    out = ["| dataset (files) | model / engine | images/s (median of 3) | ratio to the bank's fp32 (per round, median) |",
+    out = ["| dataset (files) | model / engine | images/s (median of the rounds) | ratio to the first row (per round, median) |",
            "|---|---|---|---|"]
     for d, short in NAMES.items():
         r = _load(f"e2e-{FILES[d]}.json")
