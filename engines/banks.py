@@ -12,7 +12,7 @@ distance to its nearest bank vector (and which one). Index kinds:
   candidates per insertion and searched with ``ef_search`` per query. The defaults (M 16, 64, 16) find
   the exact nearest vector for 97.9 % of magnetic_tile's patches in 0.54x the time of the earlier
   (32, 32), at 99.5 % (bench/results/bank_search-tile-hnsw-*.json); each map's highest cells are
-  then searched again exactly (``rerank``), so image scores and defects do not depend on the misses.
+  then searched again exactly (``rerank``), so image scores and map peaks do not depend on the misses.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ BANK_PRECISIONS = ("fp32", "fp16")
 class BankConfig:
     """index: one of INDEX_KINDS; nlist / nprobe for ivf (nlist 0: 4*sqrt(M)); hnsw_m / ef_construction
     (used by build only) / ef_search for hnsw; rerank (ivf and hnsw): per map, the cells of highest
-    approximate distance searched again exactly (the image score and the defects are exact; an
+    approximate distance searched again exactly (the image score and the map peaks are exact; an
     approximate search only ever overstates a distance)."""
 
     index: str = "hnsw"
