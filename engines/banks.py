@@ -200,7 +200,7 @@ class MemoryBank:
         return cls(_faiss().read_index(str(path)), config, device, precision)
 
 
-def _exact_search(queries: "torch.Tensor", matrix: "torch.Tensor", norms: "torch.Tensor", k: int,
+def _exact_search(queries: torch.Tensor, matrix: torch.Tensor, norms: torch.Tensor, k: int,
                   exclude: tuple[int, int] | None, block: int = 512):
     """Exact kNN by one GEMM per block of queries: queries float32 [P, d] (any device), matrix [M, d]
     (float32 or float16) and its float32 squared norms [M] on one device -> (distances float32 [P, k],

@@ -445,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
         p.add_argument("--cuda-graphs", action="store_true", help="torch on CUDA: replay captured CUDA graphs")
         p.add_argument("--batch-size", type=_positive_int, default=8)
-        p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+        p.add_argument("--threads", type=_positive_int, default=None,
+                       help="CPU threads (default: all cores; run: per inference worker, the cores shared among them)")
         p.add_argument("--deployment", default=None, help=argparse.SUPPRESS)  # the JSON of a Deployment
 
     fit = sub.add_parser("fit", help="fit a model on DATA/train/good (several DATA: one multi-class model)")
