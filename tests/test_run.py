@@ -126,7 +126,9 @@ def test_any_stage_killed_mid_run_loses_nothing(fitted_model, tmp_path, stage):
     sub = Subscriber(pub)
     proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "300", "--out",
                                        str(out), "--json", str(tmp_path / "summary.json"), "--drain-timeout", "5",
-                                       "--retry-after", "2", "--batch-size", "4", "--pub", pub),
+                                       # above this run's queue latency (2 to 6 s with two workers): a shorter
+                                       # one re-sends frames still queued and spends their 4 sends
+                                       "--retry-after", "8", "--batch-size", "4", "--pub", pub),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         sub.wait_for(40, 120, proc)
