@@ -129,8 +129,8 @@ class MemoryBank:
     def search_exact(self, queries: np.ndarray, exclude: tuple[int, int] | None = None):
         """queries float32 [P, d] -> the exact nearest (distances float32 [P, 1], ids int64 [P, 1]) by brute
         force over the bank's vectors, whatever the index (a few queries: the re-ranked cells). The
-        torch GEMM of the flat search: faiss's own brute force skips BLAS below 128,000 queries here
-        and took 3x as long for 256."""
+        torch GEMM of the flat search: faiss's own brute force skips BLAS below its
+        distance_compute_blas_threshold (128,000 queries in faiss-cpu 1.15)."""
         import torch
 
         if self.exact:
