@@ -3,10 +3,10 @@
 A bank holds M float32 vectors of size d. `nearest` returns, per query, the Euclidean
 distance to its nearest bank vector (and which one). Index kinds:
 
-- ``flat``: exact search (the default). Stored as a FAISS flat index, searched by one torch
-  GEMM per block of queries (``|q|^2 - 2 q.b + |b|^2``, then the k smallest, whose distances
-  are recomputed directly so near neighbours lose no precision): measured 2.9x faster than
-  faiss-cpu's flat search on this 2-core CPU (bench/bank_search.py);
+- ``flat``: exact search. Stored as a FAISS flat index, searched by one torch GEMM per block of
+  queries (``|q|^2 - 2 q.b + |b|^2``, then the k smallest, whose distances are recomputed
+  directly so near neighbours lose no precision); bench/bank_search.py times it against
+  faiss-cpu's flat search (slower than faiss for whole images in its latest record);
 - ``ivf``: inverted lists over k-means cells, ``nprobe`` cells searched per query;
 - ``hnsw``: a navigable small-world graph of ``hnsw_m`` links per vector, built with ``ef_construction``
   candidates per insertion and searched with ``ef_search`` per query. The defaults (M 16, 64, 16) find
@@ -79,7 +79,7 @@ class MemoryBank:
         self.device = device
         self._apply_search_params()
         self._matrix = None  # torch search: the bank as a tensor [M, d] and its squared norms [M]
-        self._brute = None  # approximate kinds: a flat index over the same vectors, for `search_exact`
+        self._brute = None  # approximate kinds: (vectors [M, d], squared norms [M]) tensors, for `search_exact`
         if config.index == "flat" or (config.index == "hnsw" and device != "cpu"):
             import torch
 
