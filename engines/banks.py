@@ -83,9 +83,7 @@ class MemoryBank:
         if config.index == "flat" or (config.index == "hnsw" and device != "cpu"):
             import torch
 
-            vectors = index.reconstruct_n(0, index.ntotal) if config.index == "hnsw" else np.array(
-                _faiss().rev_swig_ptr(index.get_xb(), index.ntotal * index.d), np.float32).reshape(index.ntotal, index.d)
-            matrix = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(device)
+            matrix = torch.from_numpy(self.vectors()).to(device)
             self._matrix = matrix.half() if precision == "fp16" else matrix
             self._norms = (matrix * matrix).sum(1)
         elif device != "cpu":
@@ -136,15 +134,19 @@ class MemoryBank:
         if self.exact:
             return self.search(queries, 1, exclude)
         if self._brute is None:
-            vectors = torch.from_numpy(np.ascontiguousarray(self.index.reconstruct_n(0, self.size)
-                                                            if self.config.index == "hnsw" else self._ivf_vectors()))
+            vectors = torch.from_numpy(self.vectors())
             self._brute = (vectors, (vectors * vectors).sum(1))
         dist, ids = _exact_search(torch.from_numpy(np.ascontiguousarray(queries, np.float32)), *self._brute, 1, exclude)
         return dist.numpy(), ids.numpy()
 
-    def _ivf_vectors(self) -> np.ndarray:
-        self.index.make_direct_map()
-        return self.index.reconstruct_n(0, self.size)
+    def vectors(self) -> np.ndarray:
+        """A copy of the bank's vectors, float32 [M, d] in id order, whatever index holds them."""
+        if self.config.index == "flat":
+            flat = _faiss().rev_swig_ptr(self.index.get_xb(), self.size * self.dim)
+            return np.array(flat, np.float32).reshape(self.size, self.dim)
+        if self.config.index == "ivf":
+            self.index.make_direct_map()
+        return np.ascontiguousarray(self.index.reconstruct_n(0, self.size), np.float32)
 
     @property
     def size(self) -> int:
