@@ -203,3 +203,11 @@ def test_distance_maps_rerank_the_highest_cells_of_each_map_exactly(kind, cluste
         np.testing.assert_allclose(got[top], cells[top], atol=DIST_ATOL)
         rest = np.setdiff1d(np.arange(100), top)
         np.testing.assert_array_equal(got[rest], approx[rest])
+
+
+@pytest.mark.parametrize("kind", INDEX_KINDS)
+def test_vectors_come_back_in_id_order_whatever_the_index(kind, clustered):
+    bank, _, _ = clustered
+    got = MemoryBank.build(bank, BankConfig(index=kind)).vectors()
+    assert got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, bank)
