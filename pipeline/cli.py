@@ -535,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--frames", type=int, default=0, help="frames to take from the source (0: all; synthetic: 300)")
     run.add_argument("--out", type=Path, default=None, help="results.jsonl, maps/ and overlays/ go here")
     run.add_argument("--json", type=Path, default=None, help="write the summary here")
-    run.add_argument("--workers", type=_count, default=0,
-                     help="inference worker processes (default 0: one per core on the CPU, one on a GPU)")
+    run.add_argument("--workers", type=_count, default=1,
+                     help="inference worker processes (0: one per core on the CPU, one on a GPU)")
     run.add_argument("--post-workers", type=_positive_int, default=1, help="postprocess worker processes")
     run.add_argument("--batch-ms", type=float, default=10.0, help="longest wait to fill a batch")
     run.add_argument("--mode", choices=("lossless", "live"), default=None, help="default: live for cameras")

@@ -44,13 +44,13 @@ MODES = (None, "lossless", "live")
 @dataclasses.dataclass(frozen=True)
 class Product:
     """One product's model and the workers that serve it: workers / post_workers: process counts
-    (workers 0: chosen by the line, `auto_workers`); batch, batch_ms: dynamic batching;
+    (workers 0: chosen by the line, `auto_workers`; not the default, see there); batch, batch_ms: dynamic batching;
     deployment.threads: per inference worker (None: the cores shared among every inference worker
     of the line)."""
 
     name: str
     model: Path
-    workers: int = 0
+    workers: int = 1
     post_workers: int = 1
     batch: int = 8
     batch_ms: float = 10.0
@@ -69,7 +69,10 @@ def auto_workers(deployment: Deployment, cpu_products: int, cores: int | None = 
     `deployment.threads` cores (one per core when threads is unset), the cores split among the line's
     CPU products, at most MAX_AUTO_WORKERS. One single-threaded worker per core beat one worker on
     every core by 1.06-1.19x end to end on 2 cores (bench/results/e2e-*.json, "2-workers"): the
-    decode, the Python steps and the search run side by side instead of in turn."""
+    decode, the Python steps and the search run side by side instead of in turn. It is not the
+    default: two workers' input queues doubled the frames waiting, and in a 300-frame run with the
+    sink killed the latency rose from 0.4 s to 2-4 s (p99 8 s), so frames outlived --retry-after and
+    the kill test lost a batch; bounding the frames in flight comes first."""
     if deployment.device != "cpu":
         return 1
     cores = max(1, (cores or os.cpu_count() or 1) // max(1, cpu_products))
@@ -160,7 +163,7 @@ class RunConfig:
     source: str = "synthetic"
     out: Path | None = None
     frames: int = 0
-    workers: int = 0
+    workers: int = 1
     post_workers: int = 1
     batch: int = 8
     batch_ms: float = 10.0

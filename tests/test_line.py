@@ -95,7 +95,7 @@ frames = 40
      "products.a: .*fp64"),
     ('[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n'
      '[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n', "each with its own name"),
-    ('metrics_port = 65533\n[products.a]\nmodel = "{m}"\nworkers = 1\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
+    ('metrics_port = 65533\n[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
      "needs ports 65533..65537"),
     ('[products.a\nmodel = 1\n', "not valid TOML"),
 ])
@@ -116,7 +116,7 @@ def test_run_takes_a_model_or_a_line_not_both(fitted_model, tmp_path, capsys):
     assert main(["run", "--line", str(path)]) == 0
 
 
-def test_workers_left_at_auto_get_one_per_core_on_the_cpu_and_one_on_a_gpu(tmp_path):
+def test_workers_set_to_auto_get_one_per_core_on_the_cpu_and_one_on_a_gpu(tmp_path):
     cpu = Deployment()
     gpu = SimpleNamespace(device="cuda", threads=None)  # a Deployment on cuda needs a visible GPU to be made
     assert auto_workers(cpu, 1, cores=2) == 2
@@ -125,7 +125,8 @@ def test_workers_left_at_auto_get_one_per_core_on_the_cpu_and_one_on_a_gpu(tmp_p
     assert auto_workers(cpu, 1, cores=64) == 8  # bounded
     assert auto_workers(cpu, 3, cores=2) == 1 and auto_workers(Deployment(threads=4), 1, cores=2) == 1
     assert auto_workers(gpu, 1, cores=16) == 1
-    line = Line((Product("a", tmp_path), Product("b", tmp_path, workers=3)), (Stream("s", "synthetic", "a"),))
+    line = Line((Product("a", tmp_path, workers=0), Product("b", tmp_path, workers=3)),
+                (Stream("s", "synthetic", "a"),))
     assert [p.workers for p in line.products] == [auto_workers(cpu, 2), 3]
     assert line.ports_needed == 2 + 1 + 2 + sum(p.workers for p in line.products)
     with pytest.raises(ConfigError, match="workers >= 0"):
