@@ -71,8 +71,8 @@ def auto_workers(deployment: Deployment, cpu_products: int, cores: int | None = 
     every core by 1.06-1.19x end to end on 2 cores (bench/results/e2e-*.json, "2-workers"): the
     decode, the Python steps and the search run side by side instead of in turn. It is not the
     default: two workers' input queues doubled the frames waiting, and in a 300-frame run with the
-    sink killed the latency rose from 0.4 s to 2-4 s (p99 8 s), so frames outlived --retry-after and
-    the kill test lost a batch; bounding the frames in flight comes first."""
+    sink killed the latency rose several-fold, so frames outlived --retry-after and the kill test
+    lost a batch; bounding the frames in flight comes first."""
     if deployment.device != "cpu":
         return 1
     cores = max(1, (cores or os.cpu_count() or 1) // max(1, cpu_products))
