@@ -112,10 +112,11 @@ class MemoryBankDetector(Detector):
                                     bank_device, bank_precision)
         h, w = manifest["input"]["height"], manifest["input"]["width"]
         super().__init__(deployment.build(model_dir, h, w, lambda: network(model_dir, manifest)))
-        if deployment.threads:
+        if deployment.threads:  # the search's libraries keep to the deployment's threads too
             import faiss
 
             faiss.omp_set_num_threads(deployment.threads)
+            torch.set_num_threads(deployment.threads)  # the exact re-ranking
 
     def maps(self, inputs: np.ndarray) -> np.ndarray:
         return distance_maps(self.bank, self.engine.infer(inputs))
