@@ -220,7 +220,8 @@ def cmd_produce(args) -> int:
     source = open_source(args.source, frames=args.frames, size=args.size, seed=args.seed,
                          camera=parse_settings(args.camera))
     stats = produce(source, args.frames_endpoint, args.sink, stream=args.stream, mode=args.mode, hold=args.hold,
-                    acks_endpoint=args.acks, retry_after=args.retry_after, curve=curve_for(args.keys, "producer"),
+                    acks_endpoint=args.acks, retry_after=args.retry_after, window=args.window,
+                    curve=curve_for(args.keys, "producer"),
                     metrics=stage_metrics("producer", args.stream, args.metrics_port), stop=stop)
     print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped, {stats.missed} missed by the "
           f"source, {stats.resent} sent again, "
@@ -535,8 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--frames", type=int, default=0, help="frames to take from the source (0: all; synthetic: 300)")
     run.add_argument("--out", type=Path, default=None, help="results.jsonl, maps/ and overlays/ go here")
     run.add_argument("--json", type=Path, default=None, help="write the summary here")
-    run.add_argument("--workers", type=_count, default=1,
-                     help="inference worker processes (0: one per core on the CPU, one on a GPU)")
+    run.add_argument("--workers", type=_count, default=0,
+                     help="inference worker processes (default 0: one per core on the CPU, one on a GPU)")
     run.add_argument("--post-workers", type=_positive_int, default=1, help="postprocess worker processes")
     run.add_argument("--batch-ms", type=float, default=10.0, help="longest wait to fill a batch")
     run.add_argument("--mode", choices=("lossless", "live"), default=None, help="default: live for cameras")
@@ -580,7 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--camera", default="", help=CAMERA_HELP)
     produce.add_argument("--acks", default=None,
                          help="the sink's --acks endpoint: keep every frame until its verdict, send again if none comes")
-    produce.add_argument("--retry-after", type=float, default=10.0, help="seconds before a frame is sent again")
+    produce.add_argument("--retry-after", type=float, default=10.0,
+                         help="seconds before a frame is sent again (doubling with each send)")
+    produce.add_argument("--window", type=_positive_int, default=1024,
+                         help="with --acks: the most frames awaiting their verdicts; a full window holds the source back")
     produce.add_argument("--hold", type=float, default=30.0,
                          help="seconds to stay connected after the end of stream, so frames in flight arrive")
     stage_options(produce)

@@ -9,7 +9,7 @@
 
     [products.tile]                   # one model and its workers
     model = "models/tile"
-    workers = 1                       # optional (0: one per core), and the rest of this table
+    workers = 0                       # optional (0: auto, one per core), and the rest of this table
     post_workers = 1
     batch = 8
     batch_ms = 10.0

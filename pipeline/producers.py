@@ -282,24 +282,33 @@ class ProducerStats:
 
 class Redispatch:
     """Frames sent but without a verdict yet, kept until the sink acknowledges them (wire.Ack) and
-    sent again when `retry_after` seconds pass without one: the frames a worker held when it died or
-    stalled, or whose results a dying postprocess worker or sink never passed on. A frame is sent at
-    most `attempts` times, then abandoned (the sink reports it lost). At most `capacity` frames wait;
-    a full buffer holds the source back (a live source then drops, and counts, camera frames)."""
+    sent again when they go without one: the frames a worker held when it died or stalled, or whose
+    results a dying postprocess worker or sink never passed on. The n-th send of a frame waits
+    retry_after * 2**(n-1) seconds for its verdict (exponential backoff: a line slowed by a restart
+    is not flooded with copies of frames it still holds); after `attempts` sends the frame is
+    abandoned (the sink reports it lost). At most `window` frames are in flight: a full window holds
+    the source back (a live source then drops, and counts, camera frames), which also bounds the
+    line's latency to about window / rate."""
 
-    def __init__(self, acks: zmq.Socket, stats: ProducerStats, retry_after: float, capacity: int = 1024,
+    def __init__(self, acks: zmq.Socket, stats: ProducerStats, retry_after: float, window: int = 1024,
                  attempts: int = 4):
         self.acks, self.stats = acks, stats
-        self.retry_after, self.capacity, self.attempts = retry_after, capacity, attempts
+        self.retry_after, self.window, self.attempts = retry_after, window, attempts
         self.waiting: dict[int, list] = {}  # seq -> [message, last sent (monotonic), times sent]
         self.done = False
 
     def add(self, seq: int, message: list) -> None:
         self.waiting[seq] = [message, time.monotonic(), 1]
 
+    def resent(self, seq: int) -> None:
+        """`seq` went out once more: its wait for a verdict starts again, twice as long."""
+        entry = self.waiting[seq]
+        entry[1], entry[2] = time.monotonic(), entry[2] + 1
+        self.stats.resent += 1
+
     @property
     def full(self) -> bool:
-        return len(self.waiting) >= self.capacity
+        return len(self.waiting) >= self.window
 
     def poll(self, stream: str) -> None:
         """Take in every queued acknowledgement of `stream`."""
@@ -315,12 +324,12 @@ class Redispatch:
             self.done = ack.done
 
     def overdue(self) -> list[int]:
-        """Seqs to send again now; abandons those already sent `attempts` times."""
+        """Seqs to send again now; abandons those whose last send has gone unanswered."""
         now = time.monotonic()
         due = []
-        for seq, entry in list(self.waiting.items()):
-            if now - entry[1] >= self.retry_after:
-                if entry[2] >= self.attempts:
+        for seq, (_, sent, times) in list(self.waiting.items()):
+            if now - sent >= self.retry_after * 2 ** (times - 1):
+                if times >= self.attempts:
                     del self.waiting[seq]
                     self.stats.abandoned += 1
                 else:
@@ -330,11 +339,13 @@ class Redispatch:
 
 def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: str = "cam0", mode: str | None = None,
             ring: int = 4, hwm: int = 8, hold: float | None = None, acks_endpoint: str | None = None,
-            retry_after: float = 10.0, curve=None, metrics=None, stop: threading.Event | None = None) -> ProducerStats:
+            retry_after: float = 10.0, window: int = 1024, curve=None, metrics=None,
+            stop: threading.Event | None = None) -> ProducerStats:
     """Send every frame of source to frames_endpoint (PUSH, bound), then eos to sink_endpoint (PUSH, connected).
 
     acks_endpoint: the sink's acknowledgements (SUB, connected). With it every frame is kept until
-    the sink has its verdict and sent again after `retry_after` seconds without one (Redispatch);
+    the sink has its verdict and sent again after `retry_after` seconds without one (doubling with
+    each send), with at most `window` frames awaiting their verdicts (Redispatch);
     after the end of the stream the producer goes on re-sending (and repeating its eos, so a
     restarted sink learns the count) until the sink acknowledges the whole stream. Then, or without
     acks right after the eos, the sockets stay open until `stop` is set (a supervisor does that
@@ -370,7 +381,7 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
         if curve:
             curve.connect_to(acks, "sink")
         acks.connect(acks_endpoint)
-        redispatch = Redispatch(acks, stats, retry_after)
+        redispatch = Redispatch(acks, stats, retry_after, window)
 
     reported = ProducerStats()
 
@@ -390,13 +401,11 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
         report()
         redispatch.poll(stream)
         for seq in redispatch.overdue():
-            entry = redispatch.waiting[seq]
             try:
-                out.send_multipart(entry[0], copy=False, flags=zmq.NOBLOCK)
+                out.send_multipart(redispatch.waiting[seq][0], copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return  # the workers are busy: the next round tries again
-            entry[1], entry[2] = time.monotonic(), entry[2] + 1
-            stats.resent += 1
+            redispatch.resent(seq)
 
     try:
         frames = _live_frames(source, ring, stats, stop) if mode == "live" else iter(source)

@@ -39,18 +39,19 @@ class RunError(LineguardError):
 
 
 MODES = (None, "lossless", "live")
+IN_FLIGHT_BATCHES = 8  # per inference worker: a producer's window (Product.window)
 
 
 @dataclasses.dataclass(frozen=True)
 class Product:
     """One product's model and the workers that serve it: workers / post_workers: process counts
-    (workers 0: chosen by the line, `auto_workers`; not the default, see there); batch, batch_ms: dynamic batching;
+    (workers 0, the default: chosen by the line, `auto_workers`); batch, batch_ms: dynamic batching;
     deployment.threads: per inference worker (None: the cores shared among every inference worker
     of the line)."""
 
     name: str
     model: Path
-    workers: int = 1
+    workers: int = 0
     post_workers: int = 1
     batch: int = 8
     batch_ms: float = 10.0
@@ -59,6 +60,14 @@ class Product:
     def __post_init__(self):
         if self.workers < 0 or self.post_workers < 1 or self.batch < 1 or self.batch_ms < 0:
             raise ConfigError("post-workers and batch must be >= 1, workers >= 0 (0: auto) and batch-ms >= 0")
+
+    @property
+    def window(self) -> int:
+        """Frames a stream of this product may have awaiting their verdicts (the producer's window):
+        IN_FLIGHT_BATCHES batches per inference worker, enough that none waits for work (a batch
+        being scored, one queued, the postprocess and the sink's 0.2 s acknowledgements behind) and
+        few enough that a stalled or restarted stage cannot pile up more than a second or two of frames."""
+        return IN_FLIGHT_BATCHES * self.batch * max(1, self.workers)
 
 
 MAX_AUTO_WORKERS = 8
@@ -69,10 +78,7 @@ def auto_workers(deployment: Deployment, cpu_products: int, cores: int | None = 
     `deployment.threads` cores (one per core when threads is unset), the cores split among the line's
     CPU products, at most MAX_AUTO_WORKERS. One single-threaded worker per core beat one worker on
     every core by 1.06-1.19x end to end on 2 cores (bench/results/e2e-*.json, "2-workers"): the
-    decode, the Python steps and the search run side by side instead of in turn. It is not the
-    default: two workers' input queues doubled the frames waiting, and in a 300-frame run with the
-    sink killed the latency rose several-fold, so frames outlived --retry-after and the kill test
-    lost a batch; bounding the frames in flight comes first."""
+    decode, the Python steps and the search run side by side instead of in turn."""
     if deployment.device != "cpu":
         return 1
     cores = max(1, (cores or os.cpu_count() or 1) // max(1, cpu_products))
@@ -163,7 +169,7 @@ class RunConfig:
     source: str = "synthetic"
     out: Path | None = None
     frames: int = 0
-    workers: int = 1
+    workers: int = 0
     post_workers: int = 1
     batch: int = 8
     batch_ms: float = 10.0
@@ -304,8 +310,8 @@ class Supervisor:
         c = self.line
         args = ["produce", stream.source, "--frames-endpoint", self.endpoint(f"frames-{stream.name}"), "--sink",
                 self.endpoint("results"), "--acks", self.endpoint("acks"), "--retry-after", str(c.retry_after),
-                "--stream", stream.name, "--frames", str(stream.frames), "--size",
-                str(self.frame_sizes[stream.product]),
+                "--window", str(c.product(stream.product).window), "--stream", stream.name,
+                "--frames", str(stream.frames), "--size", str(self.frame_sizes[stream.product]),
                 "--hold", "86400", *self.port(Stage("producer", stream.name))]  # stopped once the sink has all
         if stream.mode:
             args += ["--mode", stream.mode]

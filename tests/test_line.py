@@ -95,7 +95,7 @@ frames = 40
      "products.a: .*fp64"),
     ('[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n'
      '[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n', "each with its own name"),
-    ('metrics_port = 65533\n[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
+    ('metrics_port = 65533\n[products.a]\nmodel = "{m}"\nworkers = 1\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
      "needs ports 65533..65537"),
     ('[products.a\nmodel = 1\n', "not valid TOML"),
 ])

@@ -508,3 +508,70 @@ def test_stop_while_blocked_counts_only_frames_sent(net):
     finally:
         stop_producer(run, stop, net)
     assert eos == wire.Eos("cam0", 0, 0) and stats.sent == 0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_redispatch_backs_off_doubling_each_wait_then_abandons(monkeypatch):
+    """The n-th send waits retry_after * 2**(n-1) for a verdict; after `attempts` sends the frame is abandoned."""
+    from pipeline import producers
+
+    clock = FakeClock()
+    monkeypatch.setattr(producers.time, "monotonic", clock)
+    stats = ProducerStats()
+    redispatch = producers.Redispatch(None, stats, retry_after=2.0, window=8, attempts=4)
+    redispatch.add(0, ["frame 0"])
+    sends_at = [clock.now]
+    while 0 in redispatch.waiting:
+        clock.now += 0.25
+        for seq in redispatch.overdue():
+            assert seq == 0
+            redispatch.resent(seq)
+            sends_at.append(clock.now)
+    gaps = [b - a for a, b in zip(sends_at, sends_at[1:])]
+    assert gaps == [2.0, 4.0, 8.0]
+    assert clock.now - sends_at[-1] == 16.0  # the last send waited twice as long again, then gave up
+    assert stats.resent == 3 and stats.abandoned == 1
+
+
+def test_redispatch_window_bounds_the_frames_in_flight():
+    stats = ProducerStats()
+    from pipeline.producers import Redispatch
+
+    redispatch = Redispatch(None, stats, retry_after=10.0, window=3)
+    for seq in range(3):
+        assert not redispatch.full
+        redispatch.add(seq, [f"frame {seq}"])
+    assert redispatch.full
+    assert redispatch.overdue() == []
+
+
+def test_produce_holds_the_source_at_the_window_until_verdicts_come(net):
+    """With acks and nobody acknowledging, exactly `window` frames go out; each ack lets as many more through."""
+    n, window = 40, 6
+    source = ListSource([SourceFrame(pixels=np.full((8, 8, 3), i, np.uint8)) for i in range(n)])
+    frames_ep, sink_ep, acks_ep = net.endpoint("frames"), net.endpoint("sink"), net.endpoint("acks")
+    net.socket(zmq.PULL, bind=sink_ep)
+    acks = net.socket(zmq.PUB, bind=acks_ep)
+    stop = threading.Event()
+    run = Background(produce, source, frames_ep, sink_ep, mode="lossless", acks_endpoint=acks_ep,
+                     retry_after=60.0, window=window, stop=stop)
+    try:
+        pull = net.socket(zmq.PULL, connect=frames_ep)
+        got = [wire.decode(pull.recv_multipart(copy=False)).seq for _ in range(window)]
+        assert not pull.poll(500)  # the window is full: nothing more until a verdict
+        deadline = time.monotonic() + TIMEOUT_S
+        while not pull.poll(50):  # PUB drops what it sends before the SUB has joined: repeat the ack
+            assert time.monotonic() < deadline
+            acks.send_multipart(wire.encode_ack("cam0", 2, [], False))
+        got += [wire.decode(pull.recv_multipart(copy=False)).seq for _ in range(2)]
+        assert not pull.poll(500)
+    finally:
+        stop_producer(run, stop, net)
+    assert got == list(range(window + 2))
