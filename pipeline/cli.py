@@ -583,8 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the sink's --acks endpoint: keep every frame until its verdict, send again if none comes")
     produce.add_argument("--retry-after", type=float, default=10.0,
                          help="seconds before a frame is sent again (doubling with each send)")
-    produce.add_argument("--window", type=_positive_int, default=1024,
-                         help="with --acks: the most frames awaiting their verdicts; a full window holds the source back")
+    produce.add_argument("--window", type=_positive_int, default=64,
+                         help="with --acks: the most frames awaiting their verdicts (run: 8 batches per inference "
+                              "worker); a full window holds the source back")
     produce.add_argument("--hold", type=float, default=30.0,
                          help="seconds to stay connected after the end of stream, so frames in flight arrive")
     stage_options(produce)

@@ -290,7 +290,7 @@ class Redispatch:
     the source back (a live source then drops, and counts, camera frames), which also bounds the
     line's latency to about window / rate."""
 
-    def __init__(self, acks: zmq.Socket, stats: ProducerStats, retry_after: float, window: int = 1024,
+    def __init__(self, acks: zmq.Socket, stats: ProducerStats, retry_after: float, window: int = 64,
                  attempts: int = 4):
         self.acks, self.stats = acks, stats
         self.retry_after, self.window, self.attempts = retry_after, window, attempts
@@ -339,7 +339,7 @@ class Redispatch:
 
 def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: str = "cam0", mode: str | None = None,
             ring: int = 4, hwm: int = 8, hold: float | None = None, acks_endpoint: str | None = None,
-            retry_after: float = 10.0, window: int = 1024, curve=None, metrics=None,
+            retry_after: float = 10.0, window: int = 64, curve=None, metrics=None,
             stop: threading.Event | None = None) -> ProducerStats:
     """Send every frame of source to frames_endpoint (PUSH, bound), then eos to sink_endpoint (PUSH, connected).
 
