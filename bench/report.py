@@ -181,8 +181,8 @@ def reliability_lines() -> str:
         out.append(f"- CURVE (`bench.curve`, {c['frames']} frames over tcp, standalone stages, alternating rounds): "
                    f"plain {plain} frames/s, CURVE {curve}; median per-round ratio CURVE / plain "
                    f"{c['median_ratio']:.2f}.")
-    s = _load("soak-60min.json")
-    if s is not None:
+    for path in sorted(RESULTS.glob("soak-*min.json"), key=lambda p: -float(p.stem[5:-3])):  # longest first
+        s = json.loads(path.read_text())
         mem = ", ".join(f"{name} {m['first_window_mb']:.0f} -> {m['last_window_mb']:.0f} MB ({m['change']:+.1%})"
                         for name, m in s["memory"].items())
         out.append(f"- Soak (`bench.soak --minutes {s['minutes']:g} --kill-every {s['kill_every_s']:g}`, commit "
