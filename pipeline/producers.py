@@ -290,7 +290,7 @@ class Redispatch:
     the source back (a live source then drops, and counts, camera frames), which also bounds the
     line's latency to about window / rate."""
 
-    def __init__(self, acks: zmq.Socket, stats: ProducerStats, retry_after: float, window: int = 64,
+    def __init__(self, acks: zmq.Socket, stats: ProducerStats, retry_after: float, window: int,
                  attempts: int = 4):
         self.acks, self.stats = acks, stats
         self.retry_after, self.window, self.attempts = retry_after, window, attempts
