@@ -84,7 +84,7 @@ def _upgrade_v1(manifest: dict) -> dict:
     out = {k: v for k, v in manifest.items() if k not in ("embedding", "bank", "scoring", "grid", "input")}
     out.update(format_version=FORMAT_VERSION, upgraded_from=1,
                input={"height": size, "width": size, "channels": 3, "layout": "NHWC", "dtype": "uint8"},
-               geometry={"tiling": "resize", "scale": 1.0, "overlap": 0.25, "roi": None},
+               geometry={"tiling": "resize", "scale": 1.0, "overlap": 0.25, "roi": None, "photometric": "none"},
                maps={"stride": size // grid[0], "blur_sigma": manifest["scoring"]["blur_sigma"], "image_score": "max",
                      "top_k": 10},
                memory_bank={"embedding": emb, "bank": manifest["bank"], "feature_dim": manifest["feature_dim"],
@@ -92,8 +92,10 @@ def _upgrade_v1(manifest: dict) -> dict:
     return out
 
 
-def _embedding_defaults(manifest: dict) -> None:
-    """Embedding settings added after a manifest was written take the value its network was built with."""
+def _added_defaults(manifest: dict) -> None:
+    """Settings added after a manifest was written take the value its model was fitted with."""
+    if isinstance(manifest.get("geometry"), dict):
+        manifest["geometry"].setdefault("photometric", "none")  # before it was an option, pixels came as they were
     sections = [manifest.get("memory_bank", {}).get("embedding"),
                 manifest.get("reconstruction", {}).get("network", {}).get("encoder")]
     for section in sections:
@@ -127,7 +129,7 @@ def load_manifest(model_dir: str | Path) -> dict:
     elif version != FORMAT_VERSION:
         raise ArtifactError(f"{path} has format version {version}, this lineguard reads versions 1 and "
                             f"{FORMAT_VERSION}; {refit} or use the lineguard that wrote it")
-    _embedding_defaults(manifest)
+    _added_defaults(manifest)
     if manifest.get("kind") not in kind_names():
         raise ArtifactError(f"{path}: unknown model kind {manifest.get('kind')!r}; this lineguard reads "
                             f"{', '.join(kind_names())}; {refit}")

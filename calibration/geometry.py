@@ -14,6 +14,13 @@ canvas map by a weighted mean (weights fall towards each tile's edges, where the
 padding). A region of interest (a mask at any size, resized to each frame) confines scoring: the
 input is mid-grey outside it (so what lies there cannot reach the scores inside), cells outside
 it score 0 and tiles entirely outside it are not computed.
+
+Photometric standardisation (``photometric="frame"``, the default): before it is cut into inputs,
+each canvas gets one gain and offset for all its channels so that its pixels (inside the ROI) have
+mean 127.5 and standard deviation 64 (a typical natural image's), saturating at 0 and 255. A line
+whose exposure or lighting drifts from frame to frame is then compared with its normal frames at
+one brightness and contrast, and the bank's neighbours come from every exposure; the gain is at most
+64 / 8, so a nearly flat frame's noise is not blown up. Overlays show the frame as it came.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from calibration.images import resize
 from engines.errors import ConfigError
 
 TILINGS = ("resize", "tiles")
+PHOTOMETRICS = ("frame", "none")
 ROI_FILL = 127  # the input pixels outside a region of interest
+STANDARD_MEAN, STANDARD_STD, LEAST_STD = 127.5, 64.0, 8.0  # photometric="frame": the target, the gain's bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +68,14 @@ class InputSpec:
 class Geometry:
     """tiling: "resize" | "tiles"; scale: canvas pixels per frame pixel (tiles); overlap: the least
     fraction of a tile shared with its neighbour (tiles); roi: the artifact file holding the
-    region-of-interest mask (None: the whole frame)."""
+    region-of-interest mask (None: the whole frame); photometric: "frame" standardises each canvas's
+    brightness and contrast (`standardise`), "none" leaves the pixels as they come."""
 
     tiling: str = "resize"
     scale: float = 1.0
     overlap: float = 0.25
     roi: str | None = None
+    photometric: str = "frame"
 
     def __post_init__(self):
         if self.tiling not in TILINGS:
@@ -73,6 +84,8 @@ class Geometry:
             raise ConfigError(f"tile scale {self.scale} must be in (0, 8]: canvas pixels per frame pixel, e.g. 1.0")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"tile overlap {self.overlap} must be in [0, 1), e.g. 0.25")
+        if self.photometric not in PHOTOMETRICS:
+            raise ConfigError(f"unknown photometric standardisation {self.photometric!r}; valid: {', '.join(PHOTOMETRICS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,17 +149,23 @@ class Geometer:
         inside through the network's receptive field, in fitting and in serving alike.
         """
         th, tw = self.spec.height, self.spec.width
+        inside = None if self.roi is None else self._outside_free(layout.canvas)
         if self.geometry.tiling == "resize":
-            resize(image, th, tw, out=out[0])
-            if self.roi is not None:
-                out[0][~self._outside_free(layout.canvas)] = ROI_FILL
-            return
-        canvas = self.canvas_image(image, layout)
-        for k, (y, x) in enumerate(layout.origins):
-            out[k] = canvas[y:y + th, x:x + tw]
+            canvas = resize(image, th, tw, out=out[0])
+        else:
+            canvas = resize(image, *layout.canvas)
+            canvas = canvas.copy() if canvas is image else canvas
+        if self.geometry.photometric == "frame":
+            standardise(canvas, inside)
+        if inside is not None:
+            canvas[~inside] = ROI_FILL
+        if self.geometry.tiling == "tiles":
+            for k, (y, x) in enumerate(layout.origins):
+                out[k] = canvas[y:y + th, x:x + tw]
 
     def canvas_image(self, image: np.ndarray, layout: Layout) -> np.ndarray:
-        """The frame as the model saw it: uint8 RGB [Hc, Wc, 3], mid-grey outside the ROI."""
+        """The frame at canvas size for overlays: uint8 RGB [Hc, Wc, 3] as it came (not standardised),
+        mid-grey outside the ROI."""
         canvas = resize(image, *layout.canvas)
         if self.roi is not None:
             canvas = canvas.copy() if canvas is image else canvas
@@ -190,6 +209,19 @@ class Geometer:
         if self.roi is None:
             return None
         return cv2.resize(self.roi, (int(frame[1]), int(frame[0])), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def standardise(canvas: np.ndarray, inside: np.ndarray | None = None) -> None:
+    """uint8 [H, W, C] in place: one gain and offset for every channel, so the pixels (those `inside`,
+    bool [H, W], when given) have mean STANDARD_MEAN and std STANDARD_STD, saturated to 0..255; the
+    gain is at most STANDARD_STD / LEAST_STD."""
+    mask = None if inside is None else inside.astype(np.uint8)
+    means, stds = cv2.meanStdDev(canvas, mask=mask)  # per channel, [C, 1] float64 each
+    mean = float(means.mean())
+    std = float(np.sqrt(max((stds**2 + means**2).mean() - mean**2, 0.0)))  # all channels together
+    gain = STANDARD_STD / max(std, LEAST_STD)
+    lut = np.clip(np.rint((np.arange(256) - mean) * gain + STANDARD_MEAN), 0, 255).astype(np.uint8)
+    cv2.LUT(canvas, lut, dst=canvas)
 
 
 def _edge_weights(h: int, w: int) -> np.ndarray:

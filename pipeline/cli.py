@@ -112,7 +112,8 @@ def cmd_fit(args) -> int:
 
     options = _kind_options(args)
     spec = InputSpec(*args.input_size) if args.input_size else None
-    geometry = Geometry(tiling="tiles" if args.tiles else "resize", scale=args.tile_scale, overlap=args.tile_overlap)
+    geometry = Geometry(tiling="tiles" if args.tiles else "resize", scale=args.tile_scale, overlap=args.tile_overlap,
+                        photometric=args.photometric)
     maps = MapConfig(blur_sigma=args.blur_sigma, image_score=args.image_score, top_k=args.top_k)
     config = FitConfig(kind=args.kind, options=options, input=spec, geometry=geometry, roi=args.roi, maps=maps,
                        weights=args.weights, calib_images=args.calib_images, max_false_reject=args.max_false_reject,
@@ -427,6 +428,7 @@ def cmd_export(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from calibration.ensemble import FUSIONS
     from calibration.fit import FitConfig
+    from calibration.geometry import PHOTOMETRICS, Geometry
     from calibration.kinds import kind_names
     from calibration.maps import IMAGE_SCORES, MapConfig
     from calibration.memory_bank import AUGMENTS
@@ -461,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile-scale", type=float, default=1.0, help="with --tiles: input pixels per frame pixel")
     g.add_argument("--tile-overlap", type=float, default=0.25, help="with --tiles: least shared fraction of a tile")
     g.add_argument("--roi", default=None, help="region of interest: x,y,w,h in frame pixels, or a mask image")
+    g.add_argument("--photometric", choices=PHOTOMETRICS, default=Geometry.photometric,
+                   help="frame: each frame standardised to one brightness and contrast; none: pixels as they come")
     g.add_argument("--backbone", default=None, help=f"default efficientnet_lite0; one of {', '.join(backbone_names())}")
     g.add_argument("--weights", default=None, help="backbone checkpoint path (default: installed weights)")
     g.add_argument("--layers", type=_layers, default=None, help="comma-separated backbone stages")

@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.geometry import Geometer, Geometry, InputSpec, input_for_frames, read_roi
+from calibration.geometry import (LEAST_STD, STANDARD_MEAN, STANDARD_STD, Geometer, Geometry, InputSpec, input_for_frames,
+                                  read_roi, standardise)
 from engines.errors import ConfigError
 
 SPEC = InputSpec(64, 96)
@@ -22,14 +23,14 @@ def test_input_spec_validation():
 
 
 @pytest.mark.parametrize("kwargs, needle", [({"tiling": "mosaic"}, "tiling"), ({"scale": 0}, "scale"),
-                                            ({"overlap": 1.0}, "overlap")])
+                                            ({"overlap": 1.0}, "overlap"), ({"photometric": "clahe"}, "photometric")])
 def test_geometry_validation(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         Geometry(**kwargs)
 
 
 def test_resize_layout_is_one_input_of_the_model_size():
-    g = Geometer(SPEC, Geometry(), stride=8)
+    g = Geometer(SPEC, Geometry(photometric="none"), stride=8)
     layout = g.layout((300, 700))
     assert layout.canvas == (64, 96) and layout.origins == ((0, 0),) and layout.grid == (8, 12)
     out = np.zeros((1, 64, 96, 3), np.uint8)
@@ -58,15 +59,19 @@ def test_tiles_cover_the_canvas_with_overlap(frame, scale):
     assert all(b - a <= 96 * (1 - overlap) + 8 for a, b in zip(xs, xs[1:]))
 
 
-def test_prepare_cuts_the_scaled_frame_into_its_tiles():
-    g = Geometer(SPEC, Geometry("tiles", 1.0), stride=8)
+@pytest.mark.parametrize("photometric", ["none", "frame"])
+def test_prepare_cuts_the_scaled_frame_into_its_tiles(photometric):
+    g = Geometer(SPEC, Geometry("tiles", 1.0, photometric=photometric), stride=8)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (150, 230, 3), dtype=np.uint8)
     layout = g.layout(image.shape[:2])
     out = np.zeros((layout.count,) + SPEC.shape, np.uint8)
     g.prepare(image, layout, out)
-    canvas = g.canvas_image(image, layout)
+    canvas = g.canvas_image(image, layout)  # as the frame came, for overlays
     assert canvas.shape[:2] == layout.canvas
+    if photometric == "frame":  # one gain and offset for the whole canvas, so tiles of a frame agree
+        canvas = canvas.copy()
+        standardise(canvas)
     for tile, (y, x) in zip(out, layout.origins):
         np.testing.assert_array_equal(tile, canvas[y:y + 64, x:x + 96])
 
@@ -95,7 +100,7 @@ def test_stitch_puts_each_cell_back_and_blends_overlaps():
 def test_roi_drops_tiles_outside_it_and_zeroes_cells():
     roi = np.zeros((64, 192), np.uint8)
     roi[:, :60] = 255  # only the left third of the frame
-    g = Geometer(SPEC, Geometry("tiles", 1.0, 0.5), stride=8, roi=roi)
+    g = Geometer(SPEC, Geometry("tiles", 1.0, 0.5, photometric="none"), stride=8, roi=roi)
     layout = g.layout((64, 192))
     assert [x for _, x in layout.origins] == [0, 48]  # the tile at x = 96 sees nothing of the ROI
     cells = g.roi_cells(layout)
@@ -117,6 +122,54 @@ def test_resize_layout_with_roi_keeps_its_input():
     assert layout.count == 1
     stitched = g.stitch(np.ones((1, 8, 12), np.float32), layout)
     assert 0 < stitched.sum() < stitched.size
+
+
+def _stats(pixels: np.ndarray) -> tuple[float, float]:
+    return float(pixels.astype(np.float64).mean()), float(pixels.astype(np.float64).std())
+
+
+def test_standardise_reaches_the_target_and_bounds_the_gain():
+    rng = np.random.default_rng(0)
+    image = rng.integers(30, 91, (80, 120, 3), dtype=np.uint8)  # mean 60, std 17.6: no pixel saturates
+    standardise(image)
+    mean, std = _stats(image)
+    assert abs(mean - STANDARD_MEAN) < 0.5 and abs(std - STANDARD_STD) < 0.5
+    flat = rng.integers(100, 104, (80, 120, 3), dtype=np.uint8)  # std 1.1: the gain stops at 64 / 8
+    before = _stats(flat)[1]
+    standardise(flat)
+    assert abs(_stats(flat)[0] - STANDARD_MEAN) < 1.0
+    assert _stats(flat)[1] == pytest.approx(before * STANDARD_STD / LEAST_STD, rel=0.05)
+
+
+def test_photometric_frame_sees_one_frame_at_any_exposure():
+    """The same scene darker and at half the contrast gives the network (nearly) the same input."""
+    rng = np.random.default_rng(1)
+    texture = cv2.GaussianBlur(rng.integers(0, 256, (120, 180, 3), dtype=np.uint8), (0, 0), 2).astype(np.float32)
+    scene = np.clip((texture - texture.mean()) * 4 + 128, 0, 255).astype(np.uint8)  # std about 40
+    dim = np.clip(scene * 0.5 + 20, 0, 255).astype(np.uint8)
+    inputs = {}
+    for photometric in ("frame", "none"):
+        g = Geometer(SPEC, Geometry(photometric=photometric), stride=8)
+        pair = np.zeros((2,) + SPEC.shape, np.uint8)
+        for k, image in enumerate((scene, dim)):
+            g.prepare(image, g.layout(image.shape[:2]), pair[k:k + 1])
+        inputs[photometric] = np.abs(pair[0].astype(int) - pair[1].astype(int))
+    assert inputs["frame"].mean() < 1.5 and inputs["frame"].max() <= 8  # the rounding of the dim copy
+    assert inputs["none"].mean() > 10  # without it the network sees two different frames
+
+
+def test_photometric_statistics_come_from_inside_the_roi():
+    roi = np.zeros((64, 96), np.uint8)
+    roi[:, :48] = 255
+    rng = np.random.default_rng(2)
+    image = np.full((64, 96, 3), 255, np.uint8)
+    image[:, :48] = rng.integers(30, 91, (64, 48, 3))  # outside: white, which must not darken the inside
+    g = Geometer(SPEC, Geometry(), stride=8, roi=roi)
+    out = np.zeros((1,) + SPEC.shape, np.uint8)
+    g.prepare(image, g.layout((64, 96)), out)
+    mean, std = _stats(out[0][:, :48])
+    assert abs(mean - STANDARD_MEAN) < 0.5 and abs(std - STANDARD_STD) < 0.5
+    assert np.all(out[0][:, 48:] == 127)
 
 
 def test_input_for_frames_follows_a_shared_aspect_ratio():

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from calibration.geometry import Geometry
 from calibration.int8 import Int8Config
 from calibration.model import Model
 from calibration.synthetic import make_dataset
@@ -219,6 +220,17 @@ def test_manifest_from_before_pool_padding_keeps_the_pooling_its_network_has(fit
     (old / "manifest.json").write_text(json.dumps(m))
     assert Model(old).manifest["memory_bank"]["embedding"]["pool_padding"] == "exclude"
     assert Model(fitted_model).manifest["memory_bank"]["embedding"]["pool_padding"] == EmbeddingConfig().pool_padding
+
+
+def test_manifest_from_before_photometric_keeps_the_pixels_as_they_came(fitted_model, tmp_path):
+    """A manifest written before --photometric existed was fitted on unstandardised frames."""
+    old = tmp_path / "old"
+    shutil.copytree(fitted_model, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["geometry"]["photometric"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert Model(old).geometry.photometric == "none"
+    assert Model(fitted_model).geometry.photometric == Geometry().photometric == "frame"
 
 
 def _error_line(capsys) -> str:
