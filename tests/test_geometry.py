@@ -6,8 +6,17 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.geometry import (LEAST_STD, STANDARD_MEAN, STANDARD_STD, Geometer, Geometry, InputSpec, input_for_frames,
-                                  read_roi, standardise)
+from calibration.geometry import (
+    LEAST_STD,
+    STANDARD_MEAN,
+    STANDARD_STD,
+    Geometer,
+    Geometry,
+    InputSpec,
+    input_for_frames,
+    read_roi,
+    standardise,
+)
 from engines.errors import ConfigError
 
 SPEC = InputSpec(64, 96)

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from nets import int8_or_refusal
 
 from calibration.geometry import Geometry
 from calibration.int8 import Int8Config
@@ -16,7 +17,6 @@ from calibration.model import Model
 from calibration.synthetic import make_dataset
 from engines.heads import EmbeddingConfig
 from engines.runtimes import Deployment
-from nets import int8_or_refusal
 from pipeline.cli import main
 
 INPUT = "64x96"
