@@ -91,6 +91,24 @@ def levers_table(prefix: str = "", file: str = "levers.json") -> str:
     return "\n".join(out)
 
 
+# the steps from the previous default (photometric-none) to today's, then levers measured on the way
+DEFAULT_STEPS = ("photometric-none", "photometric-only", "border-2", "border-2-min", "border-bank-32k",
+                 "photometric-bank-32k", "photometric-pool-include", "photometric-input-320",
+                 "photometric-stages-2-4-5", "rec-photometric-none", "rec-photometric-frame")
+
+
+def tagged_table(tags: tuple[str, ...] = DEFAULT_STEPS) -> str:
+    """The default record and one row per tag of the accuracy-<dataset>-<tag>.json records that exist."""
+    out = ["| record | " + " | ".join(NAMES.values()) + " |", "|---|" + "---|" * len(NAMES)]
+    for tag in ("", *tags):
+        records = [_load(f"accuracy-{FILES[d]}{'-' + tag if tag else ''}.json") for d in NAMES]
+        if any(records):
+            cells = ["" if r is None else f"{_triple(r['metrics'])}, fit {r['manifest']['fit']['fit_seconds']:.0f} s"
+                     for r in records]
+            out.append(f"| {tag or 'default'} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def fewshot_table() -> str:
     data = _load("fewshot.json")
     if data is None:
@@ -197,7 +215,8 @@ def reliability_lines() -> str:
 
 TABLES = {"accuracy": accuracy_table, "protocols": protocol_table, "levers": levers_table,
           "reconstruction-levers": lambda: levers_table("rec-"),
-          "levers-rerank": lambda: levers_table(file="levers-rerank.json"), "few-shot": fewshot_table,
+          "levers-rerank": lambda: levers_table(file="levers-rerank.json"), "default-steps": tagged_table,
+          "few-shot": fewshot_table,
           "multi-class": multiclass_table, "end-to-end": e2e_table, "bench": bench_table, "int8": int8_table,
           "reliability": reliability_lines}
 

@@ -96,6 +96,8 @@ def _added_defaults(manifest: dict) -> None:
     """Settings added after a manifest was written take the value its model was fitted with."""
     if isinstance(manifest.get("geometry"), dict):
         manifest["geometry"].setdefault("photometric", "none")  # before it was an option, pixels came as they were
+    if isinstance(manifest.get("maps"), dict):
+        manifest["maps"].setdefault("border_rings", 0)  # and maps were used as the network made them
     sections = [manifest.get("memory_bank", {}).get("embedding"),
                 manifest.get("reconstruction", {}).get("network", {}).get("encoder")]
     for section in sections:

@@ -6,6 +6,8 @@ min) with its image threshold and lowest normal score, so 1 is that member's thr
 members' scales agree; then u is fused cell by cell (mean or max). The ensemble's image threshold
 is therefore 1 (with max fusion: a frame is defective when one member says so); its pixel
 threshold is the members' pixel thresholds in the same units: their mean, or (max fusion) the lowest.
+The members' maps are fused as their networks make them: their fitted border evening
+(calibration.maps) is a canvas-level step the fused map does not repeat.
 """
 
 from __future__ import annotations
@@ -129,8 +131,9 @@ def fuse(models: list[str | Path], out: str | Path, options: EnsembleOptions = E
                             f"{options.fusion}", "image": {"threshold": 1.0, "min": 0.0},
                   "pixel": {"threshold": float(pixel), "min": 0.0}, "members": members}
     (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+    maps = {**first["maps"], "border_rings": 0, "border": []}  # the fused map: members' borders not evened
     return write_manifest(out, {
-        "kind": "ensemble", "input": first["input"], "geometry": first["geometry"], "maps": first["maps"],
+        "kind": "ensemble", "input": first["input"], "geometry": first["geometry"], "maps": maps,
         "ensemble": {"fusion": options.fusion, "members": members,
                      "kinds": [m["kind"] for m in manifests], "sources": [str(Path(m).resolve()) for m in models]},
         "categories": first.get("categories", []),

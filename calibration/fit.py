@@ -2,8 +2,9 @@
 
 The driver is kind-neutral: it reads the training images of one or more datasets (several make
 one multi-class model), chooses the input (the training frames' aspect ratio at about 256 x 256
-pixels, unless set), writes the ROI, hands a `FitContext` to the kind's `fit`, calibrates the
-thresholds from the held-out normal maps the kind returns, and writes the manifest.
+pixels, unless set), writes the ROI, hands a `FitContext` to the kind's `fit`, evens out the map
+border and calibrates the thresholds from the held-out normal maps the kind returns, and writes
+the manifest.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from calibration.artifact import write_manifest
 from calibration.dataset import image_size, read_images, train_images
 from calibration.geometry import Geometer, Geometry, InputSpec, Layout, input_for_frames
 from calibration.kinds import get_kind
-from calibration.maps import MapConfig
+from calibration.maps import MapConfig, even_border, fit_border
 from calibration.thresholds import calibrate
 from engines.errors import ConfigError, LineguardError
 from engines.runtimes import Deployment
@@ -197,7 +198,12 @@ def fit(datas: list[str | Path] | str | Path, out: str | Path, config: FitConfig
     ctx = FitContext(paths, categories, out, spec, geometer, maps, config.options, config.weights,
                      config.deployment, config.batch_size, config.calib_images, config.seed, progress)
     result = kind.fit(ctx)
-    thresholds = calibrate(result.canvas_maps, maps, config.max_false_reject, result.held_out, result.names)
+    s = maps.stride
+    insides = [geometer.roi_cells(Layout((0, 0), (m.shape[0] * s, m.shape[1] * s), (), s)) if roi is not None else None
+               for m in result.canvas_maps]
+    maps = dataclasses.replace(maps, border=fit_border(result.canvas_maps, maps.border_rings, insides))
+    canvas_maps = [even_border(m, maps, inside) for m, inside in zip(result.canvas_maps, insides)]
+    thresholds = calibrate(canvas_maps, maps, config.max_false_reject, result.held_out, result.names)
     thresholds["data"] = [str(d) for d in datas]
     (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     summary = {"kind": config.kind, "train_images": len(paths), "input": [spec.height, spec.width],

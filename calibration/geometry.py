@@ -85,7 +85,8 @@ class Geometry:
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"tile overlap {self.overlap} must be in [0, 1), e.g. 0.25")
         if self.photometric not in PHOTOMETRICS:
-            raise ConfigError(f"unknown photometric standardisation {self.photometric!r}; valid: {', '.join(PHOTOMETRICS)}")
+            raise ConfigError(f"unknown photometric standardisation {self.photometric!r}; "
+                              f"valid: {', '.join(PHOTOMETRICS)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,10 @@
 """Anomaly-map arithmetic shared by fitting, evaluation and the postprocess workers, for every kind.
 
-A model's raw map has one cell per `stride` canvas pixels (calibration.geometry). From it:
+A model's raw map has one cell per `stride` canvas pixels (calibration.geometry). Its outer
+`border_rings` rings of cells are first evened out (`even_border`): the network sees padding there,
+and the normal scores of those cells run higher and wider than inside, so a normal frame's largest
+cells used to lie on its border. Fit measures each ring's normal scores on the held-out frames and
+maps them affinely onto the interior's (`fit_border`, stored as `MapConfig.border`). From the map:
 
 - the image score: the largest cell, or the mean of the `top_k` largest (`MapConfig.image_score`);
 - the smoothed map: bilinear to canvas pixels, then a Gaussian blur of `blur_sigma` canvas pixels;
@@ -27,18 +31,77 @@ IMAGE_SCORES = ("max", "topk")
 @dataclasses.dataclass(frozen=True)
 class MapConfig:
     """stride: canvas pixels per map cell (set by the model's network); blur_sigma: Gaussian smoothing in
-    canvas pixels; image_score: "max" (PatchCore: the largest cell) or "topk" (mean of the top_k largest)."""
+    canvas pixels; image_score: "max" (PatchCore: the largest cell) or "topk" (mean of the top_k largest);
+    border_rings: outer rings of cells evened out (0: none); border: per ring, outermost first, the
+    fitted (gain, offset) of `even_border` (empty until fit measures it)."""
 
     stride: int = 8
     blur_sigma: float = 4.0
     image_score: str = "topk"
     top_k: int = 10
+    border_rings: int = 2
+    border: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "border", tuple(tuple(float(v) for v in ring) for ring in self.border))
+        if self.border_rings < 0 or len(self.border) > self.border_rings:
+            raise ConfigError(f"border rings ({self.border_rings}) must be >= 0 and cover the fitted border "
+                              f"({len(self.border)} rings)")
         if self.image_score not in IMAGE_SCORES:
             raise ConfigError(f"unknown image score {self.image_score!r}; valid: {', '.join(IMAGE_SCORES)}")
         if self.blur_sigma < 0 or self.top_k < 1 or self.stride < 1:
             raise ConfigError(f"blur sigma ({self.blur_sigma}) must be >= 0, top-k ({self.top_k}) and stride >= 1")
+
+
+def ring_depth(h: int, w: int) -> np.ndarray:
+    """int [h, w]: each cell's distance in cells to the map's nearest edge (0 on the outer ring)."""
+    y = np.minimum(np.arange(h), np.arange(h)[::-1])
+    x = np.minimum(np.arange(w), np.arange(w)[::-1])
+    return np.minimum.outer(y, x)
+
+
+def fit_border(canvas_maps: list[np.ndarray], rings: int, insides: list[np.ndarray | None] | None = None
+               ) -> tuple[tuple[float, float], ...]:
+    """Normal canvas maps float32 [h_i, w_i] (cells `inside` the ROI, bool, when given) -> per ring
+    (outermost first) the (gain, offset) that give its cells the interior's mean and std; () when the
+    maps have no interior beyond `rings` rings."""
+    insides = insides or [None] * len(canvas_maps)
+    values: list[list[np.ndarray]] = [[] for _ in range(rings + 1)]  # rings, then the interior
+    for grid_map, inside in zip(canvas_maps, insides):
+        depth = np.minimum(ring_depth(*grid_map.shape), rings)
+        for k in range(rings + 1):
+            cells = depth == k if inside is None else (depth == k) & inside
+            values[k].append(grid_map[cells].astype(np.float64))
+    pooled = [np.concatenate(v) for v in values]
+    if rings == 0 or any(len(v) < 2 for v in pooled):
+        return ()
+    mean, std = pooled[-1].mean(), pooled[-1].std()
+    out = []
+    for ring in pooled[:-1]:
+        gain = std / ring.std() if ring.std() > 1e-12 else 1.0
+        out.append((float(gain), float(mean - gain * ring.mean())))
+    return tuple(out)
+
+
+def border_planes(shape: tuple[int, int], config: MapConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """float32 gain and offset [h, w] of `even_border` for a map of `shape` (None: nothing to even)."""
+    if not config.border:
+        return None
+    depth = ring_depth(*shape)
+    gain, offset = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    for k, (g, b) in enumerate(config.border):
+        gain[depth == k], offset[depth == k] = g, b
+    return gain, offset
+
+
+def even_border(grid_map: np.ndarray, config: MapConfig, inside: np.ndarray | None = None) -> np.ndarray:
+    """float32 [h, w] canvas map -> float32 [h, w], each outer ring's cells x gain + offset (config.border);
+    cells outside `inside` (bool [h, w], the ROI) stay 0."""
+    planes = border_planes(grid_map.shape, config)
+    if planes is None:
+        return grid_map
+    out = np.minimum(grid_map, grid_map * planes[0] + planes[1])
+    return out if inside is None else np.where(inside, out, np.float32(0))
 
 
 def image_score(grid_map: np.ndarray, config: MapConfig) -> float:

@@ -45,7 +45,7 @@ class BankOptions:
     embedding: EmbeddingConfig = EmbeddingConfig()
     bank: BankConfig = BankConfig()
     coreset_ratio: float = 0.1
-    coreset_max: int = 16384
+    coreset_max: int = 32768
     coreset_proj_dim: int = 128
     max_patches: int = 2_000_000
     shots: int = 0

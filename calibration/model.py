@@ -19,7 +19,7 @@ import numpy as np
 from calibration.artifact import load_manifest
 from calibration.geometry import Geometer, Geometry, InputSpec, Layout
 from calibration.kinds import Detector, get_kind
-from calibration.maps import MapConfig, image_score, normalise, regions, smooth, to_frame
+from calibration.maps import MapConfig, border_planes, even_border, image_score, normalise, regions, smooth, to_frame
 from engines.runtimes import Deployment
 
 
@@ -60,6 +60,11 @@ class Model:
 
     def layout(self, frame: tuple[int, int]) -> Layout:
         return self.geometer.layout(frame)
+
+    def canvas_map(self, maps: np.ndarray, layout: Layout) -> np.ndarray:
+        """A frame's input maps float32 [T, h, w] -> its raw canvas map: stitched, border evened, ROI applied."""
+        inside = self.geometer.roi_cells(layout) if self.geometer.roi is not None else None
+        return even_border(self.geometer.stitch(maps, layout), self.maps, inside)
 
     def frame_map(self, canvas_map: np.ndarray, layout: Layout) -> np.ndarray:
         """Raw canvas map float32 [h, w] -> the smoothed raw map at the frame's size (0 outside the ROI)."""
@@ -159,7 +164,7 @@ class Inspector:
                                for s in range(0, total, self.batch)])
         results, at = [], 0
         for layout in layouts:
-            canvas = geometer.stitch(maps[at:at + layout.count], layout)
+            canvas = self.model.canvas_map(maps[at:at + layout.count], layout)
             at += layout.count
             results.append(Inspection(layout, canvas, image_score(canvas, self.model.maps)))
         return results
@@ -173,6 +178,10 @@ class Inspector:
         model, config = self.model, self.model.maps
         maps = torch.cat([self.detector.maps_device(self.buffer[s:min(s + self.batch, total)])
                           for s in range(0, total, self.batch)])  # [N, h, w] on the device
+        planes = border_planes(tuple(maps.shape[1:]), config)
+        if planes is not None:
+            gain, offset = (torch.from_numpy(p).to(maps.device) for p in planes)
+            maps = torch.minimum(maps, maps * gain + offset)
         cells = model.geometer.roi_cells(layouts[0])
         if not cells.all():
             maps = maps * torch.from_numpy(cells).to(maps.device)

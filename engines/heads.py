@@ -46,7 +46,7 @@ class EmbeddingConfig:
     weighting: str = "equal"
     context: int = 0
     pool_padding: str = "exclude"
-    dim: int = 128
+    dim: int = 64
     projection: str = "pca"
     seed: int = 0
 

@@ -114,7 +114,8 @@ def cmd_fit(args) -> int:
     spec = InputSpec(*args.input_size) if args.input_size else None
     geometry = Geometry(tiling="tiles" if args.tiles else "resize", scale=args.tile_scale, overlap=args.tile_overlap,
                         photometric=args.photometric)
-    maps = MapConfig(blur_sigma=args.blur_sigma, image_score=args.image_score, top_k=args.top_k)
+    maps = MapConfig(blur_sigma=args.blur_sigma, image_score=args.image_score, top_k=args.top_k,
+                     border_rings=args.border_rings)
     config = FitConfig(kind=args.kind, options=options, input=spec, geometry=geometry, roi=args.roi, maps=maps,
                        weights=args.weights, calib_images=args.calib_images, max_false_reject=args.max_false_reject,
                        deployment=_deployment(args), batch_size=args.batch_size, seed=args.seed)
@@ -472,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blur-sigma", type=float, default=MapConfig.blur_sigma, help="map smoothing, input pixels")
     g.add_argument("--image-score", choices=IMAGE_SCORES, default=MapConfig.image_score)
     g.add_argument("--top-k", type=_positive_int, default=MapConfig.top_k, help="cells averaged by --image-score topk")
+    g.add_argument("--border-rings", type=int, default=MapConfig.border_rings,
+                   help="outer rings of map cells whose normal scores fit evens out to the interior's (0: none)")
     g.add_argument("--calib-images", type=_positive_int, default=FitConfig.calib_images,
                    help="held-out normal images that calibrate the thresholds, at most")
     g.add_argument("--max-false-reject", type=float, default=None,

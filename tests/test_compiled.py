@@ -283,6 +283,7 @@ def test_device_path_computes_what_the_host_path_does(fitted_model, synthetic_da
     from calibration.dataset import evaluation_samples, read_images
 
     model = Model(fitted_model)
+    assert model.maps.border  # the border evening runs on both paths
     frames = list(read_images([s.path for s in evaluation_samples(synthetic_data)]))
     with Inspector(model, Deployment()) as host, Inspector(model, Deployment("torch"), device_path=True) as device:
         want, got = host.inspect(frames), device.inspect(frames)

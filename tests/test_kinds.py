@@ -233,6 +233,17 @@ def test_manifest_from_before_photometric_keeps_the_pixels_as_they_came(fitted_m
     assert Model(fitted_model).geometry.photometric == Geometry().photometric == "frame"
 
 
+def test_manifest_from_before_border_evening_uses_its_maps_as_they_come(fitted_model, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(fitted_model, old)
+    m = json.loads((old / "manifest.json").read_text())
+    assert len(m["maps"]["border"]) == m["maps"]["border_rings"] == 2  # fitted now
+    del m["maps"]["border_rings"], m["maps"]["border"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    maps = Model(old).maps
+    assert maps.border_rings == 0 and maps.border == ()
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err  # one line, no traceback
