@@ -5,6 +5,7 @@ ratios are reported).
 
     python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3] [--engines fp32 int8] [--workers 1 2] [-- FIT OPTIONS]
     python -m bench.e2e --dataset magnetic_tile/tile --models bank=--kind,memory_bank rec=--kind,reconstruction
+    python -m bench.e2e --no-out --tag no-out    # the line without writing results, maps and overlays
 
 Writes bench/results/e2e-<dataset>[-<tag>].json.
 """
@@ -36,6 +37,9 @@ def main() -> None:
                         help="NAME=comma,separated,fit,options models to compare (default: one, default settings)")
     parser.add_argument("--workers", nargs="+", type=int, default=[1],
                         help="inference worker counts to compare (threads: the cores shared among them)")
+    parser.add_argument("--no-out", action="store_true",
+                        help="write nothing (no results.jsonl, maps or overlays): the line's speed without the output "
+                             "work, which grows with the frames judged defective")
     parser.add_argument("--tag", default="")
     parser.add_argument("fit_args", nargs="*", help="lineguard fit options for every model (after --)")
     args = parser.parse_args()
@@ -55,10 +59,11 @@ def main() -> None:
             for name in specs:
                 for precision, workers in ((p, w) for p in args.engines for w in args.workers):
                     out = tmp / "out"
-                    summary = run_pipeline(RunConfig(model=tmp / name, source=str(data / "test"), out=out,
+                    summary = run_pipeline(RunConfig(model=tmp / name, source=str(data / "test"),
+                                                     out=None if args.no_out else out,
                                                      batch=args.batch_size, workers=workers,
                                                      deployment=Deployment(precision=precision)))
-                    shutil.rmtree(out)
+                    shutil.rmtree(out, ignore_errors=True)
                     key = f"{name}/{precision}" + (f"/{workers}-workers" if workers != 1 else "")
                     runs.setdefault(key, []).append(
                         {k: summary[k] for k in ("fps", "latency_ms", "results", "error", "lost", "stage_ms")})
@@ -66,7 +71,7 @@ def main() -> None:
     keys = list(runs)
     ratios = {f"{a} / {keys[0]}": [ra["fps"] / r0["fps"] for ra, r0 in zip(runs[a], runs[keys[0]])] for a in keys[1:]}
     result = {"dataset": args.dataset, "test_files": files, "batch": args.batch_size, "models": specs,
-              "workers": args.workers,
+              "workers": args.workers, "written": "nothing" if args.no_out else "results.jsonl, maps, overlays",
               "fit_args": args.fit_args, "runs": runs,
               "median_fps": {k: float(np.median([r["fps"] for r in v])) for k, v in runs.items()},
               "median_ratio": {k: float(np.median(v)) for k, v in ratios.items()}, "round_ratios": ratios,
