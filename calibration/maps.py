@@ -4,7 +4,8 @@ A model's raw map has one cell per `stride` canvas pixels (calibration.geometry)
 `border_rings` rings of cells are first evened out (`even_border`): the network sees padding there,
 and the normal scores of those cells run higher and wider than inside, so a normal frame's largest
 cells used to lie on its border. Fit measures each ring's normal scores on the held-out frames and
-maps them affinely onto the interior's (`fit_border`, stored as `MapConfig.border`). From the map:
+finds the affine map onto the interior's (`fit_border`, stored as `MapConfig.border`); a cell takes
+the smaller of its score and the mapped one, so a quiet border is never raised. From the map:
 
 - the image score: the largest cell, or the mean of the `top_k` largest (`MapConfig.image_score`);
 - the smoothed map: bilinear to canvas pixels, then a Gaussian blur of `blur_sigma` canvas pixels;
@@ -95,8 +96,8 @@ def border_planes(shape: tuple[int, int], config: MapConfig) -> tuple[np.ndarray
 
 
 def even_border(grid_map: np.ndarray, config: MapConfig, inside: np.ndarray | None = None) -> np.ndarray:
-    """float32 [h, w] canvas map -> float32 [h, w], each outer ring's cells x gain + offset (config.border);
-    cells outside `inside` (bool [h, w], the ROI) stay 0."""
+    """float32 [h, w] canvas map -> float32 [h, w]: each outer-ring cell s becomes min(s, gain * s + offset)
+    with its ring's (gain, offset) from config.border; cells outside `inside` (bool [h, w], the ROI) stay 0."""
     planes = border_planes(grid_map.shape, config)
     if planes is None:
         return grid_map
