@@ -16,6 +16,7 @@ the smaller of its score and the mapped one, so a quiet border is never raised. 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING
 
 import cv2
@@ -85,13 +86,18 @@ def fit_border(canvas_maps: list[np.ndarray], rings: int, insides: list[np.ndarr
 
 
 def border_planes(shape: tuple[int, int], config: MapConfig) -> tuple[np.ndarray, np.ndarray] | None:
-    """float32 gain and offset [h, w] of `even_border` for a map of `shape` (None: nothing to even)."""
-    if not config.border:
-        return None
+    """float32 gain and offset [h, w] of `even_border` for a map of `shape` (None: nothing to even);
+    read-only, made once per shape and border."""
+    return _planes(tuple(shape), config.border) if config.border else None
+
+
+@functools.lru_cache(maxsize=32)
+def _planes(shape: tuple[int, int], border: tuple[tuple[float, float], ...]) -> tuple[np.ndarray, np.ndarray]:
     depth = ring_depth(*shape)
     gain, offset = np.ones(shape, np.float32), np.zeros(shape, np.float32)
-    for k, (g, b) in enumerate(config.border):
+    for k, (g, b) in enumerate(border):
         gain[depth == k], offset[depth == k] = g, b
+    gain.flags.writeable = offset.flags.writeable = False
     return gain, offset
 
 
@@ -103,6 +109,17 @@ def even_border(grid_map: np.ndarray, config: MapConfig, inside: np.ndarray | No
         return grid_map
     out = np.minimum(grid_map, grid_map * planes[0] + planes[1])
     return out if inside is None else np.where(inside, out, np.float32(0))
+
+
+def even_border_torch(grid_maps: "torch.Tensor", config: MapConfig) -> "torch.Tensor":
+    """`even_border` for a batch on any torch device: float32 [N, h, w] -> float32 [N, h, w] (no ROI)."""
+    import torch
+
+    planes = border_planes(tuple(grid_maps.shape[1:]), config)
+    if planes is None:
+        return grid_maps
+    gain, offset = (torch.from_numpy(p.copy()).to(grid_maps.device) for p in planes)
+    return torch.minimum(grid_maps, grid_maps * gain + offset)
 
 
 def image_score(grid_map: np.ndarray, config: MapConfig) -> float:

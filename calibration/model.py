@@ -19,7 +19,7 @@ import numpy as np
 from calibration.artifact import load_manifest
 from calibration.geometry import Geometer, Geometry, InputSpec, Layout
 from calibration.kinds import Detector, get_kind
-from calibration.maps import MapConfig, border_planes, even_border, image_score, normalise, regions, smooth, to_frame
+from calibration.maps import MapConfig, even_border, image_score, normalise, regions, smooth, to_frame
 from engines.runtimes import Deployment
 
 
@@ -173,15 +173,12 @@ class Inspector:
         """One input per frame: maps, scores, verdicts and defective frames' heat computed on the device."""
         import torch
 
-        from calibration.maps import smooth_torch
+        from calibration.maps import even_border_torch, smooth_torch
 
         model, config = self.model, self.model.maps
         maps = torch.cat([self.detector.maps_device(self.buffer[s:min(s + self.batch, total)])
                           for s in range(0, total, self.batch)])  # [N, h, w] on the device
-        planes = border_planes(tuple(maps.shape[1:]), config)
-        if planes is not None:
-            gain, offset = (torch.from_numpy(p).to(maps.device) for p in planes)
-            maps = torch.minimum(maps, maps * gain + offset)
+        maps = even_border_torch(maps, config)  # the ROI is applied next
         cells = model.geometer.roi_cells(layouts[0])
         if not cells.all():
             maps = maps * torch.from_numpy(cells).to(maps.device)

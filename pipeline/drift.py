@@ -7,8 +7,8 @@ when the KS statistic D reaches `statistic` (at least that share of the score ma
 effect size, so a large window does not alarm on a trifle) and the test's p-value is below `p`.
 
 Every frame counts, not only those judged normal: a shift (lens out of focus, camera moved, lens
-dirty; lighting only beyond what the models' photometric standardisation evens out) that pushes frames over the threshold would otherwise hide itself by leaving the normal
-set. A real defect rate r moves D by at most r, far below the bar of 0.5. The alarm falls when a
+dirty; lighting only beyond what the models' photometric standardisation evens out) that pushes
+frames over the threshold would otherwise hide itself by leaving the normal set. A real defect rate r moves D by at most r, far below the bar of 0.5. The alarm falls when a
 later window passes the test again. Its remedy is to re-calibrate: refit on current normal images.
 """
 
