@@ -288,13 +288,16 @@ class Redispatch:
     is not flooded with copies of frames it still holds); after `attempts` sends the frame is
     abandoned (the sink reports it lost). At most `window` frames are in flight: a full window holds
     the source back (a live source then drops, and counts, camera frames), which also bounds the
-    line's latency to about window / rate."""
+    line's latency to about window / rate. Frames whose results the sink holds unlogged behind a gap
+    (the ack's `held`) are kept but do not count against the window, and their wait restarts with
+    every ack that names them: once a restarted sink no longer does, they go again."""
 
     def __init__(self, acks: zmq.Socket, stats: ProducerStats, retry_after: float, window: int,
                  attempts: int = 4):
         self.acks, self.stats = acks, stats
         self.retry_after, self.window, self.attempts = retry_after, window, attempts
         self.waiting: dict[int, list] = {}  # seq -> [message, last sent (monotonic), times sent]
+        self.held: set[int] = set()  # waiting seqs the sink's last ack says it holds
         self.done = False
 
     def add(self, seq: int, message: list) -> None:
@@ -308,7 +311,7 @@ class Redispatch:
 
     @property
     def full(self) -> bool:
-        return len(self.waiting) >= self.window
+        return len(self.waiting) - len(self.held) >= self.window
 
     def poll(self, stream: str) -> None:
         """Take in every queued acknowledgement of `stream`."""
@@ -321,6 +324,10 @@ class Redispatch:
                 continue
             for seq in [q for q in self.waiting if ack.covers(q)]:
                 del self.waiting[seq]
+            self.held = {q for q in ack.held if q in self.waiting}
+            now = time.monotonic()
+            for seq in self.held:
+                self.waiting[seq][1] = now
             self.done = ack.done
 
     def overdue(self) -> list[int]:
@@ -331,6 +338,7 @@ class Redispatch:
             if now - sent >= self.retry_after * 2 ** (times - 1):
                 if times >= self.attempts:
                     del self.waiting[seq]
+                    self.held.discard(seq)
                     self.stats.abandoned += 1
                 else:
                     due.append(seq)

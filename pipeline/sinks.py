@@ -111,11 +111,17 @@ class Ledger:
         return self.expected is not None and self.next_seq >= self.expected and not self.pending and not self.skipped
 
     def ack(self) -> list:
-        """The cumulative acknowledgement message of this stream (wire.encode_ack)."""
-        missing = sorted(self.skipped | set(self.pending))
-        upto = max([self.next_seq] + [m + 1 for m in missing])
-        gaps = set(range(self.next_seq, upto)) - set(self.pending)
-        return wire.encode_ack(self.stream, upto, sorted((self.skipped | gaps))[:wire.MAX_ACK_MISSING], self.complete)
+        """The cumulative acknowledgement message of this stream (wire.encode_ack). It covers exactly
+        the seqs released (logged), not skipped ones, nor the results only waiting in memory behind
+        a gap, which a killed sink loses: those it names as held, so the producer keeps them without
+        sending them again. With more skipped seqs than an ack may list, it ends at the first one it
+        leaves out."""
+        missing = sorted(self.skipped)
+        upto = self.next_seq
+        if len(missing) > wire.MAX_ACK_MISSING:
+            upto, missing = missing[wire.MAX_ACK_MISSING], missing[:wire.MAX_ACK_MISSING]
+        held = sorted(s for s in self.pending if s >= upto)[:wire.MAX_ACK_MISSING]
+        return wire.encode_ack(self.stream, upto, missing, self.complete, held)
 
     def resume(self, released: set[int]) -> None:
         """Continue after a restart from the seqs already released (logged): those below the highest

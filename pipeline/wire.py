@@ -18,9 +18,11 @@ MAX_HEADER_BYTES; the frames after it are raw buffers. There is no pickle anywhe
                                     on the GPU) (inference worker -> postprocess worker)
     control {"v": 1, "kind": "control", "event": "ready" | "stats" | "status", "role", "name", "data"}
                                     no payload (stages -> the supervisor of a run)
-    ack     {"v": 1, "kind": "ack", "stream", "next", "missing": [seq, ...], "done"}
+    ack     {"v": 1, "kind": "ack", "stream", "next", "missing": [seq, ...], "done"(, "held": [seq, ...])}
                                     no payload (sink -> producers: every seq below "next" but those
-                                    in "missing" has its verdict logged; "done": the stream is whole)
+                                    in "missing" has its verdict logged; "done": the stream is whole;
+                                    "held": seqs whose results the sink holds in memory, unlogged,
+                                    waiting behind a gap)
 
 Send what the encoders return with ``sock.send_multipart(frames, copy=False)`` and hand what
 ``sock.recv_multipart(copy=False)`` returns to :func:`decode`; raw pixels and defect maps are then
@@ -69,7 +71,8 @@ _EOS_FIELDS = {"v", "kind", "stream", "count", "dropped"}
 _SCORED_FIELDS = {"v", "kind", "stream", "seq", "t_ns", "shape", "product", "meta", "score", "grid", "canvas",
                   "heat", "timing"}
 _CONTROL_FIELDS = {"v", "kind", "event", "role", "name", "data"}
-_ACK_FIELDS = {"v", "kind", "stream", "next", "missing", "done"}
+_ACK_REQUIRED = {"v", "kind", "stream", "next", "missing", "done"}
+_ACK_FIELDS = _ACK_REQUIRED | {"held"}
 MAX_ACK_MISSING = 4096
 CONTROL_EVENTS = ("ready", "stats", "status")
 _UNPACK_LIMITS = dict(max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, max_ext_len=MAX_HEADER_BYTES,
@@ -421,13 +424,17 @@ class Control:
 class Ack:
     """The sink's acknowledgement of one stream: every seq below ``next`` except those in ``missing``
     has its verdict released (logged); ``done``: the stream has ended and every seq has one.
-    Acks are cumulative and idempotent, so a lost one is made good by the next."""
+    ``held``: seqs at or above ``next`` whose results the sink holds in memory, not logged (waiting
+    behind a gap): the producer keeps them, since a killed sink loses them, but need not send them
+    again while the sink says it holds them. Acks are cumulative and idempotent, so a lost one is
+    made good by the next."""
 
     kind: ClassVar[str] = "ack"
     stream: str
     next: int
     missing: tuple[int, ...] = ()
     done: bool = False
+    held: tuple[int, ...] = ()
 
     def __post_init__(self):
         _str("stream", self.stream)
@@ -437,6 +444,9 @@ class Ack:
         _set(self, "missing", tuple(_int("missing seq", m, 0, self.next) for m in self.missing))
         if not isinstance(self.done, bool):
             raise WireError("bad_field", f"done must be a bool, got {_show(self.done)}")
+        if not isinstance(self.held, (list, tuple)) or len(self.held) > MAX_ACK_MISSING:
+            raise WireError("bad_field", f"held must be a list of at most {MAX_ACK_MISSING} seqs")
+        _set(self, "held", tuple(_int("held seq", h, self.next) for h in self.held))
 
     def covers(self, seq: int) -> bool:
         """Whether `seq` has its verdict (and may be forgotten by the producer)."""
@@ -532,11 +542,12 @@ def encode_scored(frame: Frame, score: float, grid_map: np.ndarray, image: np.nd
     return [_pack(header), *out]
 
 
-def encode_ack(stream: str, next_seq: int, missing: Sequence[int] = (), done: bool = False) -> list:
+def encode_ack(stream: str, next_seq: int, missing: Sequence[int] = (), done: bool = False,
+               held: Sequence[int] = ()) -> list:
     """[header bytes]: the sink's cumulative acknowledgement of a stream (see :class:`Ack`)."""
-    a = Ack(stream, next_seq, tuple(sorted(missing)), done)
+    a = Ack(stream, next_seq, tuple(sorted(missing)), done, tuple(sorted(held)))
     return [_pack({"v": VERSION, "kind": "ack", "stream": a.stream, "next": a.next, "missing": list(a.missing),
-                   "done": a.done})]
+                   "done": a.done, "held": list(a.held)})]
 
 
 def encode_control(event: str, role: str, name: str, data: dict[str, Any] | None = None) -> list:
@@ -606,9 +617,9 @@ def decode(frames: Sequence[bytes | memoryview | zmq.Frame]) -> Frame | Result |
             _frame_count("control", rest, 0)
             return Control(header["event"], header["role"], header["name"], header.get("data", {}))
         if kind == "ack":
-            _keys("ack", header, _ACK_FIELDS, _ACK_FIELDS)
+            _keys("ack", header, _ACK_FIELDS, _ACK_REQUIRED)
             _frame_count("ack", rest, 0)
-            return Ack(header["stream"], header["next"], header["missing"], header["done"])
+            return Ack(header["stream"], header["next"], header["missing"], header["done"], header.get("held", ()))
         raise WireError("bad_kind", f"message kind {_show(kind)}; expected 'frame', 'result', 'eos', 'scored', "
                                     f"'control' or 'ack'")
     except WireError as e:

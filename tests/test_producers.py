@@ -552,6 +552,51 @@ def test_redispatch_window_bounds_the_frames_in_flight():
     assert redispatch.overdue() == []
 
 
+class QueuedAcks:
+    """The acks socket of a Redispatch, fed by the test."""
+
+    def __init__(self):
+        self.queue: list[list] = []
+
+    def poll(self, timeout: int = 0) -> bool:
+        return bool(self.queue)
+
+    def recv_multipart(self) -> list:
+        return self.queue.pop(0)
+
+
+def test_redispatch_keeps_what_the_sink_holds_unlogged_and_sends_it_again_once_no_ack_names_it(monkeypatch):
+    """Results waiting behind a gap at the sink are not logged: the producer keeps those frames, out
+    of its window and not re-sent while the sink's acks say it holds them; a restarted sink (whose
+    acks do not name them) gets them again after retry_after."""
+    from pipeline import producers
+
+    clock = FakeClock()
+    monkeypatch.setattr(producers.time, "monotonic", clock)
+    acks = QueuedAcks()
+    redispatch = producers.Redispatch(acks, ProducerStats(), retry_after=2.0, window=3)
+    for seq in range(3):
+        redispatch.add(seq, [f"frame {seq}"])
+    assert redispatch.full
+    holding = wire.encode_ack("cam0", 0, [], False, held=[1, 2])
+    acks.queue.append(holding)
+    redispatch.poll("cam0")
+    assert sorted(redispatch.waiting) == [0, 1, 2] and not redispatch.full  # kept, outside the window
+    clock.now += 2.0
+    acks.queue.append(holding)
+    redispatch.poll("cam0")
+    assert redispatch.overdue() == [0]  # the held frames' wait began again with the ack
+    redispatch.resent(0)
+    clock.now += 2.0  # no ack names them any more: the sink died
+    assert sorted(redispatch.overdue()) == [1, 2]
+    acks.queue.append(wire.encode_ack("cam0", 0, [], False))  # the restarted sink holds nothing
+    redispatch.poll("cam0")
+    assert redispatch.full
+    acks.queue.append(wire.encode_ack("cam0", 3, [], False))
+    redispatch.poll("cam0")
+    assert redispatch.waiting == {} and redispatch.held == set()
+
+
 def test_produce_holds_the_source_at_the_window_until_verdicts_come(net):
     """With acks and nobody acknowledging, exactly `window` frames go out; each ack lets as many more through."""
     n, window = 40, 6

@@ -101,6 +101,26 @@ def test_ledger_skips_a_gap_after_window_results_wait_and_releases_it_late_once(
     assert Counter(seqs(released + late)) == Counter(range(5))
 
 
+def test_ledger_acknowledges_only_what_it_has_released():
+    """A result waiting behind a gap lives only in the sink's memory: acknowledged, the producer would
+    forget it and a killed sink would lose it (the kill test lost 8 frames this way)."""
+    ledger = Ledger("cam0", window=4)
+    for seq in (0, 1, 3, 4):
+        ledger.accept(res(seq))
+    ack = wire.decode(ledger.ack())
+    assert [s for s in range(6) if ack.covers(s)] == [0, 1] and not ack.done
+    ledger.accept(res(2))
+    ack = wire.decode(ledger.ack())
+    assert [s for s in range(6) if ack.covers(s)] == [0, 1, 2, 3, 4]
+    skipping = Ledger("cam1", window=1)
+    for seq in range(1, 2 * wire.MAX_ACK_MISSING + 4, 2):  # every even seq skipped, more than an ack can list
+        skipping.accept(res(seq, stream="cam1"))
+    ack = wire.decode(skipping.ack())
+    released = {s for s in range(skipping.next_seq) if s not in skipping.skipped}
+    covered = {s for s in range(skipping.next_seq + 1) if ack.covers(s)}
+    assert covered and covered <= released and len(ack.missing) == wire.MAX_ACK_MISSING
+
+
 def test_ledger_is_complete_once_the_eos_count_is_reached():
     ledger = Ledger("cam0", window=8)
     ledger.accept(res(0))

@@ -505,3 +505,13 @@ def test_frame_error_field_and_user_meta():
     assert "error" not in header  # absent unless set: version-1 receivers without it still read frames
     with pytest.raises(wire.WireError, match="error"):
         wire.encode_frame("cam0", 4, np.zeros((1, 1, 1), np.uint8), error="")
+
+
+def test_ack_round_trips_its_held_seqs_and_reads_acks_without_them():
+    ack = wire.decode(wire.encode_ack("cam0", 5, [2], False, held=[9, 7]))
+    assert (ack.next, ack.missing, ack.held, ack.done) == (5, (2,), (7, 9), False)
+    assert [s for s in range(10) if ack.covers(s)] == [0, 1, 3, 4]  # held is not covered: not logged yet
+    older = msgpack.packb({"v": 1, "kind": "ack", "stream": "cam0", "next": 3, "missing": [], "done": True})
+    assert wire.decode([older]).held == ()  # a sink of the previous version
+    with pytest.raises(wire.WireError, match="held seq must be an int in \\[5,"):
+        wire.encode_ack("cam0", 5, [], False, held=[4])  # below next: logged already, not held
