@@ -6,6 +6,11 @@ ratios are reported).
     python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3] [--engines fp32 int8] [--workers 1 2] [-- FIT OPTIONS]
     python -m bench.e2e --dataset magnetic_tile/tile --models bank=--kind,memory_bank rec=--kind,reconstruction
     python -m bench.e2e --no-out --tag no-out    # the line without writing results, maps and overlays
+    python -m bench.e2e --models default= today@7a955b5=   # against the code of a commit, its own defaults
+
+Each model is fitted and run by the `lineguard` command of its code: this checkout, or for a name
+NAME@REF the tree of git commit REF (extracted with `git archive`, run on this environment's
+packages), so a comparison with an earlier version is one run, as a ratio.
 
 Writes bench/results/e2e-<dataset>[-<tag>].json.
 """
@@ -14,17 +19,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from bench.accuracy import DATA, RESULTS
+from bench.accuracy import DATA, RESULTS, ROOT
 from calibration.artifact import machine_info
-from engines.runtimes import Deployment
-from pipeline.cli import main as lineguard
-from pipeline.run import RunConfig, run_pipeline
+
+
+def code_tree(name: str, tmp: Path) -> Path:
+    """The code a model NAME[@REF] runs with: this checkout, or commit REF's tree under tmp."""
+    if "@" not in name:
+        return ROOT
+    ref = name.split("@", 1)[1]
+    tree = tmp / f"code-{ref}"
+    if not tree.is_dir():
+        tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=False)
+        if archive.returncode != 0:
+            raise SystemExit(f"git archive {ref} failed: {archive.stderr.decode().strip()}; name a commit of this repo")
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
+def lineguard(tree: Path, *args: str) -> None:
+    """`lineguard ARGS` with the code of `tree` (its stage processes inherit it)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=tree, env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"lineguard {' '.join(args[:2])} ({tree}) failed:\n{proc.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -49,20 +78,21 @@ def main() -> None:
     runs: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        trees = {name: code_tree(name, tmp) for name in specs}
         for name, options in specs.items():
             extra = [o for o in options.split(",") if o]
-            if lineguard(["fit", str(data), "-o", str(tmp / name), *extra, *args.fit_args]) != 0:
-                raise SystemExit(f"fit of {name} failed")
-            if "int8" in args.engines and lineguard(["export", str(tmp / name), "--precision", "int8"]) != 0:
-                raise SystemExit(f"int8 export of {name} failed (see the message: int8 may not hold on this CPU)")
+            lineguard(trees[name], "fit", str(data), "-o", str(tmp / name), *extra, *args.fit_args)
+            if "int8" in args.engines:
+                lineguard(trees[name], "export", str(tmp / name), "--precision", "int8")
         for _ in range(args.repeats):
             for name in specs:
                 for precision, workers in ((p, w) for p in args.engines for w in args.workers):
-                    out = tmp / "out"
-                    summary = run_pipeline(RunConfig(model=tmp / name, source=str(data / "test"),
-                                                     out=None if args.no_out else out,
-                                                     batch=args.batch_size, workers=workers,
-                                                     deployment=Deployment(precision=precision)))
+                    out, summary_file = tmp / "out", tmp / "summary.json"
+                    lineguard(trees[name], "run", str(tmp / name), "--source", str(data / "test"),
+                              *([] if args.no_out else ["--out", str(out)]), "--json", str(summary_file),
+                              "--batch-size", str(args.batch_size), "--workers", str(workers),
+                              "--precision", precision)
+                    summary = json.loads(summary_file.read_text())
                     shutil.rmtree(out, ignore_errors=True)
                     key = f"{name}/{precision}" + (f"/{workers}-workers" if workers != 1 else "")
                     runs.setdefault(key, []).append(

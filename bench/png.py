@@ -1,10 +1,12 @@
-"""PNG encoder settings for what lineguard writes at line rate: the 8-bit defect maps (frame size, the
+"""Encoder settings for what lineguard writes at line rate: the 8-bit defect maps (frame size, the
 sink) and the overlays (canvas size, the postprocess worker), made from a fitted model's real maps of
 a dataset's defective test images. Encode milliseconds (best of 5 passes) and bytes per image.
 
     python -m bench.png MODEL DATA [--images 32]      -> bench/results/png.json
 
-Every setting is lossless; the fastest that is not larger than the current one wins.
+rows: lossless PNG settings for both; the fastest that is not larger than the current one wins (maps
+are data: they stay lossless). overlay_jpeg: JPEG qualities for the overlays, which are pictures for
+people, with their PSNR against the overlay itself.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from bench.accuracy import RESULTS
 from calibration.artifact import machine_info
 from calibration.dataset import evaluation_samples, read_image
-from calibration.images import PNG_FAST
+from calibration.images import OVERLAY_JPEG, PNG_FAST
 from calibration.maps import normalise, overlay, smooth, to_frame
 from calibration.model import Inspector, Model
 from engines.runtimes import Deployment
@@ -64,6 +66,18 @@ def measure(arrays: list[np.ndarray], params: list[int]) -> dict:
     return {"ms": round(1000 * best / len(arrays), 3), "kb": round(sum(map(len, encoded)) / len(arrays) / 1024, 1)}
 
 
+def measure_jpeg(arrays: list[np.ndarray], quality: int) -> dict:
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    best, encoded = float("inf"), []
+    for _ in range(5):
+        start = time.perf_counter()
+        encoded = [cv2.imencode(".jpg", a, params)[1] for a in arrays]
+        best = min(best, time.perf_counter() - start)
+    psnr = [cv2.PSNR(a, cv2.imdecode(e, cv2.IMREAD_COLOR)) for a, e in zip(arrays, encoded)]
+    return {"quality": quality, "in_use": params == OVERLAY_JPEG, "ms": round(1000 * best / len(arrays), 3),
+            "kb": round(sum(map(len, encoded)) / len(arrays) / 1024, 1), "psnr_db": round(float(np.mean(psnr)), 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -74,11 +88,15 @@ def main() -> None:
     maps, overlays = images(args.model, args.data, args.images)
     rows = [{"setting": name, "in_use": params == PNG_FAST, "map": measure(maps, params),
              "overlay": measure(overlays, params)} for name, params in SETTINGS.items()]
+    jpeg = [measure_jpeg(overlays, q) for q in (80, 90, 95)]
     for r in rows:
         print(f"{r['setting']:<28} map {r['map']['ms']:6.2f} ms {r['map']['kb']:6.1f} KB   "
-              f"overlay {r['overlay']['ms']:6.2f} ms {r['overlay']['kb']:6.1f} KB{'  (in use)' if r['in_use'] else ''}")
+              f"overlay {r['overlay']['ms']:6.2f} ms {r['overlay']['kb']:6.1f} KB{'  (maps)' if r['in_use'] else ''}")
+    for r in jpeg:
+        print(f"overlay JPEG quality {r['quality']:<7} {r['ms']:6.2f} ms {r['kb']:6.1f} KB  PSNR {r['psnr_db']} dB"
+              f"{'  (overlays)' if r['in_use'] else ''}")
     result = {"data": str(args.data), "images": len(maps), "map_shape": list(maps[0].shape),
-              "overlay_shape": list(overlays[0].shape), "rows": rows, "machine": machine_info()}
+              "overlay_shape": list(overlays[0].shape), "rows": rows, "overlay_jpeg": jpeg, "machine": machine_info()}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

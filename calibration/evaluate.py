@@ -18,6 +18,7 @@ import numpy as np
 
 from calibration import metrics
 from calibration.dataset import evaluation_samples, read_images, read_mask
+from calibration.images import OVERLAY_JPEG, OVERLAY_SUFFIX
 from calibration.maps import normalise, overlay
 from calibration.model import Inspector, Model
 from engines.runtimes import Deployment
@@ -28,9 +29,9 @@ PIXEL_KEYS = ("auroc", "ap", "f1max", "iou_max", "aupro")
 MEAN_KEYS = tuple(f"image_{k}" for k in IMAGE_KEYS) + tuple(f"pixel_{k}" for k in PIXEL_KEYS)
 
 
-def _write(path: Path, array: np.ndarray) -> None:
+def _write(path: Path, array: np.ndarray, params: list[int] = ()) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), array):
+    if not cv2.imwrite(str(path), array, list(params)):
         raise OSError(f"could not write {path}")
 
 
@@ -62,7 +63,8 @@ def score_dataset(inspector: Inspector, data: Path, batch_size: int, maps_dir: P
             maps.append(fm)
             if maps_dir is not None:
                 heat = normalise(fm, model.thresholds["pixel"])
-                _write(maps_dir / category / Path(sample.rel).with_suffix(".png"), overlay(image, heat))
+                _write(maps_dir / category / Path(sample.rel).with_suffix(OVERLAY_SUFFIX), overlay(image, heat),
+                       OVERLAY_JPEG)
             if scores_dir is not None:
                 _write(scores_dir / category / Path(sample.rel).with_suffix(".tiff"), fm)
         if progress:

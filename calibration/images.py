@@ -22,11 +22,17 @@ class ImageError(LineguardError):
 BAYER = {"RG": cv2.COLOR_BayerBG2RGB, "BG": cv2.COLOR_BayerRG2RGB, "GR": cv2.COLOR_BayerGB2RGB,
          "GB": cv2.COLOR_BayerGR2RGB}
 
-# PNG written at line rate (overlays, defect maps): zlib level 1, every row filtered against the one
-# above, run-length matching: lossless, faster and smaller than level 1 with adaptive filters
-# (bench/png.py, bench/results/png.json)
+# PNG written at line rate (8-bit defect maps, which are data): zlib level 1, every row filtered
+# against the one above, run-length matching: lossless, faster and smaller than level 1 with adaptive
+# filters (bench/png.py, bench/results/png.json)
 PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
             cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+# Overlays are pictures for people (the frame with the heat blended over it): JPEG at quality 90,
+# an order of magnitude faster to encode and several times smaller than the fastest PNG, at a PSNR
+# recorded in bench/results/png.json. Every overlay writer (postprocess worker, eval --maps, the view)
+# uses these two.
+OVERLAY_SUFFIX = ".jpg"
+OVERLAY_JPEG = [cv2.IMWRITE_JPEG_QUALITY, 90]
 
 # camera pixel formats (GenICam PFNC) this module converts: name -> (bits per sample, bayer pattern, channels)
 PIXEL_FORMATS = {

@@ -3,7 +3,7 @@ frames/s, defect rate, latency, drift, the recent verdicts, and the model with i
 
     GET /             the page; it polls /state.json twice a second and updates itself
     GET /state.json   {"streams": {name: {...}}, "models": {name: {...}}, "t": unix seconds}
-    GET /latest/S.png the latest defective frame of stream S: its overlay when the run writes
+    GET /latest/S.jpg the latest defective frame of stream S: its overlay when the run writes
                       overlays, otherwise its defect map in colour
 
 The sink feeds every released result to `View.observe` (its own thread); the HTTP server reads a
@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from calibration.images import OVERLAY_JPEG, OVERLAY_SUFFIX
 from engines.errors import ConfigError
 
 RECENT = 20  # verdicts listed per stream
@@ -102,18 +103,19 @@ class View:
                              "recent": list(s.recent), "drift": self.drift.get(name)}
         return {"streams": out, "models": self.models, "t": time.time()}
 
-    def latest_png(self, stream: str) -> bytes | None:
+    def latest_image(self, stream: str) -> bytes | None:
+        """JPEG bytes of stream's latest defect: its overlay file, or its defect map in colour; None without one."""
         with self.lock:
             s = self.streams.get(stream)
             latest = None if s is None else s.latest
         if latest is None:
             return None
         seq, defect_map = latest
-        overlay = self.overlays / f"{stream}-{seq:08d}.png" if self.overlays else None
+        overlay = self.overlays / f"{stream}-{seq:08d}{OVERLAY_SUFFIX}" if self.overlays else None
         if overlay is not None and overlay.is_file():
             return overlay.read_bytes()
-        ok, png = cv2.imencode(".png", cv2.applyColorMap(defect_map, cv2.COLORMAP_JET))
-        return png.tobytes() if ok else None
+        ok, jpeg = cv2.imencode(OVERLAY_SUFFIX, cv2.applyColorMap(defect_map, cv2.COLORMAP_JET), OVERLAY_JPEG)
+        return jpeg.tobytes() if ok else None
 
     def _serve(self, request: BaseHTTPRequestHandler) -> None:
         path = request.path.split("?", 1)[0]
@@ -121,8 +123,8 @@ class View:
             body, kind = PAGE.encode(), "text/html; charset=utf-8"
         elif path == "/state.json":
             body, kind = json.dumps(self.state()).encode(), "application/json"
-        elif path.startswith("/latest/") and path.endswith(".png"):
-            body, kind = self.latest_png(path[len("/latest/"):-len(".png")]), "image/png"
+        elif path.startswith("/latest/") and path.endswith(".jpg"):
+            body, kind = self.latest_image(path[len("/latest/"):-len(".jpg")]), "image/jpeg"
         else:
             body, kind = None, ""
         if body is None:
@@ -179,7 +181,7 @@ async function update() {
        ${num(m.image_threshold, 4)} (${esc(m.rule)})</div>`).join("");
     const html = Object.entries(state.streams).map(([name, s]) => `
       <div class="stream" id="stream-${esc(name)}">
-        ${s.latest_defect === null ? "" : `<img alt="latest defect" src="/latest/${encodeURIComponent(name)}.png?seq=${s.latest_defect}">`}
+        ${s.latest_defect === null ? "" : `<img alt="latest defect" src="/latest/${encodeURIComponent(name)}.jpg?seq=${s.latest_defect}">`}
         <h2>${esc(name)}</h2>
         <div class="stats"><span>results <b class="results">${s.results}</b></span>
           <span>ok <b class="ok">${s.ok}</b></span><span>defect <b class="defects">${s.defect}</b></span>

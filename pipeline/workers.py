@@ -225,10 +225,10 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
 
     The verdict is the model's (calibration.model.Model.decide): defective when the normalised image
     score reaches 0.5. Defective frames get their regions (at the frame's size), the 8-bit defect map
-    (normalised smoothed score x 255, frame size) and, when `overlays` is given, an overlay PNG drawn
+    (normalised smoothed score x 255, frame size) and, when `overlays` is given, an overlay JPEG drawn
     on the canvas the model saw. Ok frames cost no map work at all.
     """
-    from calibration.images import PNG_FAST
+    from calibration.images import OVERLAY_JPEG, OVERLAY_SUFFIX
     from calibration.maps import overlay, to_frame
     from calibration.model import Model
 
@@ -278,8 +278,8 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                     defect_map = (frame_heat * 255).astype(np.uint8)
                 if overlays is not None and item.image is not None:  # at canvas size: line rate, not print quality
                     overlays.mkdir(parents=True, exist_ok=True)
-                    cv2.imwrite(str(overlays / f"{item.stream}-{item.seq:08d}.png"),
-                                overlay(np.ascontiguousarray(item.image), decision.heat), PNG_FAST)
+                    cv2.imwrite(str(overlays / f"{item.stream}-{item.seq:08d}{OVERLAY_SUFFIX}"),
+                                overlay(np.ascontiguousarray(item.image), decision.heat), OVERLAY_JPEG)
             timing = dict(item.timing)
             timing["post"] = 1000 * (time.perf_counter() - start)
             result = wire.Result(item.stream, item.seq, item.t_ns, decision.verdict, decision.score,

@@ -99,7 +99,7 @@ def test_synthetic_run_accounts_for_every_frame_and_finds_planted_defects(fitted
     assert sum(r["verdict"] == "ok" for r in normal) >= 0.6 * len(normal)
     for r in lines:
         if r["verdict"] == "defect":
-            assert r["regions"] and (out / "overlays" / f"cam0-{r['seq']:08d}.png").is_file()
+            assert r["regions"] and (out / "overlays" / f"cam0-{r['seq']:08d}.jpg").is_file()
             assert (out / "maps" / f"cam0-{r['seq']:08d}.png").is_file()
     assert "results" in proc.stdout and "fps" in proc.stdout
 

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
+import cv2
 import numpy as np
 import pytest
 import zmq
@@ -40,7 +41,8 @@ def live_sink(tmp_path, fitted_model):
     summary = {}
     stop = threading.Event()
     thread = threading.Thread(target=lambda: summary.update(run_sink(endpoint, streams=0, models=fitted_model,
-                                                                     view_port=port, stop=stop)), daemon=True)
+                                                                     view_port=port, overlays=tmp_path / "overlays",
+                                                                     stop=stop)), daemon=True)
     thread.start()
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
@@ -58,8 +60,11 @@ def live_sink(tmp_path, fitted_model):
     ctx.term()
 
 
-def test_state_and_images_without_a_browser(live_sink):
+def test_state_and_images_without_a_browser(live_sink, tmp_path):
     send, port, finish = live_sink
+    (tmp_path / "overlays").mkdir()
+    written = cv2.imencode(".jpg", np.full((16, 16, 3), 90, np.uint8))[1].tobytes()
+    (tmp_path / "overlays" / "cam0-00000004.jpg").write_bytes(written)  # as a postprocess worker writes it
     send(_results(range(6), ["ok", "defect", "ok", "error", "defect", "ok"]))
     base = f"http://127.0.0.1:{port}"
     state = wait_for(lambda: (s := json.loads(urllib.request.urlopen(f"{base}/state.json").read()))["streams"]
@@ -68,13 +73,18 @@ def test_state_and_images_without_a_browser(live_sink):
     assert (cam["ok"], cam["defect"], cam["error"], cam["latest_defect"]) == (3, 2, 1, 4)
     assert [r["seq"] for r in cam["recent"]] == [5, 4, 3, 2, 1, 0]
     assert state["models"]["*"]["kind"] == "memory_bank" and state["models"]["*"]["normal_images"] > 0
-    png = urllib.request.urlopen(f"{base}/latest/cam0.png").read()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert urllib.request.urlopen(f"{base}/latest/cam0.jpg").read() == written  # the overlay file, as it is
+    send(_results([6], ["defect"]))  # no overlay file for this one: its defect map in colour
+    wait_for(lambda: json.loads(urllib.request.urlopen(f"{base}/state.json").read())["streams"]["cam0"]
+             ["latest_defect"] == 6)
+    response = urllib.request.urlopen(f"{base}/latest/cam0.jpg")
+    colour = cv2.imdecode(np.frombuffer(response.read(), np.uint8), cv2.IMREAD_COLOR)
+    assert response.headers["Content-Type"] == "image/jpeg" and colour.shape == (32, 48, 3)
     with pytest.raises(urllib.error.HTTPError, match="404"):
-        urllib.request.urlopen(f"{base}/latest/nothing.png")
+        urllib.request.urlopen(f"{base}/latest/nothing.jpg")
     assert "lineguard" in urllib.request.urlopen(base + "/").read().decode()
     summary = finish()
-    assert (summary["ok"], summary["defect"], summary["error"]) == (3, 2, 1)
+    assert (summary["ok"], summary["defect"], summary["error"]) == (3, 3, 1)
 
 
 @pytest.mark.skipif(BROWSER is not None, reason=f"no browser to drive: {BROWSER}")

@@ -305,8 +305,8 @@ def test_postprocess_worker_turns_scored_frames_into_results(fitted_model, thres
     x, y, w, h = defect.regions[0].bbox
     assert x <= 120 < x + w and y <= 24 < y + h  # the hot cells' centre, in frame pixels
     assert defect.defect_map[24, 120] == 255 and defect.defect_map[80, 20] < 128  # hot corner, quiet corner
-    assert sorted(p.name for p in overlays.iterdir()) == ["cam0-00000001.png"]  # defective frames only
-    assert cv2.imread(str(overlays / "cam0-00000001.png")).shape == (128, 128, 3)  # drawn at the canvas size
+    assert sorted(p.name for p in overlays.iterdir()) == ["cam0-00000001.jpg"]  # defective frames only
+    assert cv2.imread(str(overlays / "cam0-00000001.jpg")).shape == (128, 128, 3)  # drawn at the canvas size
 
     assert by_seq[2] == error  # passed on unchanged
     assert by_seq[3].verdict == "error" and by_seq[3].error.startswith("rejected:") and by_seq[3].t_ns == 444
