@@ -8,7 +8,7 @@ the mean relative error of the distances.
     python -m bench.bank_search --dataset magnetic_tile/tile -- --coreset-max 32768
     python -m bench.bank_search --threads 1 --hnsw 16:32:32 16:128:32 16:128:24 --rounds 3
 
-HNSW rows are M:EF_CONSTRUCTION:EF_SEARCH; with --rounds R every row is timed R times, the rows
+HNSW rows are M:EF_CONSTRUCTION:EF_SEARCH[:STORAGE] (fp32 | fp16; default the bank default); with --rounds R every row is timed R times, the rows
 taking turns (this machine's speed drifts), and the median is recorded with the per-round ratios
 to the first HNSW row.
 """
@@ -101,11 +101,12 @@ def main() -> None:
                    *timed(lambda q, b=bank: b.search(q)[0][:, 0], queries, h * w))
     hnsw = {}
     for spec in args.hnsw:
-        m, efc, ef = (int(v) for v in spec.split(":"))
+        m, efc, ef, *storage = spec.split(":")
+        config = BankConfig(index="hnsw", hnsw_m=int(m), ef_construction=int(efc), ef_search=int(ef),
+                            **({"hnsw_storage": storage[0]} if storage else {}))
         start = time.perf_counter()
-        hnsw[f"hnsw M={m} ef_construction={efc} ef_search={ef}"] = (
-            MemoryBank.build(vectors, BankConfig(index="hnsw", hnsw_m=m, ef_construction=efc, ef_search=ef)),
-            round(time.perf_counter() - start, 2))
+        hnsw[f"hnsw M={m} ef_construction={efc} ef_search={ef} storage={config.hnsw_storage}"] = (
+            MemoryBank.build(vectors, config), round(time.perf_counter() - start, 2))
     times: dict[str, list[float]] = {name: [] for name in hnsw}
     dists: dict[str, np.ndarray] = {}
     for _ in range(args.rounds):

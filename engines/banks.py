@@ -13,6 +13,8 @@ distance to its nearest bank vector (and which one). Index kinds:
   the exact nearest vector for 97.9 % of magnetic_tile's patches in 0.54x the time of the earlier
   (32, 32), at 99.5 % (bench/results/bank_search-tile-hnsw-*.json); each map's highest cells are
   then searched again exactly (``rerank``), so image scores and map peaks do not depend on the misses.
+  ``hnsw_storage`` fp16 keeps the graph's vectors in half precision (faiss IndexHNSWSQ): half the
+  memory the search walks, so it is faster at the same exactness (bench/results/bank_search-*.json).
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ if TYPE_CHECKING:
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 BANK_PRECISIONS = ("fp32", "fp16")
+HNSW_STORAGES = ("fp32", "fp16")
 
 
 @dataclasses.dataclass(frozen=True)
 class BankConfig:
-    """index: one of INDEX_KINDS; nlist / nprobe for ivf (nlist 0: 4*sqrt(M)); hnsw_m / ef_construction
-    (used by build only) / ef_search for hnsw; rerank (ivf and hnsw): per map, the cells of highest
-    approximate distance searched again exactly (the image score and the map peaks are exact; an
-    approximate search only ever overstates a distance)."""
+    """index: one of INDEX_KINDS; nlist / nprobe for ivf (nlist 0: 4*sqrt(M)); hnsw_m / ef_construction /
+    hnsw_storage (used by build only: a bank file holds its own) / ef_search for hnsw; rerank (ivf and
+    hnsw): per map, the cells of highest approximate distance searched again exactly (the image score
+    and the map peaks are exact; an approximate search only ever overstates a distance)."""
 
     index: str = "hnsw"
     nlist: int = 0
@@ -46,10 +49,13 @@ class BankConfig:
     ef_construction: int = 64
     ef_search: int = 16
     rerank: int = 16
+    hnsw_storage: str = "fp16"
 
     def __post_init__(self):
         if self.index not in INDEX_KINDS:
             raise ConfigError(f"unknown index {self.index!r}; valid kinds: {', '.join(INDEX_KINDS)}")
+        if self.hnsw_storage not in HNSW_STORAGES:
+            raise ConfigError(f"unknown hnsw storage {self.hnsw_storage!r}; valid: {', '.join(HNSW_STORAGES)}")
         if min(self.nprobe, self.hnsw_m, self.ef_construction, self.ef_search) < 1 or self.rerank < 0:
             raise ConfigError(f"bank search settings must be >= 1 (rerank >= 0): {self}")
 
@@ -102,6 +108,10 @@ class MemoryBank:
             nlist = min(nlist, max(1, m // 39))  # faiss wants >= 39 training points per cell
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
             index.train(vectors)
+        elif config.hnsw_storage == "fp16":
+            index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, config.hnsw_m)
+            index.hnsw.efConstruction = config.ef_construction
+            index.train(vectors)  # fp16 needs no statistics; faiss asks for the call
         else:
             index = faiss.IndexHNSWFlat(d, config.hnsw_m)
             index.hnsw.efConstruction = config.ef_construction

@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     from calibration.maps import IMAGE_SCORES, MapConfig
     from calibration.memory_bank import AUGMENTS
     from engines.backbones import backbone_names
-    from engines.banks import INDEX_KINDS
+    from engines.banks import HNSW_STORAGES, INDEX_KINDS
     from engines.heads import POOL_PADDINGS, PROJECTIONS, WEIGHTINGS
     from engines.runtimes import PRECISIONS, RUNTIMES
 
@@ -491,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coreset-max", type=int, default=None, help="largest bank size (0: no limit); bounds search time")
     g.add_argument("--index", choices=INDEX_KINDS, default=None, help="flat (exact) | ivf | hnsw")
     g.add_argument("--ef-construction", type=_positive_int, default=None, help="hnsw candidates per insertion")
+    g.add_argument("--hnsw-storage", choices=HNSW_STORAGES, default=None,
+                   help="hnsw vectors in fp16 (default: half the memory searched, faster) or fp32")
     g.add_argument("--ef-search", type=_positive_int, default=None,
                    help="hnsw candidates per query: more is nearer exact and slower (bench.bank_search)")
     g.add_argument("--rerank", type=_count, default=None,

@@ -126,16 +126,30 @@ def _recall_at_1(index: MemoryBank, flat: MemoryBank, queries: np.ndarray, exclu
     return float((approx[:, 0] == exact[:, 0]).mean())
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-def test_approximate_index_recall(kind, clustered):
+@pytest.mark.parametrize("kind, storage", [("ivf", "fp32"), ("hnsw", "fp32"), ("hnsw", "fp16")])
+def test_approximate_index_recall(kind, storage, clustered):
     bank, queries, flat = clustered
-    index = MemoryBank.build(bank, BankConfig(index=kind))
+    index = MemoryBank.build(bank, BankConfig(index=kind, hnsw_storage=storage))
     assert index.size == 4000 and index.dim == 32
     assert _recall_at_1(index, flat, queries) >= 0.9
-    # approximate distances are true distances to the returned rows
+    # approximate distances are true distances to the returned rows (to their fp16 roundings, within
+    # fp16's relative precision, 2**-11 per component)
     dist, ids = index.search(queries, 3)
     actual = np.linalg.norm(queries[:, None, :] - bank[ids], axis=2)
-    np.testing.assert_allclose(dist, actual, rtol=0, atol=DIST_ATOL)
+    np.testing.assert_allclose(dist, actual, rtol=0 if storage == "fp32" else 2e-3, atol=DIST_ATOL)
+    np.testing.assert_allclose(index.vectors(), bank, rtol=0 if storage == "fp32" else 2 ** -10, atol=0)
+
+
+def test_hnsw_storage_is_the_bank_files_own():
+    """fp16 (the default) holds half-precision vectors in the graph; a bank file keeps its storage."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(500, 16)).astype(np.float32)
+    assert isinstance(MemoryBank.build(vectors, BankConfig()).index, faiss.IndexHNSWSQ)
+    assert isinstance(MemoryBank.build(vectors, BankConfig(hnsw_storage="fp32")).index, faiss.IndexHNSWFlat)
+    with pytest.raises(ConfigError, match="unknown hnsw storage 'int4'; valid: fp32, fp16"):
+        BankConfig(hnsw_storage="int4")
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
@@ -180,7 +194,7 @@ def test_search_exact_is_brute_force_whatever_the_index(kind, clustered):
     assert not index.exact
     for exclude in (None, (1000, 3000)):
         dist, ids = index.search_exact(queries[:50], exclude)
-        _check_against_brute(bank, queries[:50], dist, ids, 1, exclude)
+        _check_against_brute(index.vectors(), queries[:50], dist, ids, 1, exclude)  # the vectors it holds (hnsw: fp16)
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
@@ -191,8 +205,8 @@ def test_distance_maps_rerank_the_highest_cells_of_each_map_exactly(kind, cluste
 
     bank, queries, _ = clustered
     features = queries.reshape(4, 10, 10, 32)  # 4 maps of 10 x 10 cells
-    exact = _brute(bank, queries, 1)[0][:, 0].reshape(4, 100)
     rough = MemoryBank.build(bank, BankConfig(index=kind, nprobe=1, ef_search=1, rerank=0))
+    exact = _brute(rough.vectors(), queries, 1)[0][:, 0].reshape(4, 100)  # over the vectors it holds (hnsw: fp16)
     searched = distance_maps(rough, features).reshape(4, 100)
     assert (searched > exact + 1e-3).mean() > 0.05, "the rough search must miss for this test to mean anything"
     assert (searched >= exact - DIST_ATOL).all()  # approximate search only overstates
@@ -208,6 +222,8 @@ def test_distance_maps_rerank_the_highest_cells_of_each_map_exactly(kind, cluste
 @pytest.mark.parametrize("kind", INDEX_KINDS)
 def test_vectors_come_back_in_id_order_whatever_the_index(kind, clustered):
     bank, _, _ = clustered
-    got = MemoryBank.build(bank, BankConfig(index=kind)).vectors()
+    config = BankConfig(index=kind)
+    got = MemoryBank.build(bank, config).vectors()
     assert got.dtype == np.float32 and got.flags.c_contiguous
-    np.testing.assert_array_equal(got, bank)
+    half = kind == "hnsw" and config.hnsw_storage == "fp16"
+    np.testing.assert_allclose(got, bank, rtol=2 ** -10 if half else 0, atol=0)
