@@ -98,6 +98,9 @@ def _added_defaults(manifest: dict) -> None:
         manifest["geometry"].setdefault("photometric", "none")  # before it was an option, pixels came as they were
     if isinstance(manifest.get("maps"), dict):
         manifest["maps"].setdefault("border_rings", 0)  # and maps were used as the network made them
+    bank = manifest.get("memory_bank", {}).get("bank")
+    if isinstance(bank, dict):
+        bank.setdefault("hnsw_storage", "fp32")  # and HNSW banks held fp32 vectors (the file holds its own)
     sections = [manifest.get("memory_bank", {}).get("embedding"),
                 manifest.get("reconstruction", {}).get("network", {}).get("encoder")]
     for section in sections:

@@ -244,6 +244,20 @@ def test_manifest_from_before_border_evening_uses_its_maps_as_they_come(fitted_m
     assert maps.border_rings == 0 and maps.border == ()
 
 
+def test_manifest_from_before_hnsw_storage_says_its_bank_holds_fp32(fitted_model, tmp_path):
+    """The bank file holds its own storage; the manifest of an older model must not claim fp16."""
+    import faiss
+
+    m = json.loads((fitted_model / "manifest.json").read_text())
+    assert m["memory_bank"]["bank"]["index"] == "hnsw" and m["memory_bank"]["bank"]["hnsw_storage"] == "fp16"
+    assert isinstance(faiss.read_index(str(fitted_model / "bank.faiss")), faiss.IndexHNSWSQ)
+    old = tmp_path / "old"
+    shutil.copytree(fitted_model, old)
+    del m["memory_bank"]["bank"]["hnsw_storage"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert Model(old).manifest["memory_bank"]["bank"]["hnsw_storage"] == "fp32"
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err  # one line, no traceback
