@@ -8,9 +8,9 @@ the mean relative error of the distances.
     python -m bench.bank_search --dataset magnetic_tile/tile -- --coreset-max 32768
     python -m bench.bank_search --threads 1 --hnsw 16:32:32 16:128:32 16:128:24 --rounds 3
 
-HNSW rows are M:EF_CONSTRUCTION:EF_SEARCH[:STORAGE] (fp32 | fp16; default the bank default); with --rounds R every row is timed R times, the rows
-taking turns (this machine's speed drifts), and the median is recorded with the per-round ratios
-to the first HNSW row.
+HNSW rows are M:EF_CONSTRUCTION:EF_SEARCH[:STORAGE] (storage fp32 | fp16, default the bank's);
+with --rounds R every row is timed R times, the rows taking turns (this machine's speed drifts),
+and the median is recorded with the per-round ratios to the first HNSW row.
 """
 
 from __future__ import annotations

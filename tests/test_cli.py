@@ -53,7 +53,8 @@ def test_fit_eval_round_trip_finds_planted_defects(fitted_model, synthetic_data,
         tiff = tmp_path / "scores" / sample.rel.replace(".png", ".tiff")
         score_map = cv2.imread(str(tiff), cv2.IMREAD_UNCHANGED)
         assert score_map.dtype == np.float32 and score_map.shape == (128, 128)
-        assert cv2.imread(str(tmp_path / "maps" / sample.rel.replace(".png", ".jpg"))).shape == (128, 128, 3)  # one dataset: no category folder
+        overlay = tmp_path / "maps" / sample.rel.replace(".png", ".jpg")  # one dataset: no category folder
+        assert cv2.imread(str(overlay)).shape == (128, 128, 3)
         scores.append(score_map.max())
     # the written maps are the ones the metrics were computed on: recompute pixel AUROC from them
     maps = [cv2.imread(str(tmp_path / "scores" / s.rel.replace(".png", ".tiff")), cv2.IMREAD_UNCHANGED) for s in samples]
