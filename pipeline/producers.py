@@ -310,8 +310,13 @@ class Redispatch:
         self.stats.resent += 1
 
     @property
+    def sending(self) -> int:
+        """Frames awaiting a verdict that this producer may still send: those the sink does not hold."""
+        return len(self.waiting) - len(self.held)
+
+    @property
     def full(self) -> bool:
-        return len(self.waiting) - len(self.held) >= self.window
+        return self.sending >= self.window
 
     def poll(self, stream: str) -> None:
         """Take in every queued acknowledgement of `stream`."""
@@ -436,7 +441,10 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
             last_eos = time.monotonic()
             while not stop.is_set() and not (redispatch.done and not redispatch.waiting):
                 tend()
-                if redispatch.waiting and time.monotonic() - last_eos > 1.0:
+                # the eos repeats while frames may still be sent: it keeps the sink from declaring them
+                # lost. Once the sink holds all that is left (behind frames abandoned), it stops, so the
+                # sink's drain timeout declares the abandoned ones lost and logs the rest.
+                if redispatch.sending and time.monotonic() - last_eos > 1.0:
                     eos.send_multipart(end)
                     last_eos = time.monotonic()
                 if not redispatch.waiting and redispatch.done:

@@ -597,6 +597,40 @@ def test_redispatch_keeps_what_the_sink_holds_unlogged_and_sends_it_again_once_n
     assert redispatch.waiting == {} and redispatch.held == set()
 
 
+def test_produce_goes_quiet_once_the_sink_holds_all_that_is_left(net):
+    """Frame 0 never gets a verdict and is abandoned; the sink holds frames 1 and 2 behind it. The
+    producer must stop repeating its eos then, so the sink's drain timeout can declare 0 lost and
+    log 1 and 2: an eos repeated for ever would keep the sink, and the run, waiting for ever."""
+    source = ListSource([SourceFrame(pixels=np.full((8, 8, 3), i, np.uint8)) for i in range(3)])
+    frames_ep, sink_ep, acks_ep = net.endpoint("frames"), net.endpoint("sink"), net.endpoint("acks")
+    sink = net.socket(zmq.PULL, bind=sink_ep)
+    acks = net.socket(zmq.PUB, bind=acks_ep)
+    stop = threading.Event()
+    run = Background(produce, source, frames_ep, sink_ep, mode="lossless", acks_endpoint=acks_ep,
+                     retry_after=0.05, window=8, hold=0, stop=stop)
+    pull = net.socket(zmq.PULL, connect=frames_ep)  # takes the frames and their resends
+    holding = wire.encode_ack("cam0", 0, [], False, held=[1, 2])
+    eos_at: list[float] = []
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while time.monotonic() < deadline and not (eos_at and time.monotonic() - eos_at[-1] > 3.0):
+            acks.send_multipart(holding)
+            while pull.poll(0):
+                pull.recv_multipart()
+            while sink.poll(0):
+                assert isinstance(wire.decode(sink.recv_multipart()), wire.Eos)
+                eos_at.append(time.monotonic())
+            time.sleep(0.05)
+        assert eos_at and time.monotonic() - eos_at[-1] > 3.0, "the producer went on repeating its eos"
+        while run.thread.is_alive() and time.monotonic() < deadline:  # the sink drained: 0 lost, 1 and 2 logged
+            acks.send_multipart(wire.encode_ack("cam0", 3, [], True))
+            time.sleep(0.05)
+        stats = run.finish()
+    finally:
+        stop_producer(run, stop, net)
+    assert stats.abandoned == 1 and stats.sent == 3
+
+
 def test_produce_holds_the_source_at_the_window_until_verdicts_come(net):
     """With acks and nobody acknowledging, exactly `window` frames go out; each ack lets as many more through."""
     n, window = 40, 6
