@@ -82,6 +82,18 @@ def page_counts(driver, stream: str) -> dict[str, int] | None:
         return None
 
 
+def latest_image(driver, stream: str) -> str | None:
+    """The src of the latest-defect image the page shows for `stream` (None while it shows none, or
+    when the page re-rendered between finding the image and reading it)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        return driver.find_element(By.CSS_SELECTOR, f"#stream-{stream} img").get_attribute("src")
+    except (NoSuchElementException, StaleElementReferenceException):
+        return None
+
+
 def screenshot(out: Path, frames: int = 1500) -> Path:
     """Run a synthetic line of two streams with the view and save a screenshot of the page mid-run."""
     from calibration.synthetic import make_dataset

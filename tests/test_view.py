@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from bench.view import chromium, free_port, listening, missing, page_counts, wait_for
+from bench.view import chromium, free_port, latest_image, listening, missing, page_counts, wait_for
 from pipeline import wire
 from pipeline.run import RunConfig, run_pipeline
 from pipeline.sinks import run_sink
@@ -100,7 +100,7 @@ def test_the_page_updates_itself_and_matches_the_sink(live_sink):
         send(_results(range(30, 55), ["defect"] * 5 + ["ok"] * 20))  # the page must notice these by itself
         second = wait_for(lambda: (c := page_counts(driver, "cam0")) and c["results"] == 55 and c)
         assert driver.find_element("tag name", "body").get_attribute("data-updated") != updated
-        assert driver.find_element("css selector", "#stream-cam0 img").get_attribute("src").endswith("seq=34")
+        assert wait_for(lambda: (src := latest_image(driver, "cam0")) and src.endswith(".jpg?seq=34"))
     summary = finish()
     assert second == {"results": summary["results"], "ok": summary["ok"], "defect": summary["defect"],
                       "error": summary["error"], "lost": summary["lost"]} == {"results": 55, "ok": 40, "defect": 13,
