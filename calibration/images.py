@@ -34,6 +34,11 @@ PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRIT
 OVERLAY_SUFFIX = ".jpg"
 OVERLAY_JPEG = [cv2.IMWRITE_JPEG_QUALITY, 90]
 
+
+def overlay_file(stream: str, seq: int) -> str:
+    """The file name of a streamed frame's overlay: what the postprocess worker writes and the view reads."""
+    return f"{stream}-{seq:08d}{OVERLAY_SUFFIX}"
+
 # camera pixel formats (GenICam PFNC) this module converts: name -> (bits per sample, bayer pattern, channels)
 PIXEL_FORMATS = {
     "Mono8": (8, None, 1), "Mono10": (10, None, 1), "Mono12": (12, None, 1), "Mono16": (16, None, 1),

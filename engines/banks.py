@@ -108,13 +108,11 @@ class MemoryBank:
             nlist = min(nlist, max(1, m // 39))  # faiss wants >= 39 training points per cell
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
             index.train(vectors)
-        elif config.hnsw_storage == "fp16":
-            index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, config.hnsw_m)
-            index.hnsw.efConstruction = config.ef_construction
-            index.train(vectors)  # fp16 needs no statistics; faiss asks for the call
         else:
-            index = faiss.IndexHNSWFlat(d, config.hnsw_m)
+            index = (faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, config.hnsw_m) if config.hnsw_storage == "fp16"
+                     else faiss.IndexHNSWFlat(d, config.hnsw_m))
             index.hnsw.efConstruction = config.ef_construction
+            index.train(vectors)  # fp16 needs no statistics and flat none; faiss asks for the call
         index.add(vectors)
         return cls(index, config)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from calibration.images import OVERLAY_JPEG, OVERLAY_SUFFIX
+from calibration.images import OVERLAY_JPEG, OVERLAY_SUFFIX, overlay_file
 from engines.errors import ConfigError
 
 RECENT = 20  # verdicts listed per stream
@@ -111,7 +111,7 @@ class View:
         if latest is None:
             return None
         seq, defect_map = latest
-        overlay = self.overlays / f"{stream}-{seq:08d}{OVERLAY_SUFFIX}" if self.overlays else None
+        overlay = self.overlays / overlay_file(stream, seq) if self.overlays else None
         if overlay is not None and overlay.is_file():
             return overlay.read_bytes()
         ok, jpeg = cv2.imencode(OVERLAY_SUFFIX, cv2.applyColorMap(defect_map, cv2.COLORMAP_JET), OVERLAY_JPEG)

@@ -228,7 +228,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
     (normalised smoothed score x 255, frame size) and, when `overlays` is given, an overlay JPEG drawn
     on the canvas the model saw. Ok frames cost no map work at all.
     """
-    from calibration.images import OVERLAY_JPEG, OVERLAY_SUFFIX
+    from calibration.images import OVERLAY_JPEG, overlay_file
     from calibration.maps import overlay, to_frame
     from calibration.model import Model
 
@@ -278,7 +278,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
                     defect_map = (frame_heat * 255).astype(np.uint8)
                 if overlays is not None and item.image is not None:  # at canvas size: line rate, not print quality
                     overlays.mkdir(parents=True, exist_ok=True)
-                    cv2.imwrite(str(overlays / f"{item.stream}-{item.seq:08d}{OVERLAY_SUFFIX}"),
+                    cv2.imwrite(str(overlays / overlay_file(item.stream, item.seq)),
                                 overlay(np.ascontiguousarray(item.image), decision.heat), OVERLAY_JPEG)
             timing = dict(item.timing)
             timing["post"] = 1000 * (time.perf_counter() - start)
