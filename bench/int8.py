@@ -32,7 +32,9 @@ from engines.runtimes import Deployment, OnnxRuntimeEngine
 from pipeline.cli import main as lineguard
 
 VARIANTS = {"default": [Int8Config()],
-            "all": [Int8Config(m, pc) for m in ("minmax", "entropy", "percentile") for pc in (True, False)]}
+            "all": [Int8Config(m, pc) for m in ("minmax", "entropy", "percentile") for pc in (True, False)],
+            # the AVX2 recipe's two parts (calibration.int8.cpu_recipe), each without the other, and both
+            "recipes": [Int8Config(float_convs=f, reduce_range=r) for f, r in ((0, False), (2, False), (0, True), (2, True))]}
 KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 
@@ -91,7 +93,8 @@ def main() -> None:
             fp32 = evaluate(model, data, Deployment(threads=args.threads), args.batch_size)
             inputs = model_inputs(model, data)
             for config in VARIANTS[args.variants]:
-                row = {"method": config.method, "per_channel": config.per_channel}
+                row = {"method": config.method, "per_channel": config.per_channel,
+                       "float_convs": config.float_convs, "reduce_range": config.reduce_range}
                 try:
                     (record,) = quantize_onnxruntime(model_dir, config)
                 except ConfigError as exc:
@@ -104,12 +107,14 @@ def main() -> None:
                 speed = engine_speed(model_dir / "model.onnx", engine_path(model_dir, "onnxruntime", "int8"), inputs,
                                      args.batch_size, args.threads)
                 row.update(validated=True, validation=record["validation"],
-                           calibration_images=len(record["calibration_images"]), uint8_input=record["uint8_input"],
+                           calibration_images=len(record["calibration_images"]), float_convs=record["float_convs"],
+                           reduce_range=record["reduce_range"], uint8_input=record["uint8_input"],
                            **speed, **{f"int8_{k}": int8[k] for k in KEYS},
                            image_auroc_delta=int8["image_auroc"] - fp32["image_auroc"],
                            pixel_auroc_delta=int8["pixel_auroc"] - fp32["pixel_auroc"])
                 rows.append(row)
                 print(f"{dataset:<24} {config.method:<10} {'per-channel' if config.per_channel else 'per-tensor ':<11} "
+                      f"float convs {record['float_convs']}, {7 if record['reduce_range'] else 8}-bit weights "
                       f"engine {row['fp32_ms_per_image']:.2f} -> {row['int8_ms_per_image']:.2f} ms/input "
                       f"(x{row['speedup']:.2f}, median pair x{row['median_pair_speedup']:.2f})  image AUROC "
                       f"{fp32['image_auroc']:.4f} -> {int8['image_auroc']:.4f}  pixel AUROC {fp32['pixel_auroc']:.4f} "

@@ -132,17 +132,27 @@ def multiclass_table() -> str:
     return "\n".join(out) + f"\n\nOne model fitted on all three in {data['fit_seconds']:.0f} s."
 
 
+def _cpu(machine: dict) -> str:
+    """A record's CPU by kind: the model name and whether int8 has VNNI there."""
+    features = machine["cpu_features"]
+    return f"{machine['cpu']}, " + ("AVX-512 VNNI" if "avx512_vnni" in features else
+                                    "AVX-VNNI" if "avx_vnni" in features else "AVX2 only")
+
+
 def e2e_table() -> str:
-    out = ["| dataset (files) | model / engine | images/s (median of the rounds) | ratio to the first row (per round, median) |",
-           "|---|---|---|---|"]
+    out = ["| dataset (files) | CPU | model / engine | images/s (median of the rounds) | "
+           "ratio to the first row (per round, median) |", "|---|---|---|---|---|"]
     for d, short in NAMES.items():
-        r = _load(f"e2e-{FILES[d]}.json")
-        if r is None:
-            continue
-        first = next(iter(r["median_fps"]))
-        for key, fps in r["median_fps"].items():
-            ratio = r["median_ratio"].get(f"{key} / {first}")
-            out.append(f"| {short} ({r['test_files']}) | {key} | {fps:.1f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+        for r in (_load(f"e2e-{FILES[d]}{suffix}.json") for suffix in ("", "-avx2")):
+            if r is None:
+                continue
+            first = next(iter(r["median_fps"]))
+            for key, fps in r["median_fps"].items():
+                ratio = r["median_ratio"].get(f"{key} / {first}")
+                out.append(f"| {short} ({r['test_files']}) | {_cpu(r['machine'])} | {key} | {fps:.1f} | "
+                           f"{'' if ratio is None else f'{ratio:.2f}'} |")
+            out += [f"| {short} ({r['test_files']}) | {_cpu(r['machine'])} | {name}/int8 | refused by export "
+                    f"(validation) | |" for name in r.get("int8_refused", {})]
     return "\n".join(out)
 
 
@@ -159,21 +169,12 @@ def bench_table() -> str:
 
 
 def int8_table() -> str:
-    out = ["| dataset | engine fp32 ms / image | int8 ms / image | speed-up (median of pairs) | "
-           "image AUROC fp32 -> int8 | pixel AUROC fp32 -> int8 | AU-PRO fp32 -> int8 |", "|---|---|---|---|---|---|---|"]
+    out = ["| dataset | CPU | engine fp32 ms / image | int8 ms / image | speed-up (median of pairs) | "
+           "image AUROC fp32 -> int8 | pixel AUROC fp32 -> int8 | AU-PRO fp32 -> int8 |", "|---|---|---|---|---|---|---|---|"]
     for d, short in NAMES.items():
-        r = _load(f"int8-{FILES[d]}.json")
-        if r is None:
-            continue
-        f = r["fp32"]
-        for row in r["rows"]:
-            if not row.get("validated"):
-                out.append(f"| {short} | refused: {row.get('refused')} | | | | | |")
-                continue
-            out.append(f"| {short} | {row['fp32_ms_per_image']:.2f} | {row['int8_ms_per_image']:.2f} | "
-                       f"{row['median_pair_speedup']:.2f}x | {f['image_auroc']:.4f} -> {row['int8_image_auroc']:.4f} | "
-                       f"{f['pixel_auroc']:.4f} -> {row['int8_pixel_auroc']:.4f} | "
-                       f"{f['pixel_aupro']:.4f} -> {row['int8_pixel_aupro']:.4f} |")
+        for r in (_load(f"int8-{FILES[d]}{suffix}.json") for suffix in ("", "-avx2")):
+            out += _int8_rows(short, r) if r is not None else []
+
     isa = _load("int8-isa-hazelnut.json")
     if isa is not None:
         out.append("")
@@ -187,6 +188,20 @@ def int8_table() -> str:
                        f"{run['int8']['pixel_auroc']:.4f} | {run['fp32']['pixel_aupro']:.4f} -> "
                        f"{run['int8']['pixel_aupro']:.4f} |")
     return "\n".join(out)
+
+
+def _int8_rows(short: str, r: dict) -> list[str]:
+    """One bench.int8 record's rows, its CPU named by kind."""
+    cpu, f, out = _cpu(r["machine"]), r["fp32"], []
+    for row in r["rows"]:
+        if not row.get("validated"):
+            out.append(f"| {short} | {cpu} | refused: {row.get('refused')} | | | | | |")
+            continue
+        out.append(f"| {short} | {cpu} | {row['fp32_ms_per_image']:.2f} | {row['int8_ms_per_image']:.2f} | "
+                   f"{row['median_pair_speedup']:.2f}x | {f['image_auroc']:.4f} -> {row['int8_image_auroc']:.4f} | "
+                   f"{f['pixel_auroc']:.4f} -> {row['int8_pixel_auroc']:.4f} | "
+                   f"{f['pixel_aupro']:.4f} -> {row['int8_pixel_aupro']:.4f} |")
+    return out
 
 
 def reliability_lines() -> str:

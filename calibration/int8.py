@@ -13,6 +13,18 @@ refuses, fp32 staying in use. ONNX Runtime's int8 kernels differ by instruction 
 AVX-512, VNNI), so the record names the CPU features it was validated on and a worker on another
 CPU refuses it until it is validated there.
 
+Where the CPU has no VNNI, ONNX Runtime's u8s8 kernels (vpmaddubsw) sum pairs of uint8 x int8
+products in int16, which saturates; VNNI (vpdpbusd) sums in int32. So the recipe depends on the
+CPU (`cpu_recipe`): without VNNI the weights keep 7 bits (reduce_range: a pair sum is at most
+2 x 255 x 64 < 2^15) and the encoder's first two convolutions (the stem and its depthwise
+convolution) stay float. Measured on a real AVX2-only EPYC (bench/results/int8-layers-hazelnut.json,
+int8-*-avx2.json): each dense convolution quantised alone, the kernel's error on the embeddings
+exceeds the same quantisation computed in float (0.83 against 0.27 for the stem, 0.16 against 0.02
+for the 12th convolution), while depthwise convolutions match it (they sum in int32); the first
+depthwise convolution's own error (0.33, the same on every CPU) is the largest of any layer. With
+8-bit weights and the stem float, magnetic_tile's pixel AUROC fell from 0.8403 to 0.8112; with 7
+it is 0.8409. With VNNI the stem is int8 and reads the uint8 image.
+
 Only the encoder (the backbone) is quantised. The preprocessing at its head (Cast, Sub, Mul) and
 the embedding's final scaling stay in float: quantising them cost more in (de)quantisation than
 it saved; a reconstruction decoder and its cosine distances stay float because the maps are
@@ -48,17 +60,29 @@ QUANTISED_OPS = ("Conv", "Clip", "Add", "AveragePool", "Concat", "Resize", "Tran
 @dataclasses.dataclass(frozen=True)
 class Int8Config:
     """method: activation range calibration; per_channel: per-output-channel weight scales;
-    images: how many normal training images calibrate (evenly spread over the sorted list)."""
+    images: how many normal training images calibrate (evenly spread over the sorted list);
+    float_convs: the encoder's first convolutions kept float; reduce_range: 7-bit weights (None, for
+    either: as `cpu_recipe` says for this CPU)."""
 
     method: str = "minmax"
     per_channel: bool = True
     images: int = 32
+    float_convs: int | None = None
+    reduce_range: bool | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"unknown calibration method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.images < 1:
             raise ConfigError(f"calibration images {self.images} must be at least 1")
+        if self.float_convs is not None and self.float_convs < 0:
+            raise ConfigError(f"float convolutions {self.float_convs} must be at least 0")
+
+
+def cpu_recipe(features: list[str]) -> tuple[int, bool]:
+    """(float_convs, reduce_range) for a CPU with these features: with VNNI (int32 sums) (0, False);
+    without, where int16 pair sums saturate, (2, True) (see the module notes)."""
+    return (0, False) if {"avx512_vnni", "avx_vnni"} & set(features) else (2, True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +166,9 @@ def _quantize_part(model_dir: Path, config: Int8Config, data: str | Path | None,
 
     out = engine_path(model_dir, "onnxruntime", "int8")
     out.parent.mkdir(exist_ok=True)
+    float_convs, reduce_range = cpu_recipe(cpu_features())
+    float_convs = float_convs if config.float_convs is None else config.float_convs
+    reduce_range = reduce_range if config.reduce_range is None else config.reduce_range
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.method]
     start = time.perf_counter()
@@ -151,15 +178,19 @@ def _quantize_part(model_dir: Path, config: Int8Config, data: str | Path | None,
         quant_pre_process(str(model_dir / "model.onnx"), str(prepared))
         import onnx
 
-        # the encoder (the backbone) only: a reconstruction decoder and its cosine distances stay float
-        float_nodes = [n.name for n in onnx.load(str(prepared)).graph.node if not n.name.startswith("/encoder/")]
+        # the encoder (the backbone) only: a reconstruction decoder and its cosine distances stay float,
+        # and so do the encoder's first `float_convs` convolutions
+        nodes = onnx.load(str(prepared)).graph.node
+        float_nodes = [n.name for n in nodes if not n.name.startswith("/encoder/")]
+        float_nodes += [n.name for n in nodes if n.op_type == "Conv" and n.name.startswith("/encoder/")][:float_convs]
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QOperator,
                         per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method,
-                        op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=float_nodes)
+                        op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=float_nodes,
+                        reduce_range=reduce_range)
     uint8_input = feed_uint8_input(out)
     record = {"runtime": "onnxruntime", "precision": "int8", "engine": str(out), **dataclasses.asdict(config),
-              "uint8_input": uint8_input,
+              "float_convs": float_convs, "reduce_range": reduce_range, "uint8_input": uint8_input,
               "quantised_ops": list(QUANTISED_OPS), "format": "QOperator", "weights": "int8", "activations": "uint8",
               "calibration_images": [str(p) for p in paths], "cpu_features": cpu_features(),
               "seconds": round(time.perf_counter() - start, 2)}

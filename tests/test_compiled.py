@@ -8,18 +8,18 @@ import shutil
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 
 from calibration.artifact import ArtifactError
-from calibration.int8 import Int8Config, ValidationBar, quantize_onnxruntime, validate_int8
+from calibration.int8 import Int8Config, ValidationBar, cpu_recipe, quantize_onnxruntime, validate_int8
 from calibration.maps import MapConfig, smooth, smooth_torch
 from calibration.model import Inspector, Model
 from engines.banks import BankConfig, MemoryBank
 from engines.compiled import cpu_features, engine_file, engine_path
 from engines.errors import ConfigError, MissingExtraError
 from engines.runtimes import Deployment
-from nets import int8_or_refusal
 from pipeline.cli import main
 
 CUDA = torch.cuda.is_available()
@@ -30,7 +30,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU with CUDA 
 def int8_model(fitted_model, tmp_path_factory):
     model = tmp_path_factory.mktemp("int8") / "model"
     shutil.copytree(fitted_model, model)
-    (record,) = int8_or_refusal(model, config=Int8Config(images=6))
+    (record,) = quantize_onnxruntime(model, config=Int8Config(images=6))
     return model, record
 
 
@@ -53,14 +53,39 @@ def test_int8_export_writes_a_validated_engine_and_its_record(int8_model):
     assert record["cpu_features"] == cpu_features()  # validated on this CPU, and it says so
     v = record["validation"]
     assert v["passed"] and v["map_correlation"] >= 0.95 and v["images"] == 2 * min(16, 12 - 6)
-    graph = onnx.load(str(path)).graph
-    assert "QLinearConv" in {n.op_type for n in graph.node}
-    # the uint8 image feeds the first QLinearConv directly (after the layout transpose): no float pass
-    assert record["uint8_input"]
+    assert (record["float_convs"], record["reduce_range"]) == cpu_recipe(cpu_features())
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("float_convs, reduce_range", [(0, False), (2, True)])
+def test_int8_recipe_is_built_as_asked(fitted_model, tmp_path, float_convs, reduce_range):
+    model = tmp_path / "model"
+    shutil.copytree(fitted_model, model)
+    config = Int8Config(images=4, float_convs=float_convs, reduce_range=reduce_range)
+    (record,) = quantize_onnxruntime(model, config, bar=None)
+    graph = onnx.load(str(engine_path(model, "onnxruntime", "int8"))).graph
+    convs = [n for n in graph.node if n.op_type in ("Conv", "QLinearConv") and n.name.startswith("/encoder/")]
+    assert [n.op_type for n in convs[:float_convs]] == ["Conv"] * float_convs
+    assert {n.op_type for n in convs[float_convs:]} == {"QLinearConv"}
+    assert (record["float_convs"], record["reduce_range"]) == (float_convs, reduce_range)
+    # per-channel symmetric weights reach 127 with 8 bits; 7 keep every pair sum of u8 x s8 below 2^15
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    largest = max(int(np.abs(inits[n.input[3]].astype(np.int32)).max()) for n in convs[float_convs:])
+    assert largest == (64 if reduce_range else 127)
     first = [n for n in graph.node if "images" in n.input]
     assert [n.op_type for n in first] == ["Transpose"]
-    users = [n for n in graph.node if first[0].output[0] in n.input]
-    assert [n.op_type for n in users] == ["QLinearConv"]
+    users = [n.op_type for n in graph.node if first[0].output[0] in n.input]
+    # a quantised stem reads the uint8 image itself (no float pass); a float stem takes the normalised image
+    assert record["uint8_input"] == (float_convs == 0)
+    assert users == (["QLinearConv"] if float_convs == 0 else ["Cast"])
+
+
+def test_only_cpus_with_vnni_quantise_the_stem_with_8_bit_weights():
+    assert cpu_recipe(["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"]) == (0, False)
+    assert cpu_recipe(["avx2", "fma", "avx_vnni"]) == (0, False)
+    assert cpu_recipe(["avx2", "fma"]) == (2, True)  # int16 pair sums: 7-bit weights, the stem float
+    with pytest.raises(ConfigError, match="at least 0"):
+        Int8Config(float_convs=-1)
 
 
 def test_int8_maps_track_fp32(int8_model):
@@ -135,7 +160,7 @@ def test_export_cli_and_missing_engine_message(fitted_model, synthetic_data, tmp
     assert main(["eval", str(model), str(synthetic_data), "--precision", "int8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"lineguard export {model} --runtime onnxruntime --precision int8" in err[0]
-    int8_or_refusal(model, config=Int8Config("entropy", False, 4))  # what the command below runs
+    quantize_onnxruntime(model, config=Int8Config("entropy", False, 4))  # what the command below runs
     assert main(["export", str(model), "--precision", "int8", "--calib-images", "4",
                  "--calibration", "entropy", "--per-tensor"]) == 0
     assert "validated on" in capsys.readouterr().out

@@ -9,10 +9,9 @@ import shutil
 
 import numpy as np
 import pytest
-from nets import int8_or_refusal
 
 from calibration.geometry import Geometry
-from calibration.int8 import Int8Config
+from calibration.int8 import Int8Config, quantize_onnxruntime
 from calibration.model import Model
 from calibration.synthetic import make_dataset
 from engines.heads import EmbeddingConfig
@@ -88,7 +87,7 @@ def test_every_kind_on_every_runtime(kind, deployment, rel_tol, models, wide_dat
     model_dir = tmp_path / kind
     shutil.copytree(models[kind], model_dir)
     if deployment.precision == "int8":
-        int8_or_refusal(model_dir, config=Int8Config(images=6))
+        quantize_onnxruntime(model_dir, config=Int8Config(images=6))
     model = Model(model_dir)
     inputs = _inputs(model, wide_data)
     with model.detector(Deployment()) as reference:
@@ -162,7 +161,7 @@ def test_ensemble_serves_as_one_model(models, wide_data, tmp_path):
     with model.detector(Deployment()) as d:
         np.testing.assert_allclose(d.maps(inputs), np.mean(units, axis=0), rtol=1e-4, atol=1e-5)
     # int8 export reaches every member; run serves it like any model
-    int8_or_refusal(out, config=Int8Config(images=4))
+    quantize_onnxruntime(out, config=Int8Config(images=4))
     assert all((p / "engines" / "onnxruntime-int8.onnx").is_file() for p in model.kind.parts(model.dir, model.manifest))
     summary = tmp_path / "run.json"
     assert main(["run", str(out), "--source", str(wide_data / "test"), "--precision", "int8",
