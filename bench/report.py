@@ -157,14 +157,15 @@ def e2e_table() -> str:
 
 
 def bench_table() -> str:
-    out = ["| engine | bare compute frames/s | whole pipeline frames/s | efficiency | latency p50 / p99 ms |",
-           "|---|---|---|---|---|"]
-    for precision in ("fp32", "int8"):
-        r = _load(f"pipeline-{precision}.json")
-        if r is not None:
-            lat = r["pipeline"]["latency_ms"]
-            out.append(f"| {precision} | {r['compute']['fps']:.1f} | {r['pipeline']['fps']:.1f} | {r['efficiency']:.2f} | "
-                       f"{lat['p50']:.0f} / {lat['p99']:.0f} |")
+    out = ["| CPU | engine | bare compute frames/s | whole pipeline frames/s | efficiency | latency p50 / p99 ms |",
+           "|---|---|---|---|---|---|"]
+    for suffix in ("", "-avx2"):
+        for precision in ("fp32", "int8"):
+            r = _load(f"pipeline-{precision}{suffix}.json")
+            if r is not None:
+                lat = r["pipeline"]["latency_ms"]
+                out.append(f"| {_cpu(r['machine'])} | {precision} | {r['compute']['fps']:.1f} | {r['pipeline']['fps']:.1f} | "
+                           f"{r['efficiency']:.2f} | {lat['p50']:.0f} / {lat['p99']:.0f} |")
     return "\n".join(out)
 
 

@@ -241,8 +241,9 @@ def validate_int8(model_dir: Path, bar: ValidationBar = ValidationBar(), data: s
         outputs[precision] = ([model.frame_map(r.canvas_map, r.layout) for r in results],
                               np.array([r.score for r in results]))
     (m32, s32), (m8, s8) = outputs["fp32"], outputs["int8"]
-    corr = float(np.corrcoef(np.concatenate([m.ravel() for m in m32]), np.concatenate([m.ravel() for m in m8]))[0, 1])
+    corr = _correlation(m32, m8)
     labels = np.array(labels)
+    normal_corr = _correlation([m for m, y in zip(m32, labels) if not y], [m for m, y in zip(m8, labels) if not y])
     image32, image8 = metrics.roc_auc(s32, labels), metrics.roc_auc(s8, labels)
     pixel32 = metrics.pixel_metrics(m32, masks)["auroc"]
     pixel8 = metrics.pixel_metrics(m8, masks)["auroc"]
@@ -253,9 +254,15 @@ def validate_int8(model_dir: Path, bar: ValidationBar = ValidationBar(), data: s
         failures.append(f"image AUROC {image32:.3f} -> {image8:.3f} (allowed drop {bar.image_auroc_drop})")
     if pixel32 - pixel8 > bar.pixel_auroc_drop:
         failures.append(f"pixel AUROC {pixel32:.4f} -> {pixel8:.4f} (allowed drop {bar.pixel_auroc_drop})")
-    return {"passed": not failures, "failures": failures, "map_correlation": corr, "image_auroc": [image32, image8],
+    return {"passed": not failures, "failures": failures, "map_correlation": corr,
+            "normal_map_correlation": normal_corr, "image_auroc": [image32, image8],
             "pixel_auroc": [pixel32, pixel8], "images": len(frames), "bar": dataclasses.asdict(bar),
             "cpu_features": cpu_features()}
+
+
+def _correlation(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Pearson correlation of two lists of maps, all their cells together."""
+    return float(np.corrcoef(np.concatenate([m.ravel() for m in a]), np.concatenate([m.ravel() for m in b]))[0, 1])
 
 
 @contextlib.contextmanager
