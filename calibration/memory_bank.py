@@ -114,9 +114,11 @@ class MemoryBankDetector(Detector):
         super().__init__(deployment.build(model_dir, h, w, lambda: network(model_dir, manifest)))
         if deployment.threads:  # the search's libraries keep to the deployment's threads too
             import faiss
+            from threadpoolctl import threadpool_limits
 
             faiss.omp_set_num_threads(deployment.threads)
-            torch.set_num_threads(deployment.threads)  # the exact re-ranking
+            threadpool_limits(deployment.threads, user_api="blas")  # the exact re-ranking (numpy's GEMM)
+            torch.set_num_threads(deployment.threads)  # a flat bank's exact search
 
     def maps(self, inputs: np.ndarray) -> np.ndarray:
         return distance_maps(self.bank, self.engine.infer(inputs))

@@ -193,7 +193,7 @@ def test_search_exact_is_brute_force_whatever_the_index(kind, clustered):
     index = MemoryBank.build(bank, BankConfig(index=kind, nprobe=1, ef_search=1))
     assert not index.exact
     for exclude in (None, (1000, 3000)):
-        dist, ids = index.search_exact(queries[:50], exclude)
+        dist, ids = index.search_exact(queries[:50], exclude, block=16)  # several blocks
         _check_against_brute(index.vectors(), queries[:50], dist, ids, 1, exclude)  # the vectors it holds (hnsw: fp16)
 
 
