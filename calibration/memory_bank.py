@@ -64,7 +64,7 @@ class BankOptions:
 
     EMBEDDING_FLAGS = ("backbone", "layers", "weighting", "context", "pool_padding", "dim", "projection")
     OWN_FLAGS = ("coreset_ratio", "coreset_max", "shots", "augment")
-    BANK_FLAGS = ("index", "ef_construction", "ef_search", "rerank", "hnsw_storage")
+    BANK_FLAGS = ("index", "nlist", "nprobe", "ef_construction", "ef_search", "rerank", "hnsw_storage")
     FLAGS = (*EMBEDDING_FLAGS, *OWN_FLAGS, *BANK_FLAGS)
 
     @classmethod

@@ -146,8 +146,9 @@ def test_hnsw_storage_is_the_bank_files_own():
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(500, 16)).astype(np.float32)
-    assert isinstance(MemoryBank.build(vectors, BankConfig()).index, faiss.IndexHNSWSQ)
-    assert isinstance(MemoryBank.build(vectors, BankConfig(hnsw_storage="fp32")).index, faiss.IndexHNSWFlat)
+    assert isinstance(MemoryBank.build(vectors, BankConfig(index="hnsw")).index, faiss.IndexHNSWSQ)
+    fp32 = MemoryBank.build(vectors, BankConfig(index="hnsw", hnsw_storage="fp32"))
+    assert isinstance(fp32.index, faiss.IndexHNSWFlat)
     with pytest.raises(ConfigError, match="unknown hnsw storage 'int4'; valid: fp32, fp16"):
         BankConfig(hnsw_storage="int4")
 
@@ -205,13 +206,13 @@ def test_distance_maps_rerank_the_highest_cells_of_each_map_exactly(kind, cluste
 
     bank, queries, _ = clustered
     features = queries.reshape(4, 10, 10, 32)  # 4 maps of 10 x 10 cells
-    rough = MemoryBank.build(bank, BankConfig(index=kind, nprobe=1, ef_search=1, rerank=0))
+    rough = MemoryBank.build(bank, BankConfig(index=kind, nlist=200, nprobe=1, ef_search=1, rerank=0))  # small lists
     exact = _brute(rough.vectors(), queries, 1)[0][:, 0].reshape(4, 100)  # over the vectors it holds (hnsw: fp16)
     searched = distance_maps(rough, features).reshape(4, 100)
     assert (searched > exact + 1e-3).mean() > 0.05, "the rough search must miss for this test to mean anything"
     assert (searched >= exact - DIST_ATOL).all()  # approximate search only overstates
-    reranked = distance_maps(MemoryBank(rough.index, BankConfig(index=kind, nprobe=1, ef_search=1, rerank=12)),
-                             features).reshape(4, 100)
+    config = BankConfig(index=kind, nlist=200, nprobe=1, ef_search=1, rerank=12)
+    reranked = distance_maps(MemoryBank(rough.index, config), features).reshape(4, 100)
     for cells, approx, got in zip(exact, searched, reranked):
         top = np.argsort(approx)[-12:]
         np.testing.assert_allclose(got[top], cells[top], atol=DIST_ATOL)
@@ -227,3 +228,23 @@ def test_vectors_come_back_in_id_order_whatever_the_index(kind, clustered):
     assert got.dtype == np.float32 and got.flags.c_contiguous
     half = kind == "hnsw" and config.hnsw_storage == "fp16"
     np.testing.assert_allclose(got, bank, rtol=2 ** -10 if half else 0, atol=0)
+
+
+@pytest.mark.parametrize("k, exclude", [(1, None), (3, None), (1, (1000, 3000)), (4, (0, 3990))])
+def test_ivf_gemm_search_finds_what_faiss_ivf_finds(clustered, k, exclude):
+    """The GEMM over each probed list (GemmLists) against faiss's own IVF scan of the same lists."""
+    import faiss
+
+    bank, queries, _ = clustered
+    index = MemoryBank.build(bank, BankConfig(index="ivf", nlist=40, nprobe=3))
+    dist, ids = index.search(queries, k, exclude)
+    params = faiss.SearchParametersIVF(nprobe=3, sel=None if exclude is None else
+                                       faiss.IDSelectorNot(faiss.IDSelectorRange(*exclude)))
+    want_d, want_i = index.index.search(queries, k, params=params)
+    found = want_i >= 0
+    np.testing.assert_array_equal(ids >= 0, found)  # (0, 3990) leaves 10 vectors: some queries find fewer than 4
+    np.testing.assert_allclose(dist[found], np.sqrt(np.maximum(want_d[found], 0)), rtol=0, atol=DIST_ATOL)
+    assert np.isinf(dist[~found]).all()
+    assert (ids[found] == want_i[found]).mean() > 0.99  # the same vectors, but for exact ties
+    if exclude is not None:
+        assert not np.any((ids >= exclude[0]) & (ids < exclude[1]))

@@ -182,3 +182,14 @@ def test_bank_search_flags_reach_the_bank_config():
         ["fit", "data", "-o", "model", "--index", "ivf", "--ef-construction", "40", "--ef-search", "9", "--rerank", "5"]))
     assert (options.bank.index, options.bank.ef_construction, options.bank.ef_search, options.bank.rerank) == (
         "ivf", 40, 9, 5)
+
+
+def test_fit_takes_the_ivf_lists_and_probes(synthetic_data, tmp_path):
+    import faiss
+
+    out = tmp_path / "ivf"
+    assert main(["fit", str(synthetic_data), "-o", str(out), "--input-size", "64", "--coreset-ratio", "1",
+                 "--index", "ivf", "--nlist", "3", "--nprobe", "2"]) == 0
+    bank = json.loads((out / "manifest.json").read_text())["memory_bank"]["bank"]
+    assert (bank["index"], bank["nlist"], bank["nprobe"]) == ("ivf", 3, 2)
+    assert faiss.extract_index_ivf(faiss.read_index(str(out / "bank.faiss"))).nlist == 3

@@ -258,20 +258,16 @@ def test_whole_gpu_path_matches_cpu(fitted_model, precision, cuda_graphs, tol):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_faiss_gpu_ivf_bank():
-    import faiss
-
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-        pytest.skip("faiss without GPU support (pip install 'lineguard[gpu]')")
-
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_an_approximate_bank_on_a_gpu_is_searched_exactly(kind):
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((5000, 32)).astype(np.float32)
-    cpu = MemoryBank.build(vectors, BankConfig(index="ivf", nprobe=16))
+    cpu = MemoryBank.build(vectors, BankConfig(index=kind))
     gpu = MemoryBank(cpu.index, cpu.config, device="cuda")
+    assert gpu.exact and gpu.torch_search
     queries = rng.standard_normal((1000, 32)).astype(np.float32)
-    d_cpu, _ = cpu.search(queries)
     d_gpu, _ = gpu.search(queries)
-    np.testing.assert_allclose(d_gpu, d_cpu, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(d_gpu, cpu.search_exact(queries)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_cuda_without_a_gpu_is_refused_at_startup(fitted_model, synthetic_data, capsys):
@@ -281,18 +277,6 @@ def test_cuda_without_a_gpu_is_refused_at_startup(fitted_model, synthetic_data, 
         Deployment(runtime="torch", device="cuda")
     assert main(["eval", str(fitted_model), str(synthetic_data), "--runtime", "torch", "--device", "cuda"]) == 2
     assert "--device cpu" in capsys.readouterr().err
-
-
-def test_ivf_on_gpu_without_faiss_gpu_names_the_extra():
-    import faiss
-
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        pytest.skip("faiss-gpu is installed with a GPU")
-
-    vectors = np.random.default_rng(4).standard_normal((400, 8)).astype(np.float32)
-    cpu = MemoryBank.build(vectors, BankConfig(index="ivf"))
-    with pytest.raises(MissingExtraError, match=r"lineguard\[gpu\]"):
-        MemoryBank(cpu.index, cpu.config, device="cuda")
 
 
 def _box_iou(a, b) -> float:
