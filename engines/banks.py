@@ -110,8 +110,11 @@ class MemoryBank:
         if config.index == "flat":
             index = faiss.IndexFlatL2(d)
         elif config.index == "ivf":
-            nlist = config.nlist or max(1, round(m / LIST_SIZE))
-            nlist = min(nlist, max(1, m // 39))  # faiss wants >= 39 training points per cell
+            most = max(1, m // 39)  # faiss wants >= 39 training points per list
+            if config.nlist > most:
+                raise ConfigError(f"--nlist {config.nlist} is more lists than a bank of {m} vectors can train "
+                                  f"(39 vectors a list); give --nlist {most} or fewer, or 0 (one per {LIST_SIZE})")
+            nlist = config.nlist or min(most, max(1, round(m / LIST_SIZE)))
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
             index.train(vectors)
         else:

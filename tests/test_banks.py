@@ -206,12 +206,12 @@ def test_distance_maps_rerank_the_highest_cells_of_each_map_exactly(kind, cluste
 
     bank, queries, _ = clustered
     features = queries.reshape(4, 10, 10, 32)  # 4 maps of 10 x 10 cells
-    rough = MemoryBank.build(bank, BankConfig(index=kind, nlist=200, nprobe=1, ef_search=1, rerank=0))  # small lists
+    rough = MemoryBank.build(bank, BankConfig(index=kind, nlist=100, nprobe=1, ef_search=1, rerank=0))  # small lists
     exact = _brute(rough.vectors(), queries, 1)[0][:, 0].reshape(4, 100)  # over the vectors it holds (hnsw: fp16)
     searched = distance_maps(rough, features).reshape(4, 100)
     assert (searched > exact + 1e-3).mean() > 0.05, "the rough search must miss for this test to mean anything"
     assert (searched >= exact - DIST_ATOL).all()  # approximate search only overstates
-    config = BankConfig(index=kind, nlist=200, nprobe=1, ef_search=1, rerank=12)
+    config = BankConfig(index=kind, nlist=100, nprobe=1, ef_search=1, rerank=12)
     reranked = distance_maps(MemoryBank(rough.index, config), features).reshape(4, 100)
     for cells, approx, got in zip(exact, searched, reranked):
         top = np.argsort(approx)[-12:]
@@ -248,3 +248,11 @@ def test_ivf_gemm_search_finds_what_faiss_ivf_finds(clustered, k, exclude):
     assert (ids[found] == want_i[found]).mean() > 0.99  # the same vectors, but for exact ties
     if exclude is not None:
         assert not np.any((ids >= exclude[0]) & (ids < exclude[1]))
+
+
+def test_more_ivf_lists_than_the_bank_can_train_is_refused_with_the_most_it_can(clustered):
+    bank, _, _ = clustered  # 4000 vectors: at most 102 lists of 39
+    with pytest.raises(ConfigError, match="--nlist 103 is more lists than a bank of 4000 vectors can train.*"
+                                          "--nlist 102 or fewer"):
+        MemoryBank.build(bank, BankConfig(index="ivf", nlist=103))
+    assert MemoryBank.build(bank, BankConfig(index="ivf", nlist=102)).index.nlist == 102
