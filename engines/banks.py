@@ -90,7 +90,7 @@ class MemoryBank:
         self.device = device
         self._apply_search_params()
         self._matrix = None  # torch search: the bank as a tensor [M, d] and its squared norms [M]
-        self._brute = None  # approximate kinds, for `search_exact`: vectors [M, d], transposed [d, M], norms^2 [M]
+        self._brute = None  # approximate kinds, for `search_exact`: vectors [M, d] and `_augmented` [d + 1, M]
         self._lists = None  # an ivf bank on the CPU: its lists, searched by GEMM
         if config.index == "flat" or device != "cpu":
             import torch
@@ -145,8 +145,8 @@ class MemoryBank:
         """queries float32 [P, d] -> the exact nearest (distances float32 [P, 1], ids int64 [P, 1]) by brute
         force over the bank's vectors, whatever the index (a few queries: the re-ranked cells).
 
-        One numpy (OpenBLAS) GEMM per block of queries, `|b|^2 - 2 q.b` then the smallest, the chosen
-        distance recomputed directly: 0.49x the time of the flat search's torch GEMM (MKL) on an AMD
+        One numpy (OpenBLAS) GEMM per block of queries (`_augmented`), the smallest, its distance
+        recomputed directly: 0.49x the time of the flat search's torch GEMM (MKL) on an AMD
         EPYC (bench/results/bank_search-tile-rerank-avx2.json), and faiss's own brute force skips BLAS below its
         distance_compute_blas_threshold (128,000 queries in faiss-cpu 1.15). Its threads are
         numpy's BLAS pool, which a detector limits to its deployment's (threadpoolctl)."""
@@ -154,14 +154,13 @@ class MemoryBank:
             return self.search(queries, 1, exclude)
         if self._brute is None:
             vectors = self.vectors()
-            self._brute = (vectors, np.ascontiguousarray(vectors.T), np.einsum("ij,ij->i", vectors, vectors))
-        vectors, transposed, norms = self._brute
+            self._brute = (vectors, _augmented(vectors))
+        vectors, augmented = self._brute
         queries = np.ascontiguousarray(queries, np.float32)
+        qa = _with_ones(queries)
         ids = np.empty((len(queries), 1), np.int64)
         for start in range(0, len(queries), block):
-            d2 = queries[start:start + block] @ transposed  # [b, M]
-            d2 *= -2
-            d2 += norms
+            d2 = qa[start:start + block] @ augmented  # [b, M]: |b|^2 - 2 q.b
             if exclude is not None:
                 d2[:, exclude[0]:exclude[1]] = np.inf
             ids[start:start + block, 0] = d2.argmin(axis=1)
@@ -293,11 +292,10 @@ class GemmLists:
     def search(self, queries: np.ndarray, k: int, nprobe: int, exclude: tuple[int, int] | None):
         """queries float32 [P, d] -> (distances float32 [P, k], ids int64 [P, k]) over each query's `nprobe`
         nearest lists; ids -1 (distance inf) where fewer than k vectors are found."""
-        p, d = queries.shape
+        p = len(queries)
         nlist = len(self.lists)
         nprobe = min(nprobe, nlist)
-        qa = np.empty((p, d + 1), np.float32)
-        qa[:, :d], qa[:, d] = queries, 1
+        qa = _with_ones(queries)
         probes = np.argpartition(qa @ self.centroids, nprobe - 1, axis=1)[:, :nprobe].ravel()  # [P * nprobe]
         order = np.argsort(probes, kind="stable")
         bounds = np.searchsorted(probes[order], np.arange(nlist + 1))
@@ -324,6 +322,13 @@ class GemmLists:
         dist[ids < 0] = np.inf
         order = np.argsort(dist, axis=1, kind="stable")
         return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def _with_ones(queries: np.ndarray) -> np.ndarray:
+    """float32 [P, d] -> [P, d + 1]: each query with a 1 appended, to multiply with `_augmented` vectors."""
+    out = np.empty((len(queries), queries.shape[1] + 1), np.float32)
+    out[:, :-1], out[:, -1] = queries, 1
+    return out
 
 
 def _augmented(vectors: np.ndarray) -> np.ndarray:
