@@ -146,7 +146,7 @@ class MemoryBank:
         force over the bank's vectors, whatever the index (a few queries: the re-ranked cells).
 
         One numpy (OpenBLAS) GEMM per block of queries (`_augmented`), the smallest, its distance
-        recomputed directly: 0.49x the time of the flat search's torch GEMM (MKL) on an AMD
+        recomputed directly: 0.33x the time of the flat search's torch GEMM (MKL) on an AMD
         EPYC (bench/results/bank_search-tile-rerank-avx2.json), and faiss's own brute force skips BLAS below its
         distance_compute_blas_threshold (128,000 queries in faiss-cpu 1.15). Its threads are
         numpy's BLAS pool, which a detector limits to its deployment's (threadpoolctl)."""
