@@ -28,8 +28,8 @@ import numpy as np
 
 from bench.accuracy import DATA, RESULTS
 from calibration.artifact import machine_info
-from calibration.int8 import (QUANTISED_OPS, Int8Config, calibration_batches, calibration_images, quantize_onnxruntime,
-                              training_paths)
+from calibration.int8 import (QUANTISED_OPS, Int8Config, calibration_batches, calibration_images, calibration_reader,
+                              quantize_onnxruntime, training_paths)
 from engines.compiled import engine_path
 from pipeline.cli import main as lineguard
 
@@ -42,7 +42,7 @@ def main() -> None:
 
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,14 +68,6 @@ def main() -> None:
         def error(out: np.ndarray) -> float:
             return float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
 
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.items = iter(batches)
-
-            def get_next(self):
-                batch = next(self.items, None)
-                return None if batch is None else {"images": batch}
-
         prepared = tmp / "prepared.onnx"
         with contextlib.redirect_stdout(io.StringIO()):
             quant_pre_process(str(model_dir / "model.onnx"), str(prepared))
@@ -85,7 +77,8 @@ def main() -> None:
         for i, conv in enumerate(convs):
             out = tmp / f"conv{i}.onnx"
             with contextlib.redirect_stdout(io.StringIO()):
-                quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                quantize_static(str(prepared), str(out), calibration_reader(batches), quant_format=QuantFormat.QDQ,
+                                per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv"],
                                 nodes_to_exclude=[n.name for n in nodes if n is not conv])

@@ -131,6 +131,21 @@ def calibration_batches(model_dir: Path, paths: list[Path], batch: int = 1) -> I
         yield np.stack(inputs)
 
 
+def calibration_reader(batches: list[np.ndarray]):
+    """ONNX Runtime's CalibrationDataReader over uint8 [B, H, W, 3] batches, fed as the graph's "images"."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(batches)
+
+        def get_next(self):
+            batch = next(self.items, None)
+            return None if batch is None else {"images": batch}
+
+    return Reader()
+
+
 def quantize_onnxruntime(model_dir: str | Path, config: Int8Config = Int8Config(), data: str | Path | None = None,
                          bar: ValidationBar | None = ValidationBar()) -> list[dict]:
     """Write and validate engines/onnxruntime-int8.onnx for the model (each member of an ensemble);
@@ -147,22 +162,13 @@ def quantize_onnxruntime(model_dir: str | Path, config: Int8Config = Int8Config(
 
 def _quantize_part(model_dir: Path, config: Int8Config, data: str | Path | None, bar: ValidationBar | None) -> dict:
     try:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         raise MissingExtraError("onnxruntime quantization tools are missing; pip install onnxruntime") from None
 
     paths = calibration_images(model_dir, config.images, data)
     batches = list(calibration_batches(model_dir, paths))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(batches)
-
-        def get_next(self):
-            batch = next(self.items, None)
-            return None if batch is None else {"images": batch}
 
     out = engine_path(model_dir, "onnxruntime", "int8")
     out.parent.mkdir(exist_ok=True)
@@ -183,7 +189,7 @@ def _quantize_part(model_dir: Path, config: Int8Config, data: str | Path | None,
         nodes = onnx.load(str(prepared)).graph.node
         float_nodes = [n.name for n in nodes if not n.name.startswith("/encoder/")]
         float_nodes += [n.name for n in nodes if n.op_type == "Conv" and n.name.startswith("/encoder/")][:float_convs]
-        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QOperator,
+        quantize_static(str(prepared), str(out), calibration_reader(batches), quant_format=QuantFormat.QOperator,
                         per_channel=config.per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method,
                         op_types_to_quantize=list(QUANTISED_OPS), nodes_to_exclude=float_nodes,
