@@ -16,6 +16,8 @@ PEER = {
     "mpdd/metal_plate": ((1.000, 0.993, 0.951), 125),
     "magnetic_tile/tile": ((0.969, 0.833, 0.716), None),
 }
+# record-name suffixes of the CPU kinds measured: none for the VNNI host of the earlier records, -avx2
+CPU_SUFFIXES = ("", "-avx2")
 PEER_TILE_SUBSET = {"full": (0.877, 0.778, 0.705, 573), "crop": (0.853, 0.790, 0.657, None)}
 
 
@@ -143,7 +145,7 @@ def e2e_table() -> str:
     out = ["| dataset (files) | CPU | model / engine | images/s (median of the rounds) | "
            "ratio to the first row (per round, median) |", "|---|---|---|---|---|"]
     for d, short in NAMES.items():
-        for r in (_load(f"e2e-{FILES[d]}{suffix}.json") for suffix in ("", "-avx2")):
+        for r in (_load(f"e2e-{FILES[d]}{suffix}.json") for suffix in CPU_SUFFIXES):
             if r is None:
                 continue
             first = next(iter(r["median_fps"]))
@@ -159,7 +161,7 @@ def e2e_table() -> str:
 def bench_table() -> str:
     out = ["| CPU | engine | bare compute frames/s | whole pipeline frames/s | efficiency | latency p50 / p99 ms |",
            "|---|---|---|---|---|---|"]
-    for suffix in ("", "-avx2"):
+    for suffix in CPU_SUFFIXES:
         for precision in ("fp32", "int8"):
             r = _load(f"pipeline-{precision}{suffix}.json")
             if r is not None:
@@ -173,7 +175,7 @@ def int8_table() -> str:
     out = ["| dataset | CPU | engine fp32 ms / image | int8 ms / image | speed-up (median of pairs) | "
            "image AUROC fp32 -> int8 | pixel AUROC fp32 -> int8 | AU-PRO fp32 -> int8 |", "|---|---|---|---|---|---|---|---|"]
     for d, short in NAMES.items():
-        for r in (_load(f"int8-{FILES[d]}{suffix}.json") for suffix in ("", "-avx2")):
+        for r in (_load(f"int8-{FILES[d]}{suffix}.json") for suffix in CPU_SUFFIXES):
             out += _int8_rows(short, r) if r is not None else []
 
     isa = _load("int8-isa-hazelnut.json")

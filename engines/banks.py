@@ -25,6 +25,7 @@ distance to its nearest bank vector (and which one). Index kinds:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,7 +91,6 @@ class MemoryBank:
         self.device = device
         self._apply_search_params()
         self._matrix = None  # torch search: the bank as a tensor [M, d] and its squared norms [M]
-        self._brute = None  # approximate kinds, for `search_exact`: vectors [M, d] and `_augmented` [d + 1, M]
         self._lists = None  # an ivf bank on the CPU: its lists, searched by GEMM
         if config.index == "flat" or device != "cpu":
             import torch
@@ -99,7 +99,7 @@ class MemoryBank:
             self._matrix = matrix.half() if precision == "fp16" else matrix
             self._norms = (matrix * matrix).sum(1)
         elif config.index == "ivf":
-            self._lists = GemmLists(index)
+            self._lists = GemmLists(index, self._held)
 
     @classmethod
     def build(cls, vectors: np.ndarray, config: BankConfig = BankConfig()) -> "MemoryBank":
@@ -152,10 +152,7 @@ class MemoryBank:
         numpy's BLAS pool, which a detector limits to its deployment's (threadpoolctl)."""
         if self.exact:
             return self.search(queries, 1, exclude)
-        if self._brute is None:
-            vectors = self.vectors()
-            self._brute = (vectors, _augmented(vectors))
-        vectors, augmented = self._brute
+        vectors, augmented = self._held, self._augmented_held
         queries = np.ascontiguousarray(queries, np.float32)
         qa = _with_ones(queries)
         ids = np.empty((len(queries), 1), np.int64)
@@ -168,6 +165,16 @@ class MemoryBank:
         if exclude is not None and exclude[1] - exclude[0] >= self.size:  # nothing left, as FAISS answers
             dist[:], ids[:] = np.inf, -1
         return dist, ids
+
+    @functools.cached_property
+    def _held(self) -> np.ndarray:
+        """The bank's vectors float32 [M, d] in id order, read once (the CPU's exact and GEMM searches)."""
+        return self.vectors()
+
+    @functools.cached_property
+    def _augmented_held(self) -> np.ndarray:
+        """`_augmented` of `_held`: [d + 1, M], for `search_exact`."""
+        return _augmented(self._held)
 
     def vectors(self) -> np.ndarray:
         """A copy of the bank's vectors, float32 [M, d] in id order, whatever index holds them."""
@@ -274,20 +281,18 @@ class GemmLists:
     a probe costs what the arithmetic costs. Exact within the probed lists, as faiss's own IVF search
     is; faiss scans each query's lists one vector at a time."""
 
-    def __init__(self, index):
+    def __init__(self, index, vectors: np.ndarray):
+        """index: a faiss IVF index; vectors: its vectors float32 [M, d] in id order (held, not copied)."""
         faiss = _faiss()
         ivf = faiss.extract_index_ivf(index)
-        d, nlist, lists = ivf.d, ivf.nlist, ivf.invlists
-        self.centroids = _augmented(ivf.quantizer.reconstruct_n(0, nlist))  # [d + 1, nlist]
+        lists = ivf.invlists
+        self.centroids = _augmented(ivf.quantizer.reconstruct_n(0, ivf.nlist))  # [d + 1, nlist]
+        self.vectors = vectors  # the chosen distances are recomputed from them
         self.lists = []  # per list: (ids int64 [n], augmented vectors float32 [d + 1, n])
-        self.vectors = np.empty((ivf.ntotal, d), np.float32)  # by id: the chosen distances recomputed
-        for l in range(nlist):
+        for l in range(ivf.nlist):
             n = lists.list_size(l)
             ids = faiss.rev_swig_ptr(lists.get_ids(l), n).astype(np.int64) if n else np.empty(0, np.int64)
-            codes = faiss.rev_swig_ptr(lists.get_codes(l), n * lists.code_size) if n else np.empty(0, np.uint8)
-            vectors = np.frombuffer(bytes(codes), np.float32).reshape(n, d)  # IndexIVFFlat codes are the vectors
-            self.vectors[ids] = vectors
-            self.lists.append((ids, _augmented(vectors)))
+            self.lists.append((ids, _augmented(vectors[ids])))
 
     def search(self, queries: np.ndarray, k: int, nprobe: int, exclude: tuple[int, int] | None):
         """queries float32 [P, d] -> (distances float32 [P, k], ids int64 [P, k]) over each query's `nprobe`
