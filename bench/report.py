@@ -17,7 +17,7 @@ PEER = {
     "magnetic_tile/tile": ((0.969, 0.833, 0.716), None),
 }
 # record-name suffixes of the CPU kinds measured: none for the VNNI host of the earlier records, -avx2
-CPU_SUFFIXES = ("", "-avx2")
+CPU_SUFFIXES = ("", "-avx2", "-xeon")
 PEER_TILE_SUBSET = {"full": (0.877, 0.778, 0.705, 573), "crop": (0.853, 0.790, 0.657, None)}
 
 

@@ -229,7 +229,9 @@ def fit(ctx: "FitContext") -> "FitOutput":
     picks = np.sort(greedy_coreset(flat, keep, o.coreset_proj_dim, ctx.seed)) if keep < len(flat) else np.arange(len(flat))
     t_coreset = time.perf_counter() - t0
     ctx.progress("coreset", 1, 1)
-    bank = MemoryBank.build(flat[picks], o.bank)
+    timed = [f.reshape(-1, f.shape[-1]) for f in list(calib_feats.values())[:8]]  # index auto's queries
+    queries = np.concatenate(timed) if project is None else np.concatenate(timed) @ project
+    bank = MemoryBank.build(flat[picks], o.bank, queries)
     bank_owner = owner[picks]  # sorted: each frame (and each group) owns a contiguous id range
     del flat, owner
     groups = np.array(groups)
@@ -251,10 +253,12 @@ def fit(ctx: "FitContext") -> "FitOutput":
         names.append(paths[groups[i]].name + (f" (view {i - groups.tolist().index(groups[i])})" if o.shots else ""))
         ctx.progress("calibrate", k + 1, n_calib)
     bank.save(ctx.out / "bank.faiss")
-    section = {"embedding": dataclasses.asdict(o.embedding), "bank": dataclasses.asdict(o.bank),
+    section = {"embedding": dataclasses.asdict(o.embedding), "bank": dataclasses.asdict(bank.config),
+               **({"index_timing_ms_per_1024": bank.timing} if bank.timing else {}),
                "feature_dim": module.dim, "shots": o.shots, "augment": o.augment if o.shots else "none",
                "coreset_ratio": o.coreset_ratio, "coreset_max": o.coreset_max}
-    summary = {"frames": n_frames, "patches": n_patches, "bank_size": bank.size, "dim": module.dim,
+    summary = {"frames": n_frames, "patches": n_patches, "bank_size": bank.size, "index": bank.config.index,
+               "dim": module.dim,
                "embed_seconds": round(t_embed, 2), "coreset_seconds": round(t_coreset, 2)}
     return FitOutput(section, canvas_maps, names, summary,
                      "training images scored against the bank without their own patches (leave one image out)",

@@ -19,7 +19,9 @@ distance to its nearest bank vector (and which one). Index kinds:
   (32, 32), at 99.5 % (bench/results/bank_search-tile-hnsw-*.json); each map's highest cells are
   then searched again exactly (``rerank``), so image scores and map peaks do not depend on the misses.
   ``hnsw_storage`` fp16 keeps the graph's vectors in half precision (faiss IndexHNSWSQ): half the
-  memory the search walks, so it is faster at the same exactness (bench/results/bank_search-*.json).
+  memory the search walks, so it is faster at the same exactness (bench/results/bank_search-*.json);
+- ``auto`` (the default): ``hnsw`` and ``ivf`` both built and timed on real queries when the bank is
+  fitted, the faster kept (`MemoryBank.fastest`): which wins depends on the CPU's vector units.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from engines.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+TIMED_KINDS = ("hnsw", "ivf")  # what `auto` builds, times and picks from
 LIST_SIZE = 256  # an ivf bank's vectors per list by default: one probe is a GEMM of 256 columns
 BANK_PRECISIONS = ("fp32", "fp16")
 HNSW_STORAGES = ("fp32", "fp16")
@@ -44,12 +47,13 @@ HNSW_STORAGES = ("fp32", "fp16")
 
 @dataclasses.dataclass(frozen=True)
 class BankConfig:
-    """index: one of INDEX_KINDS; nlist / nprobe for ivf (nlist 0: M / LIST_SIZE); hnsw_m / ef_construction /
+    """index: one of INDEX_KINDS (auto: the faster of TIMED_KINDS on this CPU, see `MemoryBank.fastest`;
+    a built bank's config names the kind it holds); nlist / nprobe for ivf (nlist 0: M / LIST_SIZE); hnsw_m / ef_construction /
     hnsw_storage (used by build only: a bank file holds its own) / ef_search for hnsw; rerank (ivf and
     hnsw): per map, the cells of highest approximate distance searched again exactly (the image score
     and the map peaks are exact; an approximate search only ever overstates a distance)."""
 
-    index: str = "hnsw"
+    index: str = "auto"
     nlist: int = 0
     nprobe: int = 8
     hnsw_m: int = 16
@@ -85,6 +89,8 @@ class MemoryBank:
         """
         if precision not in BANK_PRECISIONS:
             raise ConfigError(f"bank precision {precision!r}; valid: {', '.join(BANK_PRECISIONS)}")
+        if config.index == "auto":
+            raise ConfigError("a bank holds one index kind: auto is resolved when the bank is built (MemoryBank.build)")
         self.precision = precision
         self.index = index
         self.config = config
@@ -92,6 +98,7 @@ class MemoryBank:
         self._apply_search_params()
         self._matrix = None  # torch search: the bank as a tensor [M, d] and its squared norms [M]
         self._lists = None  # an ivf bank on the CPU: its lists, searched by GEMM
+        self.timing: dict[str, float] = {}  # index auto: each timed kind's ms per 1024 queries (`fastest`)
         if config.index == "flat" or device != "cpu":
             import torch
 
@@ -102,8 +109,12 @@ class MemoryBank:
             self._lists = GemmLists(index, self._held)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, config: BankConfig = BankConfig()) -> "MemoryBank":
-        """vectors: float32 [M, d], kept in this order (bank id i is row i)."""
+    def build(cls, vectors: np.ndarray, config: BankConfig = BankConfig(),
+              queries: np.ndarray | None = None) -> "MemoryBank":
+        """vectors: float32 [M, d], kept in this order (bank id i is row i). queries float32 [P, d]: what
+        index auto times its candidates on (`fastest`)."""
+        if config.index == "auto":
+            return cls.fastest(vectors, config, queries)
         faiss = _faiss()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         m, d = vectors.shape
@@ -124,6 +135,44 @@ class MemoryBank:
             index.train(vectors)  # fp16 needs no statistics and flat none; faiss asks for the call
         index.add(vectors)
         return cls(index, config)
+
+    @classmethod
+    def fastest(cls, vectors: np.ndarray, config: BankConfig, queries: np.ndarray | None,
+                rounds: int = 3) -> "MemoryBank":
+        """Index auto: a bank of each TIMED_KINDS built over `vectors`, each searched for `queries` float32
+        [P, d] (real patches: a fit's calibration frames) on one thread, as `run` deploys each worker,
+        the kinds taking turns for `rounds` (medians); the faster is returned, `timing` holding every
+        kind's ms per 1024 queries. Which is faster depends on the CPU: an IVF bank's GEMMs win where
+        the cores do two 512-bit FMAs a cycle (an Intel Xeon: 0.55x HNSW's time), HNSW's graph walk
+        where they do 256-bit ones (an AVX2-only EPYC: IVF at 1.27x), and both are as accurate
+        (bench/results/accuracy-*-index-ivf-gemm.json)."""
+        if queries is None or not len(queries):
+            raise ConfigError("index auto times its candidate indexes on real queries; none were given")
+        import time
+
+        from threadpoolctl import threadpool_limits
+
+        faiss = _faiss()
+        queries = np.ascontiguousarray(queries, np.float32)
+        banks = {kind: cls.build(vectors, dataclasses.replace(config, index=kind)) for kind in TIMED_KINDS}
+        seconds: dict[str, list[float]] = {kind: [] for kind in banks}
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            with threadpool_limits(1, user_api="blas"):
+                for bank in banks.values():
+                    bank.search(queries[:256], 1)  # warm up: the IVF lists' vectors, the graph's pages
+                for _ in range(rounds):
+                    for kind, bank in banks.items():
+                        start = time.perf_counter()
+                        bank.search(queries, 1)
+                        seconds[kind].append(time.perf_counter() - start)
+        finally:
+            faiss.omp_set_num_threads(threads)
+        timing = {kind: round(1000 * float(np.median(s)) * 1024 / len(queries), 3) for kind, s in seconds.items()}
+        bank = banks[min(timing, key=timing.get)]
+        bank.timing = timing
+        return bank
 
     def _apply_search_params(self) -> None:
         if self.config.index == "ivf":
@@ -296,31 +345,36 @@ class GemmLists:
 
     def search(self, queries: np.ndarray, k: int, nprobe: int, exclude: tuple[int, int] | None):
         """queries float32 [P, d] -> (distances float32 [P, k], ids int64 [P, k]) over each query's `nprobe`
-        nearest lists; ids -1 (distance inf) where fewer than k vectors are found."""
+        nearest lists; ids -1 (distance inf) where fewer than k vectors are found.
+
+        The (query, probe) pairs are sorted by list and gathered once, so each list multiplies one
+        contiguous block of queries and writes one contiguous block of results."""
         p = len(queries)
         nlist = len(self.lists)
         nprobe = min(nprobe, nlist)
         qa = _with_ones(queries)
         probes = np.argpartition(qa @ self.centroids, nprobe - 1, axis=1)[:, :nprobe].ravel()  # [P * nprobe]
-        order = np.argsort(probes, kind="stable")
-        bounds = np.searchsorted(probes[order], np.arange(nlist + 1))
-        rows, slots = order // nprobe, order % nprobe  # the query and which of its probes
-        found_d = np.full((p, nprobe, k), np.inf, np.float32)  # |v|^2 - 2 q.v of each probe's k nearest
-        found_i = np.full((p, nprobe, k), -1, np.int64)
+        order = np.argsort(probes.astype(np.int16 if nlist < 2 ** 15 else np.int64), kind="stable")  # by list
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(probes, minlength=nlist))])
+        pairs = qa[order // nprobe]  # [P * nprobe, d + 1]: each probe's query, grouped by list
+        near_d = np.full((p * nprobe, k), np.inf, np.float32)  # |v|^2 - 2 q.v of each probe's k nearest
+        near_i = np.full((p * nprobe, k), -1, np.int64)
         for l, (ids, vectors) in enumerate(self.lists):
             a, b = bounds[l], bounds[l + 1]
             if a == b or not len(ids):
                 continue
-            r, s = rows[a:b], slots[a:b]
-            d2 = qa[r] @ vectors  # [queries probing l, n]
+            d2 = pairs[a:b] @ vectors  # [probes of l, n]
             if exclude is not None:
                 d2[:, (ids >= exclude[0]) & (ids < exclude[1])] = np.inf
             kk = min(k, len(ids))
             near = d2.argmin(axis=1)[:, None] if kk == 1 else np.argpartition(d2, kk - 1, axis=1)[:, :kk]
-            found_d[r, s, :kk] = np.take_along_axis(d2, near, axis=1)
-            found_i[r, s, :kk] = np.where(np.isinf(found_d[r, s, :kk]), -1, ids[near])
-        found_d, found_i = found_d.reshape(p, -1), found_i.reshape(p, -1)
-        best = np.argsort(found_d, axis=1, kind="stable")[:, :k]
+            near_d[a:b, :kk] = np.take_along_axis(d2, near, axis=1)
+            near_i[a:b, :kk] = ids[near]
+        near_i[np.isinf(near_d)] = -1
+        found_d, found_i = np.empty_like(near_d), np.empty_like(near_i)
+        found_d[order], found_i[order] = near_d, near_i  # back to query order
+        found_d, found_i = found_d.reshape(p, nprobe * k), found_i.reshape(p, nprobe * k)
+        best = found_d.argmin(axis=1)[:, None] if k == 1 else np.argsort(found_d, axis=1, kind="stable")[:, :k]
         ids = np.take_along_axis(found_i, best, axis=1)
         # the expansion loses precision for near neighbours: recompute the chosen distances directly
         dist = np.linalg.norm(queries[:, None, :] - self.vectors[ids], axis=2).astype(np.float32)

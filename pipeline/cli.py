@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--projection", choices=PROJECTIONS, default=None, help="how --dim is reached: pca (learned) | random")
     g.add_argument("--coreset-ratio", type=float, default=None, help="fraction of training patches in the bank")
     g.add_argument("--coreset-max", type=int, default=None, help="largest bank size (0: no limit); bounds search time")
-    g.add_argument("--index", choices=INDEX_KINDS, default=None, help="flat (exact) | ivf | hnsw (default)")
+    g.add_argument("--index", choices=INDEX_KINDS, default=None, help="auto (default: hnsw or ivf, whichever searches faster on this CPU, timed at fit) | flat (exact) | ivf | hnsw")
     g.add_argument("--nlist", type=_count, default=None, help="ivf lists (0: one per 256 bank vectors)")
     g.add_argument("--nprobe", type=_positive_int, default=None,
                    help="ivf lists searched per query: more is nearer exact and slower (bench.bank_search)")

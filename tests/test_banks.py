@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engines.banks import INDEX_KINDS, BankConfig, MemoryBank
+from engines.banks import INDEX_KINDS, TIMED_KINDS, BankConfig, MemoryBank
 from engines.errors import ConfigError
 
 DIST_ATOL = 1e-4
@@ -185,7 +185,40 @@ def test_bank_config_unknown_kind_lists_kinds():
     assert "annoy" in msg
     for kind in INDEX_KINDS:
         assert kind in msg
-    assert set(INDEX_KINDS) == {"flat", "ivf", "hnsw"}
+    assert set(INDEX_KINDS) == {"auto", "flat", "ivf", "hnsw"}
+
+
+@pytest.mark.parametrize("slow", TIMED_KINDS)
+def test_auto_keeps_whichever_index_searches_faster(slow, clustered, monkeypatch):
+    """Index auto times each candidate on the queries it is given and keeps the faster: made slower
+    by 2 ms a search, a kind loses, and the bank kept is that other kind's, searching as it would."""
+    import time
+
+    bank, queries, _ = clustered
+    search = MemoryBank.search
+
+    def slowed(self, q, k=1, exclude=None):
+        if self.config.index == slow:
+            time.sleep(0.002)
+        return search(self, q, k, exclude)
+
+    monkeypatch.setattr(MemoryBank, "search", slowed)
+    picked = MemoryBank.build(bank, BankConfig(), queries)
+    fast = next(kind for kind in TIMED_KINDS if kind != slow)
+    assert picked.config.index == fast and picked.config == BankConfig(index=fast)
+    assert set(picked.timing) == set(TIMED_KINDS) and picked.timing[slow] > picked.timing[fast]
+    alone = MemoryBank.build(bank, BankConfig(index=fast))
+    np.testing.assert_array_equal(search(picked, queries, 2)[1], search(alone, queries, 2)[1])
+
+
+def test_auto_needs_queries_and_a_bank_file_names_its_kind(clustered, tmp_path):
+    bank, _, _ = clustered
+    with pytest.raises(ConfigError, match="real queries"):
+        MemoryBank.build(bank, BankConfig())
+    built = MemoryBank.build(bank, BankConfig(index="hnsw"))
+    built.save(tmp_path / "bank.faiss")
+    with pytest.raises(ConfigError, match="resolved when the bank is built"):
+        MemoryBank.load(tmp_path / "bank.faiss", BankConfig(index="auto"))
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
@@ -222,11 +255,11 @@ def test_distance_maps_rerank_the_highest_cells_of_each_map_exactly(kind, cluste
 
 @pytest.mark.parametrize("kind", INDEX_KINDS)
 def test_vectors_come_back_in_id_order_whatever_the_index(kind, clustered):
-    bank, _, _ = clustered
-    config = BankConfig(index=kind)
-    got = MemoryBank.build(bank, config).vectors()
+    bank, queries, _ = clustered
+    built = MemoryBank.build(bank, BankConfig(index=kind), queries)
+    got = built.vectors()
     assert got.dtype == np.float32 and got.flags.c_contiguous
-    half = kind == "hnsw" and config.hnsw_storage == "fp16"
+    half = built.config.index == "hnsw" and built.config.hnsw_storage == "fp16"
     np.testing.assert_allclose(got, bank, rtol=2 ** -10 if half else 0, atol=0)
 
 

@@ -193,3 +193,15 @@ def test_fit_takes_the_ivf_lists_and_probes(synthetic_data, tmp_path):
     bank = json.loads((out / "manifest.json").read_text())["memory_bank"]["bank"]
     assert (bank["index"], bank["nlist"], bank["nprobe"]) == ("ivf", 3, 2)
     assert faiss.extract_index_ivf(faiss.read_index(str(out / "bank.faiss"))).nlist == 3
+
+
+def test_fit_by_default_keeps_the_index_it_timed_faster_and_says_so(fitted_model):
+    """Index auto: the manifest names the kind the bank file holds and both kinds' timings."""
+    import faiss
+
+    section = json.loads((fitted_model / "manifest.json").read_text())["memory_bank"]
+    timing = section["index_timing_ms_per_1024"]
+    assert set(timing) == {"hnsw", "ivf"} and all(ms > 0 for ms in timing.values())
+    assert section["bank"]["index"] == min(timing, key=timing.get)
+    held = faiss.read_index(str(fitted_model / "bank.faiss"))
+    assert isinstance(held, faiss.IndexIVFFlat if section["bank"]["index"] == "ivf" else faiss.IndexHNSWSQ)

@@ -244,17 +244,31 @@ def test_manifest_from_before_border_evening_uses_its_maps_as_they_come(fitted_m
 
 
 def test_manifest_from_before_hnsw_storage_says_its_bank_holds_fp32(fitted_model, tmp_path):
-    """The bank file holds its own storage; the manifest of an older model must not claim fp16."""
+    """The bank file holds its own storage; the manifest of an older model (an HNSW bank of fp32
+    vectors, as older code built it, and no hnsw_storage) must not claim fp16, and it still serves."""
     import faiss
 
+    from calibration.artifact import sha256
+    from engines.banks import BankConfig, MemoryBank
+
     m = json.loads((fitted_model / "manifest.json").read_text())
-    assert m["memory_bank"]["bank"]["index"] == "hnsw" and m["memory_bank"]["bank"]["hnsw_storage"] == "fp16"
-    assert isinstance(faiss.read_index(str(fitted_model / "bank.faiss")), faiss.IndexHNSWSQ)
+    assert m["memory_bank"]["bank"]["hnsw_storage"] == "fp16"  # what a bank is built with now
     old = tmp_path / "old"
     shutil.copytree(fitted_model, old)
+    index = faiss.read_index(str(fitted_model / "bank.faiss"))
+    MemoryBank.build(index.reconstruct_n(0, index.ntotal), BankConfig(index="hnsw", hnsw_storage="fp32")).save(
+        old / "bank.faiss")
+    m["files"]["bank.faiss"] = sha256(old / "bank.faiss")
+    m["memory_bank"]["bank"]["index"] = "hnsw"
     del m["memory_bank"]["bank"]["hnsw_storage"]
     (old / "manifest.json").write_text(json.dumps(m))
-    assert Model(old).manifest["memory_bank"]["bank"]["hnsw_storage"] == "fp32"
+    model = Model(old)
+    assert model.manifest["memory_bank"]["bank"]["hnsw_storage"] == "fp32"
+    assert isinstance(faiss.read_index(str(old / "bank.faiss")), faiss.IndexHNSWFlat)
+    size = model.manifest["input"]
+    with model.detector(Deployment()) as detector:
+        maps = detector.maps(np.zeros((1, size["height"], size["width"], 3), np.uint8))
+    assert maps.shape[0] == 1 and np.isfinite(maps).all()
 
 
 def _error_line(capsys) -> str:
