@@ -55,7 +55,7 @@ def rerank_rows(vectors: np.ndarray, queries: np.ndarray, ref: np.ndarray, image
     k = BankConfig().rerank
     top = np.argpartition(ref.reshape(images, per_image), per_image - k, axis=1)[:, per_image - k:]
     cells = queries[(np.arange(images)[:, None] * per_image + top).ravel()]
-    bank = MemoryBank.build(vectors, BankConfig())
+    bank = MemoryBank.build(vectors, BankConfig(index="hnsw"))  # any approximate kind: search_exact reads its vectors
     tensors = torch.from_numpy(vectors), torch.from_numpy((vectors * vectors).sum(1))
     ways = {"numpy": lambda q: bank.search_exact(q)[0][:, 0],
             "torch": lambda q: _exact_search(torch.from_numpy(q), *tensors, 1, None)[0][:, 0].numpy()}
