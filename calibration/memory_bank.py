@@ -254,7 +254,7 @@ def fit(ctx: "FitContext") -> "FitOutput":
         ctx.progress("calibrate", k + 1, n_calib)
     bank.save(ctx.out / "bank.faiss")
     section = {"embedding": dataclasses.asdict(o.embedding), "bank": dataclasses.asdict(bank.config),
-               **({"index_timing_ms_per_1024": bank.timing} if bank.timing else {}),
+               **({"index_timing": bank.timing} if bank.timing else {}),
                "feature_dim": module.dim, "shots": o.shots, "augment": o.augment if o.shots else "none",
                "coreset_ratio": o.coreset_ratio, "coreset_max": o.coreset_max}
     summary = {"frames": n_frames, "patches": n_patches, "bank_size": bank.size, "index": bank.config.index,

@@ -98,7 +98,7 @@ class MemoryBank:
         self._apply_search_params()
         self._matrix = None  # torch search: the bank as a tensor [M, d] and its squared norms [M]
         self._lists = None  # an ivf bank on the CPU: its lists, searched by GEMM
-        self.timing: dict[str, float] = {}  # index auto: each timed kind's ms per 1024 queries (`fastest`)
+        self.timing: dict[str, dict] = {}  # index auto: each timed kind's speed and exactness (`fastest`)
         if config.index == "flat" or device != "cpu":
             import torch
 
@@ -139,13 +139,17 @@ class MemoryBank:
     @classmethod
     def fastest(cls, vectors: np.ndarray, config: BankConfig, queries: np.ndarray | None,
                 rounds: int = 3) -> "MemoryBank":
-        """Index auto: a bank of each TIMED_KINDS built over `vectors`, each searched for `queries` float32
-        [P, d] (real patches: a fit's calibration frames) on one thread, as `run` deploys each worker,
-        the kinds taking turns for `rounds` (medians); the faster is returned, `timing` holding every
-        kind's ms per 1024 queries. Which is faster depends on the CPU: an IVF bank's GEMMs win where
-        the cores do two 512-bit FMAs a cycle (an Intel Xeon: 0.55x HNSW's time), HNSW's graph walk
-        where they do 256-bit ones (an AVX2-only EPYC: IVF at 1.27x), and both are as accurate
-        (bench/results/accuracy-*-index-ivf-gemm.json)."""
+        """Index auto: an HNSW and an IVF bank of `vectors`, compared at equal exactness on `queries`
+        float32 [P, d] (real patches: a fit's calibration frames), the faster returned.
+
+        The HNSW bank is searched as configured; the IVF bank gets the fewest probes that find the
+        exact nearest vector for as many queries as HNSW does (probes are nested, so the share only
+        grows with them: a bisection). Both are then timed on one thread, as `run` deploys each
+        worker, taking turns for `rounds` (medians). `timing` keeps, per kind, ms per 1024 queries and
+        the exact share (and IVF's probes). Which is faster depends on the CPU and the bank: an IVF
+        bank's GEMMs win where the cores do two 512-bit FMAs a cycle (an Intel Xeon: 0.55x HNSW's
+        time on magnetic_tile), HNSW's graph walk where they do 256-bit ones (an AVX2-only EPYC: IVF
+        at 1.27x), and a small bank needs few probes (bench/results/e2e-*-xeon*.json)."""
         if queries is None or not len(queries):
             raise ConfigError("index auto times its candidate indexes on real queries; none were given")
         import time
@@ -155,6 +159,24 @@ class MemoryBank:
         faiss = _faiss()
         queries = np.ascontiguousarray(queries, np.float32)
         banks = {kind: cls.build(vectors, dataclasses.replace(config, index=kind)) for kind in TIMED_KINDS}
+        ivf = banks["ivf"]
+        nearest = ivf.search_exact(queries)[0][:, 0]  # ivf holds the fp32 vectors
+
+        def exact_share(bank: MemoryBank) -> float:
+            ids = bank.search(queries, 1)[1][:, 0]
+            found = np.linalg.norm(queries - ivf._held[ids], axis=1)
+            return float(np.mean(found <= nearest * (1 + 1e-5) + 1e-6))
+
+        target = exact_share(banks["hnsw"])
+        low, high = 1, len(ivf._lists.lists)
+        while low < high:  # the fewest probes whose exact share reaches HNSW's
+            ivf.config = dataclasses.replace(ivf.config, nprobe=(low + high) // 2)
+            if exact_share(ivf) >= target:
+                high = ivf.config.nprobe
+            else:
+                low = ivf.config.nprobe + 1
+        ivf.config = dataclasses.replace(ivf.config, nprobe=low)
+        ivf._apply_search_params()
         seconds: dict[str, list[float]] = {kind: [] for kind in banks}
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
@@ -169,8 +191,10 @@ class MemoryBank:
                         seconds[kind].append(time.perf_counter() - start)
         finally:
             faiss.omp_set_num_threads(threads)
-        timing = {kind: round(1000 * float(np.median(s)) * 1024 / len(queries), 3) for kind, s in seconds.items()}
-        bank = banks[min(timing, key=timing.get)]
+        timing = {kind: {"ms_per_1024": round(1000 * float(np.median(s)) * 1024 / len(queries), 3),
+                         "exact_share": round(exact_share(banks[kind]), 4)} for kind, s in seconds.items()}
+        timing["ivf"]["nprobe"] = ivf.config.nprobe
+        bank = banks[min(timing, key=lambda kind: timing[kind]["ms_per_1024"])]
         bank.timing = timing
         return bank
 

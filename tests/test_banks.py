@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -191,7 +193,7 @@ def test_bank_config_unknown_kind_lists_kinds():
 @pytest.mark.parametrize("slow", TIMED_KINDS)
 def test_auto_keeps_whichever_index_searches_faster(slow, clustered, monkeypatch):
     """Index auto times each candidate on the queries it is given and keeps the faster: made slower
-    by 2 ms a search, a kind loses, and the bank kept is that other kind's, searching as it would."""
+    by 20 ms a search, a kind loses, and the bank kept is that other kind's, searching as it would."""
     import time
 
     bank, queries, _ = clustered
@@ -199,16 +201,37 @@ def test_auto_keeps_whichever_index_searches_faster(slow, clustered, monkeypatch
 
     def slowed(self, q, k=1, exclude=None):
         if self.config.index == slow:
-            time.sleep(0.002)
+            time.sleep(0.02)
         return search(self, q, k, exclude)
 
     monkeypatch.setattr(MemoryBank, "search", slowed)
     picked = MemoryBank.build(bank, BankConfig(), queries)
     fast = next(kind for kind in TIMED_KINDS if kind != slow)
-    assert picked.config.index == fast and picked.config == BankConfig(index=fast)
-    assert set(picked.timing) == set(TIMED_KINDS) and picked.timing[slow] > picked.timing[fast]
-    alone = MemoryBank.build(bank, BankConfig(index=fast))
+    tuned = {"nprobe": picked.timing["ivf"]["nprobe"]} if fast == "ivf" else {}
+    assert picked.config == BankConfig(index=fast, **tuned)
+    assert set(picked.timing) == set(TIMED_KINDS)
+    assert picked.timing[slow]["ms_per_1024"] > picked.timing[fast]["ms_per_1024"]
+    alone = MemoryBank.build(bank, picked.config)
     np.testing.assert_array_equal(search(picked, queries, 2)[1], search(alone, queries, 2)[1])
+
+
+def test_auto_gives_ivf_the_fewest_probes_that_are_as_exact_as_hnsw(clustered):
+    """The probes auto tunes: with them IVF finds the exact nearest vector for at least HNSW's share of
+    the queries (counted here by brute force), with one probe fewer for less."""
+    bank, queries, _ = clustered
+    config = BankConfig(hnsw_m=4, ef_search=8, nlist=100)  # a rough graph, many lists: work for the tuning
+    timing = MemoryBank.build(bank, config, queries).timing
+    nearest = _brute(bank, queries, 1)[0][:, 0]
+
+    def share(kind: str, **changes) -> float:
+        built = MemoryBank.build(bank, dataclasses.replace(config, index=kind, **changes))
+        found = np.linalg.norm(queries - bank[built.search(queries, 1)[1][:, 0]], axis=1)
+        return float(np.mean(found <= nearest * (1 + 1e-5) + 1e-6))
+
+    probes, hnsw = timing["ivf"]["nprobe"], share("hnsw")
+    assert timing["hnsw"]["exact_share"] == pytest.approx(hnsw, abs=0.02) and hnsw < 0.9  # graph builds vary a little
+    assert 1 < probes < 100
+    assert share("ivf", nprobe=probes) >= hnsw > share("ivf", nprobe=probes - 1)
 
 
 def test_auto_needs_queries_and_a_bank_file_names_its_kind(clustered, tmp_path):
