@@ -229,26 +229,32 @@ def fit(ctx: "FitContext") -> "FitOutput":
     picks = np.sort(greedy_coreset(flat, keep, o.coreset_proj_dim, ctx.seed)) if keep < len(flat) else np.arange(len(flat))
     t_coreset = time.perf_counter() - t0
     ctx.progress("coreset", 1, 1)
-    timed = [f.reshape(-1, f.shape[-1]) for f in list(calib_feats.values())[:8]]  # index auto's queries
-    queries = np.concatenate(timed) if project is None else np.concatenate(timed) @ project
-    bank = MemoryBank.build(flat[picks], o.bank, queries)
     bank_owner = owner[picks]  # sorted: each frame (and each group) owns a contiguous id range
-    del flat, owner
     groups = np.array(groups)
     group_of_id = groups[bank_owner]
 
-    canvas_maps, names = [], []
-    for k, i in enumerate(sorted(calib)):
-        # leave out the frame's whole group (the image and its views); K = 1 few-shot: only the view itself
-        leave = bank_owner == i if o.shots == 1 else group_of_id == groups[i]
-        ids = np.flatnonzero(leave)
+    def left_out(i: int) -> tuple[int, int] | None:
+        """The bank ids frame i is scored without: its whole group (the image and its views); K = 1
+        few-shot: only the view itself. A contiguous range, as an unseen normal frame has no patches there."""
+        ids = np.flatnonzero(bank_owner == i if o.shots == 1 else group_of_id == groups[i])
         exclude = (int(ids[0]), int(ids[-1]) + 1) if len(ids) else None
         if len(ids) and exclude[1] - exclude[0] != len(ids):
             raise AssertionError("bank ids of a frame are not contiguous")  # an invariant of the sorted picks
-        if exclude is not None and exclude[1] - exclude[0] >= bank.size:
+        if exclude is not None and exclude[1] - exclude[0] >= len(picks):
             raise ConfigError("calibration needs at least two training images (or --shots with views)")
-        feats = calib_feats.pop(i)
-        maps = distance_maps(bank, feats if project is None else feats @ project, exclude)
+        return exclude
+
+    def embedded(i: int) -> np.ndarray:
+        return calib_feats[i] if project is None else calib_feats[i] @ project
+
+    held_out = [(embedded(i), left_out(i)) for i in sorted(calib)[:8]]  # what index auto measures on
+    bank = MemoryBank.build(flat[picks], o.bank, held_out)
+    del flat, owner, held_out
+
+    canvas_maps, names = [], []
+    for k, i in enumerate(sorted(calib)):
+        maps = distance_maps(bank, embedded(i), left_out(i))
+        del calib_feats[i]
         canvas_maps.append(ctx.geometer.stitch(maps, layouts[i]))
         names.append(paths[groups[i]].name + (f" (view {i - groups.tolist().index(groups[i])})" if o.shots else ""))
         ctx.progress("calibrate", k + 1, n_calib)

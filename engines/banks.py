@@ -20,8 +20,9 @@ distance to its nearest bank vector (and which one). Index kinds:
   then searched again exactly (``rerank``), so image scores and map peaks do not depend on the misses.
   ``hnsw_storage`` fp16 keeps the graph's vectors in half precision (faiss IndexHNSWSQ): half the
   memory the search walks, so it is faster at the same exactness (bench/results/bank_search-*.json);
-- ``auto`` (the default): ``hnsw`` and ``ivf`` both built and timed on real queries when the bank is
-  fitted, the faster kept (`MemoryBank.fastest`): which wins depends on the CPU's vector units.
+- ``auto`` (the default): ``hnsw`` and ``ivf`` both built when the bank is fitted, IVF given the
+  fewest probes that are as exact as HNSW on real queries, both timed there and the faster kept
+  (`MemoryBank.fastest`): which wins depends on the CPU's vector units and the bank's size.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ HNSW_STORAGES = ("fp32", "fp16")
 
 @dataclasses.dataclass(frozen=True)
 class BankConfig:
-    """index: one of INDEX_KINDS (auto: the faster of TIMED_KINDS on this CPU, see `MemoryBank.fastest`;
-    a built bank's config names the kind it holds); nlist / nprobe for ivf (nlist 0: M / LIST_SIZE); hnsw_m / ef_construction /
+    """index: one of INDEX_KINDS (auto: the faster of TIMED_KINDS on this CPU at equal exactness, IVF's
+    nprobe tuned, see `MemoryBank.fastest`; a built bank's config names the kind it holds and its
+    probes); nlist / nprobe for ivf (nlist 0: M / LIST_SIZE); hnsw_m / ef_construction /
     hnsw_storage (used by build only: a bank file holds its own) / ef_search for hnsw; rerank (ivf and
     hnsw): per map, the cells of highest approximate distance searched again exactly (the image score
     and the map peaks are exact; an approximate search only ever overstates a distance)."""
@@ -110,11 +112,11 @@ class MemoryBank:
 
     @classmethod
     def build(cls, vectors: np.ndarray, config: BankConfig = BankConfig(),
-              queries: np.ndarray | None = None) -> "MemoryBank":
-        """vectors: float32 [M, d], kept in this order (bank id i is row i). queries float32 [P, d]: what
-        index auto times its candidates on (`fastest`)."""
+              held_out: list[tuple[np.ndarray, tuple[int, int] | None]] | None = None) -> "MemoryBank":
+        """vectors: float32 [M, d], kept in this order (bank id i is row i). held_out: what index auto
+        measures its candidates on (`fastest`)."""
         if config.index == "auto":
-            return cls.fastest(vectors, config, queries)
+            return cls.fastest(vectors, config, held_out)
         faiss = _faiss()
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         m, d = vectors.shape
@@ -137,35 +139,41 @@ class MemoryBank:
         return cls(index, config)
 
     @classmethod
-    def fastest(cls, vectors: np.ndarray, config: BankConfig, queries: np.ndarray | None,
-                rounds: int = 3) -> "MemoryBank":
-        """Index auto: an HNSW and an IVF bank of `vectors`, compared at equal exactness on `queries`
-        float32 [P, d] (real patches: a fit's calibration frames), the faster returned.
+    def fastest(cls, vectors: np.ndarray, config: BankConfig,
+                held_out: list[tuple[np.ndarray, tuple[int, int] | None]] | None, rounds: int = 3) -> "MemoryBank":
+        """Index auto: an HNSW and an IVF bank of `vectors`, compared at equal exactness on real frames,
+        the faster returned. held_out: per frame, its embeddings float32 [..., d] and the bank id range
+        it is searched without (a fit's calibration frames without their own patches, as unseen
+        normal frames; None: none).
 
         The HNSW bank is searched as configured; the IVF bank gets the fewest probes that find the
-        exact nearest vector for as many queries as HNSW does (probes are nested, so the share only
-        grows with them: a bisection). Both are then timed on one thread, as `run` deploys each
-        worker, taking turns for `rounds` (medians). `timing` keeps, per kind, ms per 1024 queries and
-        the exact share (and IVF's probes). Which is faster depends on the CPU and the bank: an IVF
-        bank's GEMMs win where the cores do two 512-bit FMAs a cycle (an Intel Xeon: 0.55x HNSW's
-        time on magnetic_tile), HNSW's graph walk where they do 256-bit ones (an AVX2-only EPYC: IVF
-        at 1.27x), and a small bank needs few probes (bench/results/e2e-*-xeon*.json)."""
-        if queries is None or not len(queries):
-            raise ConfigError("index auto times its candidate indexes on real queries; none were given")
+        exact nearest vector for as many of the frames' patches as HNSW does (probes are nested, so the
+        share only grows with them: a bisection). Both are then timed on all the patches on one
+        thread, as `run` deploys each worker, taking turns for `rounds` (medians). `timing` keeps, per
+        kind, ms per 1024 queries and the exact share (and IVF's probes). Which is faster depends on
+        the CPU and the bank: an IVF bank's GEMMs win where the cores do two 512-bit FMAs a cycle (an
+        Intel Xeon: 0.55x HNSW's time on magnetic_tile), HNSW's graph walk where they do 256-bit ones
+        (an AVX2-only EPYC: IVF at 1.27x), and a small bank needs few probes
+        (bench/results/e2e-*-xeon*.json)."""
+        if not held_out:
+            raise ConfigError("index auto measures its candidate indexes on real frames; none were given")
         import time
 
         from threadpoolctl import threadpool_limits
 
         faiss = _faiss()
-        queries = np.ascontiguousarray(queries, np.float32)
+        frames = [(np.ascontiguousarray(f.reshape(-1, f.shape[-1]), np.float32), exclude) for f, exclude in held_out]
+        queries = np.concatenate([q for q, _ in frames])
         banks = {kind: cls.build(vectors, dataclasses.replace(config, index=kind)) for kind in TIMED_KINDS}
         ivf = banks["ivf"]
-        nearest = ivf.search_exact(queries)[0][:, 0]  # ivf holds the fp32 vectors
+        nearest = [ivf.search_exact(q, exclude)[0][:, 0] for q, exclude in frames]  # ivf holds the fp32 vectors
 
         def exact_share(bank: MemoryBank) -> float:
-            ids = bank.search(queries, 1)[1][:, 0]
-            found = np.linalg.norm(queries - ivf._held[ids], axis=1)
-            return float(np.mean(found <= nearest * (1 + 1e-5) + 1e-6))
+            exact = 0
+            for (q, exclude), near in zip(frames, nearest):
+                found = np.linalg.norm(q - ivf._held[bank.search(q, 1, exclude)[1][:, 0]], axis=1)
+                exact += int(np.sum(found <= near * (1 + 1e-5) + 1e-6))
+            return exact / len(queries)
 
         target = exact_share(banks["hnsw"])
         low, high = 1, len(ivf._lists.lists)

@@ -205,7 +205,7 @@ def test_auto_keeps_whichever_index_searches_faster(slow, clustered, monkeypatch
         return search(self, q, k, exclude)
 
     monkeypatch.setattr(MemoryBank, "search", slowed)
-    picked = MemoryBank.build(bank, BankConfig(), queries)
+    picked = MemoryBank.build(bank, BankConfig(), [(queries, None)])
     fast = next(kind for kind in TIMED_KINDS if kind != slow)
     tuned = {"nprobe": picked.timing["ivf"]["nprobe"]} if fast == "ivf" else {}
     assert picked.config == BankConfig(index=fast, **tuned)
@@ -217,16 +217,21 @@ def test_auto_keeps_whichever_index_searches_faster(slow, clustered, monkeypatch
 
 def test_auto_gives_ivf_the_fewest_probes_that_are_as_exact_as_hnsw(clustered):
     """The probes auto tunes: with them IVF finds the exact nearest vector for at least HNSW's share of
-    the queries (counted here by brute force), with one probe fewer for less."""
+    the held-out frames' patches (counted here by brute force, each frame without its excluded ids),
+    with one probe fewer for less."""
     bank, queries, _ = clustered
     config = BankConfig(hnsw_m=4, ef_search=8, nlist=100)  # a rough graph, many lists: work for the tuning
-    timing = MemoryBank.build(bank, config, queries).timing
-    nearest = _brute(bank, queries, 1)[0][:, 0]
+    frames = [(queries[:200].reshape(10, 20, -1), None), (queries[200:], (1000, 3000))]
+    timing = MemoryBank.build(bank, config, frames).timing
+    nearest = [_brute(bank, q.reshape(-1, q.shape[-1]), 1, exclude)[0][:, 0] for q, exclude in frames]
 
     def share(kind: str, **changes) -> float:
         built = MemoryBank.build(bank, dataclasses.replace(config, index=kind, **changes))
-        found = np.linalg.norm(queries - bank[built.search(queries, 1)[1][:, 0]], axis=1)
-        return float(np.mean(found <= nearest * (1 + 1e-5) + 1e-6))
+        exact = 0
+        for (q, exclude), near in zip(frames, nearest):
+            q = q.reshape(-1, q.shape[-1])
+            exact += np.sum(np.linalg.norm(q - bank[built.search(q, 1, exclude)[1][:, 0]], axis=1) <= near + 1e-5)
+        return exact / len(queries)
 
     probes, hnsw = timing["ivf"]["nprobe"], share("hnsw")
     assert timing["hnsw"]["exact_share"] == pytest.approx(hnsw, abs=0.02) and hnsw < 0.9  # graph builds vary a little
@@ -236,7 +241,7 @@ def test_auto_gives_ivf_the_fewest_probes_that_are_as_exact_as_hnsw(clustered):
 
 def test_auto_needs_queries_and_a_bank_file_names_its_kind(clustered, tmp_path):
     bank, _, _ = clustered
-    with pytest.raises(ConfigError, match="real queries"):
+    with pytest.raises(ConfigError, match="real frames"):
         MemoryBank.build(bank, BankConfig())
     built = MemoryBank.build(bank, BankConfig(index="hnsw"))
     built.save(tmp_path / "bank.faiss")
@@ -279,7 +284,7 @@ def test_distance_maps_rerank_the_highest_cells_of_each_map_exactly(kind, cluste
 @pytest.mark.parametrize("kind", INDEX_KINDS)
 def test_vectors_come_back_in_id_order_whatever_the_index(kind, clustered):
     bank, queries, _ = clustered
-    built = MemoryBank.build(bank, BankConfig(index=kind), queries)
+    built = MemoryBank.build(bank, BankConfig(index=kind), [(queries, None)])
     got = built.vectors()
     assert got.dtype == np.float32 and got.flags.c_contiguous
     half = built.config.index == "hnsw" and built.config.hnsw_storage == "fp16"
