@@ -137,7 +137,7 @@ def multiclass_table() -> str:
 def _cpu(machine: dict) -> str:
     """A record's CPU by kind: the model name and whether int8 has VNNI there."""
     features = machine["cpu_features"]
-    return f"{machine['cpu']}, " + ("AVX-512 VNNI" if "avx512_vnni" in features else
+    return f"{machine['cpu'].replace('(R)', '')}, " + ("AVX-512 VNNI" if "avx512_vnni" in features else
                                     "AVX-VNNI" if "avx_vnni" in features else "AVX2 only")
 
 

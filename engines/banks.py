@@ -152,9 +152,9 @@ class MemoryBank:
         thread, as `run` deploys each worker, taking turns for `rounds` (medians). `timing` keeps, per
         kind, ms per 1024 queries and the exact share (and IVF's probes). Which is faster depends on
         the CPU and the bank: an IVF bank's GEMMs win where the cores do two 512-bit FMAs a cycle (an
-        Intel Xeon: 0.55x HNSW's time on magnetic_tile), HNSW's graph walk where they do 256-bit ones
-        (an AVX2-only EPYC: IVF at 1.27x), and a small bank needs few probes
-        (bench/results/e2e-*-xeon*.json)."""
+        Intel Xeon: 0.59x HNSW's time on magnetic_tile, bench/results/accuracy-tile.json), HNSW's
+        graph walk where they do 256-bit ones (an AVX2-only EPYC: IVF at 1.27x,
+        bank_search-tile-ivf-gemm-avx2.json)."""
         if not held_out:
             raise ConfigError("index auto measures its candidate indexes on real frames; none were given")
         import time
