@@ -239,7 +239,7 @@ def test_auto_gives_ivf_the_fewest_probes_that_are_as_exact_as_hnsw(clustered):
     assert share("ivf", nprobe=probes) >= hnsw > share("ivf", nprobe=probes - 1)
 
 
-def test_auto_needs_queries_and_a_bank_file_names_its_kind(clustered, tmp_path):
+def test_auto_needs_real_frames_and_a_bank_file_names_its_kind(clustered, tmp_path):
     bank, _, _ = clustered
     with pytest.raises(ConfigError, match="real frames"):
         MemoryBank.build(bank, BankConfig())
