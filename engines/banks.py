@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 TIMED_KINDS = ("hnsw", "ivf")  # what `auto` builds, times and picks from
+AUTO_QUERIES = 8192  # the patches `auto` measures on at most (8 frames of 32 x 32 cells)
 LIST_SIZE = 256  # an ivf bank's vectors per list by default: one probe is a GEMM of 256 columns
 BANK_PRECISIONS = ("fp32", "fp16")
 HNSW_STORAGES = ("fp32", "fp16")
@@ -147,10 +148,11 @@ class MemoryBank:
         normal frames; None: none).
 
         The HNSW bank is searched as configured; the IVF bank gets the fewest probes that find the
-        exact nearest vector for as many of the frames' patches as HNSW does (probes are nested, so the
-        share only grows with them: a bisection). Both are then timed on all the patches on one
-        thread, as `run` deploys each worker, taking turns for `rounds` (medians). `timing` keeps, per
-        kind, ms per 1024 queries and the exact share (and IVF's probes). Which is faster depends on
+        exact nearest vector for as many of the frames' patches (at most AUTO_QUERIES, evenly taken)
+        as HNSW does (probes are nested, so the share only grows with them: a bisection). Both are
+        then timed on those patches on one thread, as `run` deploys each worker, taking turns for
+        `rounds` (medians). `timing` keeps, per kind, ms per 1024 queries and the exact share (and
+        IVF's probes). Which is faster depends on
         the CPU and the bank: an IVF bank's GEMMs win where the cores do two 512-bit FMAs a cycle (an
         Intel Xeon: 0.59x HNSW's time on magnetic_tile, bench/results/accuracy-tile.json), HNSW's
         graph walk where they do 256-bit ones (an AVX2-only EPYC: IVF at 1.27x,
@@ -162,7 +164,9 @@ class MemoryBank:
         from threadpoolctl import threadpool_limits
 
         faiss = _faiss()
-        frames = [(np.ascontiguousarray(f.reshape(-1, f.shape[-1]), np.float32), exclude) for f, exclude in held_out]
+        rows = [f.reshape(-1, f.shape[-1]) for f, _ in held_out]
+        step = -(-sum(map(len, rows)) // AUTO_QUERIES)  # every step-th patch: a tiled fit's frames are large
+        frames = [(np.ascontiguousarray(r[::step], np.float32), exclude) for r, (_, exclude) in zip(rows, held_out)]
         queries = np.concatenate([q for q, _ in frames])
         banks = {kind: cls.build(vectors, dataclasses.replace(config, index=kind)) for kind in TIMED_KINDS}
         ivf = banks["ivf"]

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engines.banks import INDEX_KINDS, TIMED_KINDS, BankConfig, MemoryBank
+from engines.banks import AUTO_QUERIES, INDEX_KINDS, TIMED_KINDS, BankConfig, MemoryBank
 from engines.errors import ConfigError
 
 DIST_ATOL = 1e-4
@@ -237,6 +237,21 @@ def test_auto_gives_ivf_the_fewest_probes_that_are_as_exact_as_hnsw(clustered):
     assert timing["hnsw"]["exact_share"] == pytest.approx(hnsw, abs=0.02) and hnsw < 0.9  # graph builds vary a little
     assert 1 < probes < 100
     assert share("ivf", nprobe=probes) >= hnsw > share("ivf", nprobe=probes - 1)
+
+
+def test_auto_measures_on_at_most_its_share_of_patches(clustered, monkeypatch):
+    """Large held-out frames (a tiled fit's) are measured on every step-th patch: 8400 patches, every
+    2nd, so each search auto makes is given at most AUTO_QUERIES queries."""
+    bank, queries, _ = clustered
+    given, search = [], MemoryBank.search
+
+    def counted(self, q, k=1, exclude=None):
+        given.append(len(q))
+        return search(self, q, k, exclude)
+
+    monkeypatch.setattr(MemoryBank, "search", counted)
+    MemoryBank.build(bank, BankConfig(), [(queries, None), (queries, (0, 100))] * 10 + [(queries, None)])
+    assert max(given) == 8400 // 2 <= AUTO_QUERIES
 
 
 def test_auto_needs_real_frames_and_a_bank_file_names_its_kind(clustered, tmp_path):
