@@ -152,11 +152,10 @@ class MemoryBank:
         as HNSW does (probes are nested, so the share only grows with them: a bisection). Both are
         then timed on those patches on one thread, as `run` deploys each worker, taking turns for
         `rounds` (medians). `timing` keeps, per kind, ms per 1024 queries and the exact share (and
-        IVF's probes). Which is faster depends on
-        the CPU and the bank: an IVF bank's GEMMs win where the cores do two 512-bit FMAs a cycle (an
-        Intel Xeon: 0.59x HNSW's time on magnetic_tile, bench/results/accuracy-tile.json), HNSW's
-        graph walk where they do 256-bit ones (an AVX2-only EPYC: IVF at 1.27x,
-        bank_search-tile-ivf-gemm-avx2.json)."""
+        IVF's probes). Which is faster depends on the CPU and the bank: an IVF bank's GEMMs win
+        where the cores do two 512-bit FMAs a cycle (an Intel Xeon: 0.59x HNSW's time on
+        magnetic_tile, bench/results/accuracy-tile.json), HNSW's graph walk where they do 256-bit
+        ones (an AVX2-only EPYC: IVF at 1.27x, bank_search-tile-ivf-gemm-avx2.json)."""
         if not held_out:
             raise ConfigError("index auto measures its candidate indexes on real frames; none were given")
         import time
@@ -189,6 +188,7 @@ class MemoryBank:
                 low = ivf.config.nprobe + 1
         ivf.config = dataclasses.replace(ivf.config, nprobe=low)
         ivf._apply_search_params()
+        shares = {"hnsw": target, "ivf": exact_share(ivf)}
         seconds: dict[str, list[float]] = {kind: [] for kind in banks}
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
@@ -204,7 +204,7 @@ class MemoryBank:
         finally:
             faiss.omp_set_num_threads(threads)
         timing = {kind: {"ms_per_1024": round(1000 * float(np.median(s)) * 1024 / len(queries), 3),
-                         "exact_share": round(exact_share(banks[kind]), 4)} for kind, s in seconds.items()}
+                         "exact_share": round(shares[kind], 4)} for kind, s in seconds.items()}
         timing["ivf"]["nprobe"] = ivf.config.nprobe
         bank = banks[min(timing, key=lambda kind: timing[kind]["ms_per_1024"])]
         bank.timing = timing
