@@ -22,6 +22,8 @@ import zmq
 from pipeline import wire
 from pipeline.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, NoMetrics, stage_metrics
 
+WARM_BATCHES = 2  # full batches an inference worker runs before it announces readiness
+
 
 @dataclasses.dataclass
 class WorkerStats:
@@ -134,7 +136,11 @@ def inference_worker(model_dir: str | Path, frames_endpoints: list[str], out_end
     ctl = Control(ctx, control, "infer", name)
     try:
         with inspector:
-            inspector.inspect([np.zeros(model.spec.shape, np.uint8)])  # warm up before announcing readiness
+            # warm up at the batch shape before announcing readiness: ONNX Runtime plans its memory per
+            # input shape, and the first full batch after a one-frame warm-up ran far slower than the rest
+            warm = [np.zeros(model.spec.shape, np.uint8)] * batch
+            for _ in range(WARM_BATCHES):
+                inspector.inspect(warm)
             ctl.send("ready")
             while not stop.is_set():
                 messages = _collect(inp, batch, batch_ms, stop)

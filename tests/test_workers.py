@@ -232,6 +232,29 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
     assert stats.errors == 5 and stats.frames == 6 and 2 <= stats.batches <= 6
 
 
+def test_inference_worker_runs_full_batches_before_it_is_ready(fitted_model, net, monkeypatch):
+    """The first frames of a run are not the warm-up: the network has seen the batch shape before 'ready'."""
+    from calibration.model import Inspector
+    from engines.runtimes import Deployment
+    from pipeline.workers import WARM_BATCHES
+
+    sizes = []
+    inspect = Inspector.inspect
+    monkeypatch.setattr(Inspector, "inspect", lambda self, images, *a: sizes.append(len(images)) or inspect(self, images, *a))
+    stop = threading.Event()
+    control_ep = net.endpoint("control")
+    control = net.socket(zmq.PULL, bind=control_ep)
+    run = Background(inference_worker, fitted_model, [net.endpoint("frames")], [net.endpoint("scored")],
+                     deployment=Deployment(runtime="onnxruntime", threads=1), batch=3, control=control_ep, stop=stop)
+    try:
+        wait_ready(control, run)
+        assert sizes == [3] * WARM_BATCHES
+    finally:
+        stop.set()
+        run.thread.join(TIMEOUT_S)
+    run.finish(0)
+
+
 # ---- postprocess worker ----
 
 @pytest.fixture
