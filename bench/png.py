@@ -4,9 +4,9 @@ a dataset's defective test images. Encode milliseconds (best of 5 passes) and by
 
     python -m bench.png MODEL DATA [--images 32]      -> bench/results/png.json
 
-rows: lossless PNG settings for both; the fastest that is not larger than the current one wins (maps
-are data: they stay lossless). overlay_jpeg: JPEG qualities for the overlays, which are pictures for
-people, with their PSNR against the overlay itself.
+rows: lossless PNG encoders: OpenCV's settings (maps and overlays) and lineguard's own `png_gray`
+(greyscale maps only), which writes the maps (they are data: they stay lossless). overlay_jpeg: JPEG
+qualities for the overlays, which are pictures for people, with their PSNR against the overlay itself.
 """
 
 from __future__ import annotations
@@ -22,23 +22,27 @@ import numpy as np
 from bench.accuracy import RESULTS
 from calibration.artifact import machine_info
 from calibration.dataset import evaluation_samples, read_image
-from calibration.images import OVERLAY_JPEG, PNG_FAST
+from calibration.images import OVERLAY_JPEG, png_gray
 from calibration.maps import normalise, overlay, smooth, to_frame
 from calibration.model import Inspector, Model
 from engines.runtimes import Deployment
 
 C = cv2
-SETTINGS = {
-    "level 1, adaptive filters (before)": [C.IMWRITE_PNG_COMPRESSION, 1],
+SETTINGS = {  # OpenCV's PNG encoder (libpng and zlib)
+    "level 1, adaptive filters": [C.IMWRITE_PNG_COMPRESSION, 1],
     "level 3 (OpenCV default)": [C.IMWRITE_PNG_COMPRESSION, 3],
     "level 1, huffman only": [C.IMWRITE_PNG_COMPRESSION, 1, C.IMWRITE_PNG_STRATEGY, C.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY],
     "level 1, filter up": [C.IMWRITE_PNG_COMPRESSION, 1, C.IMWRITE_PNG_FILTER, C.IMWRITE_PNG_FILTER_UP],
     "level 1, filter sub, rle": [C.IMWRITE_PNG_COMPRESSION, 1, C.IMWRITE_PNG_STRATEGY, C.IMWRITE_PNG_STRATEGY_RLE,
                                  C.IMWRITE_PNG_FILTER, C.IMWRITE_PNG_FILTER_SUB],
-    "level 1, filter up, rle": [C.IMWRITE_PNG_COMPRESSION, 1, C.IMWRITE_PNG_STRATEGY, C.IMWRITE_PNG_STRATEGY_RLE,
-                                C.IMWRITE_PNG_FILTER, C.IMWRITE_PNG_FILTER_UP],
+    "level 1, filter up, rle (maps before png_gray)": [C.IMWRITE_PNG_COMPRESSION, 1, C.IMWRITE_PNG_STRATEGY,
+                                                      C.IMWRITE_PNG_STRATEGY_RLE, C.IMWRITE_PNG_FILTER,
+                                                      C.IMWRITE_PNG_FILTER_UP],
     "level 0 (stored)": [C.IMWRITE_PNG_COMPRESSION, 0],
 }
+ENCODERS = {name: (lambda a, p=params: cv2.imencode(".png", a, p)[1].tobytes()) for name, params in SETTINGS.items()}
+ENCODERS["png_gray: filter up, ISA-L level 1"] = png_gray  # greyscale only: the maps
+IN_USE = "png_gray: filter up, ISA-L level 1"
 
 
 def images(model_dir: Path, data: Path, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -55,27 +59,29 @@ def images(model_dir: Path, data: Path, n: int) -> tuple[list[np.ndarray], list[
     return maps, overlays
 
 
-def encode(arrays: list[np.ndarray], suffix: str, params: list[int]) -> tuple[float, list[np.ndarray]]:
+def encode(arrays: list[np.ndarray], encoder) -> tuple[float, list[bytes]]:
     """Best of 5 passes: (seconds a pass, the encoded files)."""
     best, encoded = float("inf"), []
     for _ in range(5):
         start = time.perf_counter()
-        encoded = [cv2.imencode(suffix, a, params)[1] for a in arrays]
+        encoded = [encoder(a) for a in arrays]
         best = min(best, time.perf_counter() - start)
     return best, encoded
 
 
-def measure(arrays: list[np.ndarray], params: list[int]) -> dict:
-    best, encoded = encode(arrays, ".png", params)
-    for a, e in zip(arrays[:4], encoded):  # lossless, whatever the setting
-        assert np.array_equal(cv2.imdecode(e, cv2.IMREAD_UNCHANGED), a)
+def measure(arrays: list[np.ndarray], encoder) -> dict | None:
+    if arrays[0].ndim == 3 and encoder is png_gray:
+        return None
+    best, encoded = encode(arrays, encoder)
+    for a, e in zip(arrays[:4], encoded):  # lossless, whatever the encoder
+        assert np.array_equal(cv2.imdecode(np.frombuffer(e, np.uint8), cv2.IMREAD_UNCHANGED), a)
     return {"ms": round(1000 * best / len(arrays), 3), "kb": round(sum(map(len, encoded)) / len(arrays) / 1024, 1)}
 
 
 def measure_jpeg(arrays: list[np.ndarray], quality: int) -> dict:
     params = [cv2.IMWRITE_JPEG_QUALITY, quality]
-    best, encoded = encode(arrays, ".jpg", params)
-    psnr = [cv2.PSNR(a, cv2.imdecode(e, cv2.IMREAD_COLOR)) for a, e in zip(arrays, encoded)]
+    best, encoded = encode(arrays, lambda a: cv2.imencode(".jpg", a, params)[1].tobytes())
+    psnr = [cv2.PSNR(a, cv2.imdecode(np.frombuffer(e, np.uint8), cv2.IMREAD_COLOR)) for a, e in zip(arrays, encoded)]
     return {"quality": quality, "in_use": params == OVERLAY_JPEG, "ms": round(1000 * best / len(arrays), 3),
             "kb": round(sum(map(len, encoded)) / len(arrays) / 1024, 1), "psnr_db": round(float(np.mean(psnr)), 1)}
 
@@ -88,12 +94,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "png.json")
     args = parser.parse_args()
     maps, overlays = images(args.model, args.data, args.images)
-    rows = [{"setting": name, "in_use": params == PNG_FAST, "map": measure(maps, params),
-             "overlay": measure(overlays, params)} for name, params in SETTINGS.items()]
+    rows = [{"setting": name, "in_use": name == IN_USE, "map": measure(maps, encoder),
+             "overlay": measure(overlays, encoder)} for name, encoder in ENCODERS.items()]
     jpeg = [measure_jpeg(overlays, q) for q in (80, 90, 95)]
     for r in rows:
-        print(f"{r['setting']:<28} map {r['map']['ms']:6.2f} ms {r['map']['kb']:6.1f} KB   "
-              f"overlay {r['overlay']['ms']:6.2f} ms {r['overlay']['kb']:6.1f} KB{'  (maps)' if r['in_use'] else ''}")
+        overlay_cell = f"overlay {r['overlay']['ms']:6.2f} ms {r['overlay']['kb']:6.1f} KB" if r["overlay"] else ""
+        print(f"{r['setting']:<46} map {r['map']['ms']:6.2f} ms {r['map']['kb']:6.1f} KB   {overlay_cell}"
+              f"{'  (maps)' if r['in_use'] else ''}")
     for r in jpeg:
         print(f"overlay JPEG quality {r['quality']:<7} {r['ms']:6.2f} ms {r['kb']:6.1f} KB  PSNR {r['psnr_db']} dB"
               f"{'  (overlays)' if r['in_use'] else ''}")

@@ -16,11 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import zmq
 
-from calibration.images import PNG_FAST
+from calibration.images import png_gray
 from pipeline import wire
 from pipeline.drift import DriftWatch, drift_reference
 from pipeline.metrics import LATENCY_BUCKETS
@@ -271,9 +270,13 @@ class Sink:
                     record["late"] = True
                 self.jsonl.write(json.dumps(record) + "\n")
             if self.maps_dir is not None and result.defect_map is not None:
-                self.maps_dir.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(self.maps_dir / f"{result.stream}-{result.seq:08d}.png"), result.defect_map,
-                            PNG_FAST)
+                path = self.maps_dir / f"{result.stream}-{result.seq:08d}.png"
+                try:
+                    self.maps_dir.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(png_gray(result.defect_map))
+                except OSError as exc:  # the result itself is logged already: the run goes on
+                    log.error("could not write the defect map %s (%s); check the space and permissions of %s",
+                              path, exc, self.maps_dir)
         if released and self.jsonl is not None:
             self.jsonl.flush()  # written through: visible to readers, and safe from a kill of this process
             if time.monotonic() - self.last_fsync > self.fsync_s:

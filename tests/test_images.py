@@ -107,3 +107,25 @@ def test_file_size_png_and_jpeg_headers():
     assert images.file_size(memoryview(jpg), "jpeg") == (8, 30)
     assert images.file_size(memoryview(png[:40]), "png") is None  # a png cut short is not whole
     assert images.file_size(memoryview(b"\xff\xd8\xff\xd9"), "jpeg") is None
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 17), (23, 1), (37, 53), (512, 512)])
+def test_png_gray_is_lossless_for_opencv_and_pillow(shape):
+    from io import BytesIO
+
+    from PIL import Image
+
+    smooth = cv2.GaussianBlur(_noise(shape, seed=1), (0, 0), 4) if min(shape) > 8 else _noise(shape, seed=1)
+    for image in (_noise(shape), smooth, np.full(shape, 255, np.uint8)):
+        data = images.png_gray(image)
+        np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED), image)
+        with Image.open(BytesIO(data)) as decoded:  # a second, independent decoder
+            decoded.load()
+            assert decoded.mode == "L"
+            np.testing.assert_array_equal(np.asarray(decoded), image)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint16), np.zeros((4, 4, 1), np.uint8), np.zeros((0, 4), np.uint8)])
+def test_png_gray_refuses_what_is_not_an_8_bit_grey_image(bad):
+    with pytest.raises(ValueError, match="uint8"):
+        images.png_gray(bad)
