@@ -19,18 +19,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from calibration.coreset import greedy_coreset
 from calibration.kinds import Detector, Kind
 from engines.banks import BankConfig, MemoryBank
 from engines.errors import ConfigError
-from engines.export import export_onnx
-from engines.heads import EmbeddingConfig, PatchEmbedding
+from engines.head_config import EmbeddingConfig
 from engines.runtimes import Deployment
 
 if TYPE_CHECKING:
     from calibration.fit import FitContext, FitOutput
+    from engines.heads import PatchEmbedding
 
 AUGMENTS = ("none", "hflip", "flips", "flips+rot90")
 
@@ -88,7 +87,11 @@ def views(image: np.ndarray, augment: str) -> list[np.ndarray]:
     return [np.ascontiguousarray(v) for v in out]
 
 
-def network(model_dir: Path, manifest: dict) -> PatchEmbedding:
+def network(model_dir: Path, manifest: dict) -> "PatchEmbedding":
+    import torch
+
+    from engines.heads import PatchEmbedding
+
     config = EmbeddingConfig(**manifest["memory_bank"]["embedding"])
     module = PatchEmbedding(config, manifest["input"]["height"], manifest["input"]["width"], manifest.get("weights"))
     if config.learned:
@@ -118,12 +121,17 @@ class MemoryBankDetector(Detector):
 
             faiss.omp_set_num_threads(deployment.threads)
             threadpool_limits(deployment.threads, user_api="blas")  # the exact re-ranking (numpy's GEMM)
-            torch.set_num_threads(deployment.threads)  # a flat bank's exact search
+            if self.bank.torch_search:  # a flat bank's exact search (torch is not loaded otherwise)
+                import torch
+
+                torch.set_num_threads(deployment.threads)
 
     def maps(self, inputs: np.ndarray) -> np.ndarray:
         return distance_maps(self.bank, self.engine.infer(inputs))
 
     def maps_device(self, inputs: np.ndarray):
+        import torch
+
         if not self.bank.torch_search:  # an IVF / HNSW bank on the CPU: FAISS searches it there
             return torch.from_numpy(self.maps(inputs))
         features = self.engine.infer_device(inputs)
@@ -160,7 +168,11 @@ def distance_maps(bank: MemoryBank, features: np.ndarray, exclude: tuple[int, in
 
 def fit(ctx: "FitContext") -> "FitOutput":
     """Embed, subsample, build the bank and score the calibration frames without their own patches."""
+    import torch
+
     from calibration.fit import FitOutput
+    from engines.export import export_onnx
+    from engines.heads import PatchEmbedding
 
     o: BankOptions = ctx.options
     spec = ctx.spec

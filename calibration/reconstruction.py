@@ -17,13 +17,17 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibration.kinds import Detector, Kind
 from engines.errors import ConfigError
-from engines.heads import FeatureReconstruction, ReconstructionConfig
+from engines.head_config import ReconstructionConfig
 from engines.runtimes import Deployment, TorchEngine
+
+if TYPE_CHECKING:
+    from engines.heads import FeatureReconstruction
 
 MIN_IMAGES = 8
 
@@ -71,8 +75,10 @@ class ReconstructionOptions:
         return cls(network=network, **own)
 
 
-def network(model_dir: Path, manifest: dict) -> FeatureReconstruction:
+def network(model_dir: Path, manifest: dict) -> "FeatureReconstruction":
     import torch
+
+    from engines.heads import FeatureReconstruction
 
     section = manifest["reconstruction"]
     module = FeatureReconstruction(ReconstructionConfig(**section["network"]), manifest["input"]["height"],
@@ -111,7 +117,7 @@ def split(categories: list[int], holdout: float, seed: int) -> np.ndarray:
 class _EncoderFeatures:
     """A module factory: images -> concatenated encoder stages float32 [N, C, h, w] (for the cache)."""
 
-    def __init__(self, module: FeatureReconstruction):
+    def __init__(self, module: "FeatureReconstruction"):
         self.module = module
 
     def __call__(self):
@@ -131,8 +137,10 @@ class _EncoderFeatures:
 
 
 def fit(ctx):
-    from calibration.fit import FitOutput
     import torch
+
+    from calibration.fit import FitOutput
+    from engines.heads import FeatureReconstruction
 
     o: ReconstructionOptions = ctx.options
     if len(ctx.paths) < MIN_IMAGES:

@@ -426,16 +426,11 @@ def cmd_export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given the `command` being run, fit's options only when it is fit: they
+    name choices from modules that import torch and onnx (2.4 s), which the pipeline's stage processes
+    (produce, sink, postprocess) never need."""
     from calibration.ensemble import FUSIONS
-    from calibration.fit import FitConfig
-    from calibration.geometry import PHOTOMETRICS, Geometry
-    from calibration.kinds import kind_names
-    from calibration.maps import IMAGE_SCORES, MapConfig
-    from calibration.memory_bank import AUGMENTS
-    from engines.backbones import backbone_names
-    from engines.banks import HNSW_STORAGES, INDEX_KINDS
-    from engines.heads import POOL_PADDINGS, PROJECTIONS, WEIGHTINGS
     from engines.runtimes import PRECISIONS, RUNTIMES
 
     parser = argparse.ArgumentParser(prog="lineguard", description="Streaming visual inspection.")
@@ -454,62 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--deployment", default=None, help=argparse.SUPPRESS)  # the JSON of a Deployment
 
     fit = sub.add_parser("fit", help="fit a model on DATA/train/good (several DATA: one multi-class model)")
-    fit.add_argument("data", type=Path, nargs="+", help="dataset folder(s) in MVTec AD layout")
-    fit.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
-    fit.add_argument("--kind", default="memory_bank", help=f"model kind: {', '.join(kind_names())}")
-    g = fit.add_argument_group("input and geometry (every kind)")
-    g.add_argument("--input-size", type=_input_size, default=None,
-                   help="S or HxW, multiples of 32 (default: the training images' aspect ratio at about 256x256)")
-    g.add_argument("--tiles", action="store_true", help="cover each frame with overlapping input-size tiles")
-    g.add_argument("--tile-scale", type=float, default=1.0, help="with --tiles: input pixels per frame pixel")
-    g.add_argument("--tile-overlap", type=float, default=0.25, help="with --tiles: least shared fraction of a tile")
-    g.add_argument("--roi", default=None, help="region of interest: x,y,w,h in frame pixels, or a mask image")
-    g.add_argument("--photometric", choices=PHOTOMETRICS, default=Geometry.photometric,
-                   help="frame: each frame standardised to one brightness and contrast; none: pixels as they come")
-    g.add_argument("--backbone", default=None, help=f"default efficientnet_lite0; one of {', '.join(backbone_names())}")
-    g.add_argument("--weights", default=None, help="backbone checkpoint path (default: installed weights)")
-    g.add_argument("--layers", type=_layers, default=None, help="comma-separated backbone stages")
-    g = fit.add_argument_group("maps and thresholds (every kind)")
-    g.add_argument("--blur-sigma", type=float, default=MapConfig.blur_sigma, help="map smoothing, input pixels")
-    g.add_argument("--image-score", choices=IMAGE_SCORES, default=MapConfig.image_score)
-    g.add_argument("--top-k", type=_positive_int, default=MapConfig.top_k, help="cells averaged by --image-score topk")
-    g.add_argument("--border-rings", type=int, default=MapConfig.border_rings,
-                   help="outer rings of map cells whose normal scores fit evens out to the interior's (0: none)")
-    g.add_argument("--calib-images", type=_positive_int, default=FitConfig.calib_images,
-                   help="held-out normal images that calibrate the thresholds, at most")
-    g.add_argument("--max-false-reject", type=float, default=None,
-                   help="false-reject target on normal frames, e.g. 0.01 (default: the largest normal score)")
-    g.add_argument("--seed", type=int, default=0)
-    g = fit.add_argument_group("memory_bank kind")
-    g.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="stage weighting in the embedding")
-    g.add_argument("--context", type=int, default=None, help="mirrored border pixels seen around each input")
-    g.add_argument("--pool-padding", choices=POOL_PADDINGS, default=None,
-                   help="3x3 patch averaging at the border: include the zero padding (damps border patches) | exclude it")
-    g.add_argument("--dim", type=int, default=None, help="embedding size (0: all channels)")
-    g.add_argument("--projection", choices=PROJECTIONS, default=None, help="how --dim is reached: pca (learned) | random")
-    g.add_argument("--coreset-ratio", type=float, default=None, help="fraction of training patches in the bank")
-    g.add_argument("--coreset-max", type=int, default=None, help="largest bank size (0: no limit); bounds search time")
-    g.add_argument("--index", choices=INDEX_KINDS, default=None, help="auto (default: hnsw or ivf, whichever searches faster on this CPU, timed at fit) | flat (exact) | ivf | hnsw")
-    g.add_argument("--nlist", type=_count, default=None, help="ivf lists (0: one per 256 bank vectors)")
-    g.add_argument("--nprobe", type=_positive_int, default=None,
-                   help="ivf lists searched per query: more is nearer exact and slower (bench.bank_search)")
-    g.add_argument("--ef-construction", type=_positive_int, default=None, help="hnsw candidates per insertion")
-    g.add_argument("--hnsw-storage", choices=HNSW_STORAGES, default=None,
-                   help="hnsw vectors in fp16 (default: half the memory searched, faster) or fp32")
-    g.add_argument("--ef-search", type=_positive_int, default=None,
-                   help="hnsw candidates per query: more is nearer exact and slower (bench.bank_search)")
-    g.add_argument("--rerank", type=_count, default=None,
-                   help="ivf / hnsw: the highest cells of each map searched again exactly (0: none)")
-    g.add_argument("--shots", type=int, default=None, help="few-shot: a bank from K normal images and their views")
-    g.add_argument("--augment", choices=AUGMENTS, default=None, help="few-shot views of each image (default flips)")
-    g = fit.add_argument_group("reconstruction kind")
-    g.add_argument("--steps", type=int, default=None, help="training steps (default: from --epochs)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the cached encoder features")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    g.add_argument("--max-minutes", type=float, default=None, help="bound on the training time")
-    g.add_argument("--holdout", type=float, default=None, help="share of each dataset held out for calibration")
-    g.add_argument("--decoder-width", type=_positive_int, default=None, help="decoder channels")
-    g.add_argument("--flip-features", action="store_true", default=None, help="augment by flipping feature maps")
+    if command in (None, "fit"):
+        _fit_options(fit)
     common(fit)
     fit.set_defaults(func=cmd_fit)
 
@@ -661,8 +602,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fit_options(fit: argparse.ArgumentParser) -> None:
+    from calibration.fit import FitConfig
+    from calibration.geometry import PHOTOMETRICS, Geometry
+    from calibration.kinds import kind_names
+    from calibration.maps import IMAGE_SCORES, MapConfig
+    from calibration.memory_bank import AUGMENTS
+    from engines.backbones import backbone_names
+    from engines.banks import HNSW_STORAGES, INDEX_KINDS
+    from engines.head_config import POOL_PADDINGS, PROJECTIONS, WEIGHTINGS
+
+    fit.add_argument("data", type=Path, nargs="+", help="dataset folder(s) in MVTec AD layout")
+    fit.add_argument("-o", "--output", type=Path, required=True, help="model directory to write")
+    fit.add_argument("--kind", default="memory_bank", help=f"model kind: {', '.join(kind_names())}")
+    g = fit.add_argument_group("input and geometry (every kind)")
+    g.add_argument("--input-size", type=_input_size, default=None,
+                   help="S or HxW, multiples of 32 (default: the training images' aspect ratio at about 256x256)")
+    g.add_argument("--tiles", action="store_true", help="cover each frame with overlapping input-size tiles")
+    g.add_argument("--tile-scale", type=float, default=1.0, help="with --tiles: input pixels per frame pixel")
+    g.add_argument("--tile-overlap", type=float, default=0.25, help="with --tiles: least shared fraction of a tile")
+    g.add_argument("--roi", default=None, help="region of interest: x,y,w,h in frame pixels, or a mask image")
+    g.add_argument("--photometric", choices=PHOTOMETRICS, default=Geometry.photometric,
+                   help="frame: each frame standardised to one brightness and contrast; none: pixels as they come")
+    g.add_argument("--backbone", default=None, help=f"default efficientnet_lite0; one of {', '.join(backbone_names())}")
+    g.add_argument("--weights", default=None, help="backbone checkpoint path (default: installed weights)")
+    g.add_argument("--layers", type=_layers, default=None, help="comma-separated backbone stages")
+    g = fit.add_argument_group("maps and thresholds (every kind)")
+    g.add_argument("--blur-sigma", type=float, default=MapConfig.blur_sigma, help="map smoothing, input pixels")
+    g.add_argument("--image-score", choices=IMAGE_SCORES, default=MapConfig.image_score)
+    g.add_argument("--top-k", type=_positive_int, default=MapConfig.top_k, help="cells averaged by --image-score topk")
+    g.add_argument("--border-rings", type=int, default=MapConfig.border_rings,
+                   help="outer rings of map cells whose normal scores fit evens out to the interior's (0: none)")
+    g.add_argument("--calib-images", type=_positive_int, default=FitConfig.calib_images,
+                   help="held-out normal images that calibrate the thresholds, at most")
+    g.add_argument("--max-false-reject", type=float, default=None,
+                   help="false-reject target on normal frames, e.g. 0.01 (default: the largest normal score)")
+    g.add_argument("--seed", type=int, default=0)
+    g = fit.add_argument_group("memory_bank kind")
+    g.add_argument("--weighting", choices=WEIGHTINGS, default=None, help="stage weighting in the embedding")
+    g.add_argument("--context", type=int, default=None, help="mirrored border pixels seen around each input")
+    g.add_argument("--pool-padding", choices=POOL_PADDINGS, default=None,
+                   help="3x3 patch averaging at the border: include the zero padding (damps border patches) | exclude it")
+    g.add_argument("--dim", type=int, default=None, help="embedding size (0: all channels)")
+    g.add_argument("--projection", choices=PROJECTIONS, default=None, help="how --dim is reached: pca (learned) | random")
+    g.add_argument("--coreset-ratio", type=float, default=None, help="fraction of training patches in the bank")
+    g.add_argument("--coreset-max", type=int, default=None, help="largest bank size (0: no limit); bounds search time")
+    g.add_argument("--index", choices=INDEX_KINDS, default=None, help="auto (default: hnsw or ivf, whichever searches faster on this CPU, timed at fit) | flat (exact) | ivf | hnsw")
+    g.add_argument("--nlist", type=_count, default=None, help="ivf lists (0: one per 256 bank vectors)")
+    g.add_argument("--nprobe", type=_positive_int, default=None,
+                   help="ivf lists searched per query: more is nearer exact and slower (bench.bank_search)")
+    g.add_argument("--ef-construction", type=_positive_int, default=None, help="hnsw candidates per insertion")
+    g.add_argument("--hnsw-storage", choices=HNSW_STORAGES, default=None,
+                   help="hnsw vectors in fp16 (default: half the memory searched, faster) or fp32")
+    g.add_argument("--ef-search", type=_positive_int, default=None,
+                   help="hnsw candidates per query: more is nearer exact and slower (bench.bank_search)")
+    g.add_argument("--rerank", type=_count, default=None,
+                   help="ivf / hnsw: the highest cells of each map searched again exactly (0: none)")
+    g.add_argument("--shots", type=int, default=None, help="few-shot: a bank from K normal images and their views")
+    g.add_argument("--augment", choices=AUGMENTS, default=None, help="few-shot views of each image (default flips)")
+    g = fit.add_argument_group("reconstruction kind")
+    g.add_argument("--steps", type=int, default=None, help="training steps (default: from --epochs)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the cached encoder features")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--max-minutes", type=float, default=None, help="bound on the training time")
+    g.add_argument("--holdout", type=float, default=None, help="share of each dataset held out for calibration")
+    g.add_argument("--decoder-width", type=_positive_int, default=None, help="decoder channels")
+    g.add_argument("--flip-features", action="store_true", default=None, help="augment by flipping feature maps")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -208,3 +208,36 @@ def test_fit_by_default_keeps_the_index_it_timed_faster_and_says_so(fitted_model
     assert kept == "hnsw" or section["bank"]["nprobe"] == timing["ivf"]["nprobe"]
     held = faiss.read_index(str(fitted_model / "bank.faiss"))
     assert isinstance(held, faiss.IndexIVFFlat if section["bank"]["index"] == "ivf" else faiss.IndexHNSWSQ)
+
+
+def test_stage_processes_start_without_torch_or_onnx(fitted_model):
+    """A run's producer, sink and postprocess processes parse their command line, load the model and
+    decide a defective frame, and its ONNX Runtime workers score frames on an IVF or HNSW bank, without
+    importing torch or onnx (2.4 s of imports each, which made a 108-frame run take 16 s instead of 5)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import numpy as np
+from pipeline.cli import build_parser
+for argv in (["produce", "synthetic", "--frames-endpoint", "ipc://f", "--sink", "ipc://s"],
+             ["sink", "--results", "ipc://r", "--model", {str(fitted_model)!r}],
+             ["postprocess", {str(fitted_model)!r}, "--in", "ipc://i", "--sink", "ipc://s"]):
+    build_parser(argv[0]).parse_args(argv)
+from calibration.model import Model
+from pipeline.drift import drift_reference
+model = Model({str(fitted_model)!r})
+drift_reference({str(fitted_model)!r})
+decision = model.decide(np.full((16, 16), 1e6, np.float32), (128, 128), 1e6)
+assert decision.verdict == "defect" and decision.regions, decision
+from calibration.model import Inspector
+from engines.runtimes import Deployment
+assert model.manifest["memory_bank"]["bank"]["index"] in ("ivf", "hnsw")
+with Inspector(model, Deployment(threads=1), 2) as inspector:  # an inference worker: ONNX Runtime and FAISS
+    inspector.inspect([np.zeros(model.spec.shape, np.uint8)] * 2)
+print(",".join(m for m in ("torch", "onnx") if m in sys.modules) or "neither")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "neither"

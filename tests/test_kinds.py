@@ -14,7 +14,7 @@ from calibration.geometry import Geometry
 from calibration.int8 import Int8Config, quantize_onnxruntime
 from calibration.model import Model
 from calibration.synthetic import make_dataset
-from engines.heads import EmbeddingConfig
+from engines.head_config import EmbeddingConfig
 from engines.runtimes import Deployment
 from pipeline.cli import main
 
