@@ -1,7 +1,8 @@
 """End to end from files: fit on a dataset, then `lineguard run` over its test folder (every image read,
 sent, decoded, scored, postprocessed, results.jsonl, maps and overlays written), as a user runs it,
 with each engine in turn, several times (this machine's speed drifts; medians and the per-round
-ratios are reported).
+ratios are reported). images/s counts from the first frame read to the last result; wall_s is what
+the user waits, from the command to its exit (the stages' start-up and shutdown included).
 
     python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3] [--engines fp32 int8] [--workers 1 2] [-- FIT OPTIONS]
     python -m bench.e2e --dataset magnetic_tile/tile --models bank=--kind,memory_bank rec=--kind,reconstruction
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,22 +99,26 @@ def main() -> None:
                 for precision, workers in ((p, w) for p in args.engines for w in args.workers
                                            if not (p == "int8" and name in refused)):
                     out, summary_file = tmp / "out", tmp / "summary.json"
+                    start = time.perf_counter()
                     lineguard(trees[name], "run", str(tmp / name), "--source", str(data / "test"),
                               *([] if args.no_out else ["--out", str(out)]), "--json", str(summary_file),
                               "--batch-size", str(args.batch_size), "--workers", str(workers),
                               "--precision", precision)
+                    wall = time.perf_counter() - start
                     summary = json.loads(summary_file.read_text())
                     shutil.rmtree(out, ignore_errors=True)
                     key = f"{name}/{precision}" + (f"/{workers}-workers" if workers != 1 else "")
                     runs.setdefault(key, []).append(
-                        {k: summary[k] for k in ("fps", "latency_ms", "results", "error", "lost", "stage_ms")})
-                    print(f"{key}: {summary['fps']:.1f} images/s", flush=True)
+                        {**{k: summary[k] for k in ("fps", "latency_ms", "results", "error", "lost", "stage_ms")},
+                         "wall_s": round(wall, 2)})
+                    print(f"{key}: {summary['fps']:.1f} images/s, {wall:.1f} s from command to exit", flush=True)
     keys = list(runs)
     ratios = {f"{a} / {keys[0]}": [ra["fps"] / r0["fps"] for ra, r0 in zip(runs[a], runs[keys[0]])] for a in keys[1:]}
     result = {"dataset": args.dataset, "test_files": files, "batch": args.batch_size, "models": specs,
               "workers": args.workers, "written": "nothing" if args.no_out else "results.jsonl, maps, overlays",
               "fit_args": args.fit_args, "runs": runs, "int8_refused": refused,
               "median_fps": {k: float(np.median([r["fps"] for r in v])) for k, v in runs.items()},
+              "median_wall_s": {k: float(np.median([r["wall_s"] for r in v])) for k, v in runs.items()},
               "median_ratio": {k: float(np.median(v)) for k, v in ratios.items()}, "round_ratios": ratios,
               "method": "rounds of every model and engine in turn; medians of the rounds and of the per-round ratios",
               "machine": machine_info()}

@@ -143,7 +143,7 @@ def _cpu(machine: dict) -> str:
 
 def e2e_table() -> str:
     out = ["| dataset (files) | CPU | model / engine | images/s (median of the rounds) | "
-           "ratio to the first row (per round, median) |", "|---|---|---|---|---|"]
+           "ratio to the first row (per round, median) | seconds from command to exit |", "|---|---|---|---|---|---|"]
     for d, short in NAMES.items():
         for r in (_load(f"e2e-{FILES[d]}{suffix}.json") for suffix in CPU_SUFFIXES):
             if r is None:
@@ -151,10 +151,11 @@ def e2e_table() -> str:
             first = next(iter(r["median_fps"]))
             for key, fps in r["median_fps"].items():
                 ratio = r["median_ratio"].get(f"{key} / {first}")
+                wall = r.get("median_wall_s", {}).get(key)  # records before it was measured have none
                 out.append(f"| {short} ({r['test_files']}) | {_cpu(r['machine'])} | {key} | {fps:.1f} | "
-                           f"{'' if ratio is None else f'{ratio:.2f}'} |")
+                           f"{'' if ratio is None else f'{ratio:.2f}'} | {'' if wall is None else f'{wall:.1f}'} |")
             out += [f"| {short} ({r['test_files']}) | {_cpu(r['machine'])} | {name}/int8 | refused by export "
-                    f"(validation) | |" for name in r.get("int8_refused", {})]
+                    f"(validation) | | |" for name in r.get("int8_refused", {})]
     return "\n".join(out)
 
 
