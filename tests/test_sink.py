@@ -181,6 +181,18 @@ def test_sink_writes_every_defect_map_released_together(tmp_path):
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["cam0-00000001.png", "cam0-00000002.png"]
 
 
+def test_sink_logs_a_defect_map_it_cannot_write_and_keeps_the_result(tmp_path, caplog):
+    """Its maps folder cannot be made (a file of that name is in the way): the result is logged all the same."""
+    (tmp_path / "maps").write_text("in the way")
+    sink = Sink(jsonl=tmp_path / "results.jsonl", maps_dir=tmp_path / "maps")
+    with caplog.at_level("ERROR", logger="lineguard.sink"):
+        sink.handle(wire.encode_result(res(0, "defect", score=0.9, defect_map=np.full((4, 4), 9, np.uint8))))
+        sink.handle(wire.encode_result(res(1, score=0.1)))
+    sink.close()
+    assert [json.loads(line)["seq"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [0, 1]
+    assert "could not write the defect map" in caplog.text and "permissions" in caplog.text
+
+
 def test_sink_counts_orders_and_writes_results(tmp_path):
     jsonl, maps = tmp_path / "results.jsonl", tmp_path / "maps"
     sink = Sink(jsonl=jsonl, maps_dir=maps)
