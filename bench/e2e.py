@@ -2,9 +2,11 @@
 sent, decoded, scored, postprocessed, results.jsonl, maps and overlays written), as a user runs it,
 with each engine in turn, several times (this machine's speed drifts; medians and the per-round
 ratios are reported). images/s counts from the first frame read to the last result; wall_s is what
-the user waits, from the command to its exit (the stages' start-up and shutdown included).
+the user waits, from the command to its exit (the stages' start-up and shutdown included);
+cpu_ms_per_result is, per role (supervisor, producer, workers together, postprocess, sink), the CPU
+its processes used once the producer started, per result (`StageCpu`, from /proc).
 
-    python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3] [--engines fp32 int8] [--workers 1 2] [-- FIT OPTIONS]
+    python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3] [--engines fp32 int8] [--workers 1 2] [-- FIT OPTS]
     python -m bench.e2e --dataset magnetic_tile/tile --models bank=--kind,memory_bank rec=--kind,reconstruction
     python -m bench.e2e --no-out --tag no-out    # the line without writing results, maps and overlays
     python -m bench.e2e --models default= today@7a955b5=   # against the code of a commit, its own defaults
@@ -49,17 +51,99 @@ def code_tree(name: str, tmp: Path) -> Path:
     return tree
 
 
-def lineguard(tree: Path, *args: str, refusal_ok: bool = False) -> str | None:
+def lineguard(tree: Path, *args: str, refusal_ok: bool = False, cpu: dict | None = None) -> str | None:
     """`lineguard ARGS` with the code of `tree` (its stage processes inherit it). refusal_ok: a user
-    error (exit 2, e.g. an int8 engine that fails validation on this CPU) is returned, not fatal."""
+    error (exit 2, e.g. an int8 engine that fails validation on this CPU) is returned, not fatal.
+    cpu: filled with `StageCpu`'s seconds per role while it runs."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=tree, env=env, capture_output=True,
-                          text=True, check=False)
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=tree, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+        sampler = StageCpu(proc.pid)
+        while proc.poll() is None:
+            sampler.sample()
+            time.sleep(SAMPLE_S)
+        if cpu is not None:
+            cpu.update(sampler.seconds())
+        err.seek(0)
+        stderr = err.read()
     if refusal_ok and proc.returncode == 2:
-        return proc.stderr.strip().splitlines()[-1]
+        return stderr.strip().splitlines()[-1]
     if proc.returncode != 0:
-        raise SystemExit(f"lineguard {' '.join(args[:2])} ({tree}) failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"lineguard {' '.join(args[:2])} ({tree}) failed:\n{stderr[-3000:]}")
     return None
+
+
+SAMPLE_S = 0.05
+ROLES = ("produce", "worker", "postprocess", "sink")
+
+
+class StageCpu:
+    """CPU seconds (user + system, every thread) of a `lineguard run`'s processes by role (the
+    supervisor "run", then ROLES) from /proc, sampled every SAMPLE_S: what each used after the
+    producer appeared (the stages are ready by then, so their start-up is left out), the producer
+    from when the workers took up frames (its own start-up left out too); the last SAMPLE_S of each
+    process is not seen. Empty where /proc is not Linux's."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.last: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds at the latest sample)
+        self.base: dict[int, float] | None = None  # pid -> CPU seconds when the producer appeared
+        self.flowing = False  # whether the workers have started on frames (the producer's base is then set)
+
+    def _read(self, pid: int) -> tuple[int, float] | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / self.tick  # ppid, utime + stime
+
+    def sample(self) -> None:
+        if not Path("/proc/self/stat").exists():
+            return
+        stats = {int(p.name): self._read(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+        children: dict[int, list[int]] = {}
+        for pid, stat in stats.items():
+            if stat is not None:
+                children.setdefault(stat[0], []).append(pid)
+        todo, found = [self.root], []
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += children.get(pid, [])
+        for pid in found:
+            if stats.get(pid) is None:
+                continue
+            if pid == self.root:
+                role = "run"
+            else:
+                try:
+                    words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+                except OSError:
+                    continue
+                role = next((w for w in words if w in ROLES), None)
+                if role is None:
+                    continue
+            self.last[pid] = (role, stats[pid][1])
+        if self.base is None and any(role == "produce" for role, _ in self.last.values()):
+            self.base = {pid: cpu for pid, (role, cpu) in self.last.items() if role != "produce"}
+        elif self.base is not None and not self.flowing and self._workers() > self._workers(self.base) + 0.02:
+            self.flowing = True  # the workers took up frames: the producer's start-up is behind it
+            self.base.update({pid: cpu for pid, (role, cpu) in self.last.items() if role == "produce"})
+
+    def _workers(self, cpu: dict[int, float] | None = None) -> float:
+        """The workers' CPU seconds, at the latest sample or in `cpu` (pid -> seconds)."""
+        return sum(c if cpu is None else cpu.get(pid, 0.0) for pid, (role, c) in self.last.items() if role == "worker")
+
+    def seconds(self) -> dict[str, float]:
+        """role -> CPU seconds after the producer appeared (processes started later count in full)."""
+        if self.base is None:
+            return {}
+        out: dict[str, float] = {}
+        for pid, (role, cpu) in self.last.items():
+            out[role] = out.get(role, 0.0) + cpu - self.base.get(pid, 0.0)
+        return out
 
 
 def main() -> None:
@@ -99,18 +183,20 @@ def main() -> None:
                 for precision, workers in ((p, w) for p in args.engines for w in args.workers
                                            if not (p == "int8" and name in refused)):
                     out, summary_file = tmp / "out", tmp / "summary.json"
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), {}
                     lineguard(trees[name], "run", str(tmp / name), "--source", str(data / "test"),
                               *([] if args.no_out else ["--out", str(out)]), "--json", str(summary_file),
                               "--batch-size", str(args.batch_size), "--workers", str(workers),
-                              "--precision", precision)
+                              "--precision", precision, cpu=cpu)
                     wall = time.perf_counter() - start
                     summary = json.loads(summary_file.read_text())
                     shutil.rmtree(out, ignore_errors=True)
                     key = f"{name}/{precision}" + (f"/{workers}-workers" if workers != 1 else "")
                     runs.setdefault(key, []).append(
                         {**{k: summary[k] for k in ("fps", "latency_ms", "results", "error", "lost", "stage_ms")},
-                         "wall_s": round(wall, 2)})
+                         "wall_s": round(wall, 2),
+                         "cpu_ms_per_result": {role: round(1000 * sec / max(summary["results"], 1), 2)
+                                               for role, sec in cpu.items()}})
                     print(f"{key}: {summary['fps']:.1f} images/s, {wall:.1f} s from command to exit", flush=True)
     keys = list(runs)
     ratios = {f"{a} / {keys[0]}": [ra["fps"] / r0["fps"] for ra, r0 in zip(runs[a], runs[keys[0]])] for a in keys[1:]}
@@ -119,6 +205,9 @@ def main() -> None:
               "fit_args": args.fit_args, "runs": runs, "int8_refused": refused,
               "median_fps": {k: float(np.median([r["fps"] for r in v])) for k, v in runs.items()},
               "median_wall_s": {k: float(np.median([r["wall_s"] for r in v])) for k, v in runs.items()},
+              "median_cpu_ms_per_result": {k: {role: float(np.median([r["cpu_ms_per_result"].get(role, np.nan)
+                                                                      for r in v]))
+                                                for role in v[0]["cpu_ms_per_result"]} for k, v in runs.items()},
               "median_ratio": {k: float(np.median(v)) for k, v in ratios.items()}, "round_ratios": ratios,
               "method": "rounds of every model and engine in turn; medians of the rounds and of the per-round ratios",
               "machine": machine_info()}
