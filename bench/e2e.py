@@ -9,6 +9,7 @@ its processes used once the producer started, per result (`StageCpu`, from /proc
     python -m bench.e2e --dataset magnetic_tile/tile [--repeats 3] [--engines fp32 int8] [--workers 1 2] [-- FIT OPTS]
     python -m bench.e2e --dataset magnetic_tile/tile --models bank=--kind,memory_bank rec=--kind,reconstruction
     python -m bench.e2e --no-out --tag no-out    # the line without writing results, maps and overlays
+    python -m bench.e2e --batch-size 2 4 8 --workers 2 --tag batch    # batch sizes in the same rounds
     python -m bench.e2e --models default= today@7a955b5=   # against the code of a commit, its own defaults
 
 Each model is fitted and run by the `lineguard` command of its code: this checkout, or for a name
@@ -150,7 +151,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="magnetic_tile/tile")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[8],
+                        help="batch sizes to compare (frames an inference worker scores together, at most)")
     parser.add_argument("--engines", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"])
     parser.add_argument("--models", nargs="+", default=["default="],
                         help="NAME=comma,separated,fit,options models to compare (default: one, default settings)")
@@ -180,18 +182,19 @@ def main() -> None:
                     print(f"{name}: int8 refused: {why}", flush=True)
         for _ in range(args.repeats):
             for name in specs:
-                for precision, workers in ((p, w) for p in args.engines for w in args.workers
-                                           if not (p == "int8" and name in refused)):
+                for precision, workers, batch in ((p, w, b) for p in args.engines for w in args.workers
+                                                  for b in args.batch_size if not (p == "int8" and name in refused)):
                     out, summary_file = tmp / "out", tmp / "summary.json"
                     start, cpu = time.perf_counter(), {}
                     lineguard(trees[name], "run", str(tmp / name), "--source", str(data / "test"),
                               *([] if args.no_out else ["--out", str(out)]), "--json", str(summary_file),
-                              "--batch-size", str(args.batch_size), "--workers", str(workers),
+                              "--batch-size", str(batch), "--workers", str(workers),
                               "--precision", precision, cpu=cpu)
                     wall = time.perf_counter() - start
                     summary = json.loads(summary_file.read_text())
                     shutil.rmtree(out, ignore_errors=True)
-                    key = f"{name}/{precision}" + (f"/{workers}-workers" if workers != 1 else "")
+                    key = (f"{name}/{precision}" + (f"/{workers}-workers" if workers != 1 else "")
+                           + (f"/batch-{batch}" if len(args.batch_size) > 1 else ""))
                     runs.setdefault(key, []).append(
                         {**{k: summary[k] for k in ("fps", "latency_ms", "results", "error", "lost", "stage_ms")},
                          "wall_s": round(wall, 2),
@@ -200,7 +203,8 @@ def main() -> None:
                     print(f"{key}: {summary['fps']:.1f} images/s, {wall:.1f} s from command to exit", flush=True)
     keys = list(runs)
     ratios = {f"{a} / {keys[0]}": [ra["fps"] / r0["fps"] for ra, r0 in zip(runs[a], runs[keys[0]])] for a in keys[1:]}
-    result = {"dataset": args.dataset, "test_files": files, "batch": args.batch_size, "models": specs,
+    batch = args.batch_size[0] if len(args.batch_size) == 1 else args.batch_size
+    result = {"dataset": args.dataset, "test_files": files, "batch": batch, "models": specs,
               "workers": args.workers, "written": "nothing" if args.no_out else "results.jsonl, maps, overlays",
               "fit_args": args.fit_args, "runs": runs, "int8_refused": refused,
               "median_fps": {k: float(np.median([r["fps"] for r in v])) for k, v in runs.items()},
