@@ -60,11 +60,12 @@ def lineguard(tree: Path, *args: str, refusal_ok: bool = False, cpu: dict | None
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=tree, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, text=True)
-        sampler = StageCpu(proc.pid)
+        sampler = StageCpu(proc.pid) if cpu is not None else None
         while proc.poll() is None:
-            sampler.sample()
+            if sampler is not None:
+                sampler.sample()
             time.sleep(SAMPLE_S)
-        if cpu is not None:
+        if sampler is not None:
             cpu.update(sampler.seconds())
         err.seek(0)
         stderr = err.read()
@@ -91,6 +92,7 @@ class StageCpu:
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.last: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds at the latest sample)
         self.base: dict[int, float] | None = None  # pid -> CPU seconds when the producer appeared
+        self.ready_workers = 0.0  # the workers' CPU seconds then
         self.flowing = False  # whether the workers have started on frames (the producer's base is then set)
 
     def _read(self, pid: int) -> tuple[int, float] | None:
@@ -127,15 +129,13 @@ class StageCpu:
                 if role is None:
                     continue
             self.last[pid] = (role, stats[pid][1])
+        workers = sum(cpu for role, cpu in self.last.values() if role == "worker")
         if self.base is None and any(role == "produce" for role, _ in self.last.values()):
             self.base = {pid: cpu for pid, (role, cpu) in self.last.items() if role != "produce"}
-        elif self.base is not None and not self.flowing and self._workers() > self._workers(self.base) + 0.02:
+            self.ready_workers = workers
+        elif self.base is not None and not self.flowing and workers > self.ready_workers + 0.02:
             self.flowing = True  # the workers took up frames: the producer's start-up is behind it
             self.base.update({pid: cpu for pid, (role, cpu) in self.last.items() if role == "produce"})
-
-    def _workers(self, cpu: dict[int, float] | None = None) -> float:
-        """The workers' CPU seconds, at the latest sample or in `cpu` (pid -> seconds)."""
-        return sum(c if cpu is None else cpu.get(pid, 0.0) for pid, (role, c) in self.last.items() if role == "worker")
 
     def seconds(self) -> dict[str, float]:
         """role -> CPU seconds after the producer appeared (processes started later count in full)."""
