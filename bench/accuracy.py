@@ -6,11 +6,14 @@ write bench/results/accuracy-<dataset>[-<tag>].json with the options, the metric
     python -m bench.accuracy --kind reconstruction --tag rec      # any `lineguard fit` option after --
     python -m bench.accuracy --protocol crop                      # the peer's centre crop (224 of 256)
     python -m bench.accuracy --protocol train-every-4 --datasets magnetic_tile/tile   # the peer's subset
+    python -m bench.accuracy --protocol enlarge-4 --datasets mvtec_subset/hazelnut -- --jpeg-decode full
 
 Protocols: "full" (the product's figure: every frame whole); "crop" (each train and test image
 and mask resized to 256 x 256 and cropped to its centre 224 x 224 before fitting: anomalib's
 protocol with `center_crop_size`, for comparison only); "train-every-4" (fit on every 4th training
-image in name order, evaluate on the whole test set: the subset shared/PEER.md scores the peer on).
+image in name order, evaluate on the whole test set: the subset shared/PEER.md scores the peer on);
+"enlarge-4" (every image enlarged 4x and saved as a baseline JPEG, masks enlarged alike: large camera
+frames, where a JPEG is decoded at a reduced scale, `--jpeg-decode`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,25 @@ def centre_crop_copy(data: Path, out: Path, resize: int = 256, crop: int = 224) 
     return out
 
 
+def enlarged_copy(data: Path, out: Path, factor: int = 4) -> Path:
+    """A copy of an MVTec-layout dataset with every image enlarged `factor` times (bicubic) and saved as a
+    baseline JPEG of quality 95, every mask enlarged (nearest) as PNG: frames as a multi-megapixel camera
+    saves them (hazelnut's 512 x 512 become 2048 x 2048), for what decoding large JPEG files costs."""
+    for path in sorted(data.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp"):
+            continue
+        mask = "ground_truth" in path.parts
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST if mask else cv2.INTER_CUBIC)
+        target = out / path.relative_to(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if mask:
+            cv2.imwrite(str(target.with_suffix(".png")), image)
+        else:
+            cv2.imwrite(str(target.with_suffix(".jpg")), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return out
+
+
 def train_subset_copy(data: Path, out: Path, every: int = 4) -> Path:
     """An MVTec-layout view of `data` (symlinks) whose train/good holds every `every`-th image in name order."""
     train = sorted(p for p in (data / "train" / "good").iterdir() if p.is_file())
@@ -70,6 +92,8 @@ def run(dataset: str, fit_args: list[str], eval_args: list[str], protocol: str =
             data = centre_crop_copy(data, tmp / "data")
         elif protocol == "train-every-4":
             data = train_subset_copy(data, tmp / "data")
+        elif protocol == "enlarge-4":
+            data = enlarged_copy(data, tmp / "data")
         model = tmp / "model"
         start = time.perf_counter()
         if lineguard(["fit", str(data), "-o", str(model), *fit_args]) != 0:
@@ -94,7 +118,7 @@ def run(dataset: str, fit_args: list[str], eval_args: list[str], protocol: str =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS))
-    parser.add_argument("--protocol", choices=("full", "crop", "train-every-4"), default="full")
+    parser.add_argument("--protocol", choices=("full", "crop", "train-every-4", "enlarge-4"), default="full")
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32", help="onnxruntime engine of eval")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tag", default="", help="suffix of the result file names")

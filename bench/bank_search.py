@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from bench.accuracy import DATA, RESULTS
 from calibration.artifact import machine_info
-from calibration.dataset import evaluation_samples, read_images
+from calibration.dataset import evaluation_samples, read_frames
 from calibration.model import Model
 from engines.banks import BankConfig, MemoryBank
 from engines.runtimes import Deployment
@@ -94,8 +94,7 @@ def main() -> None:
         model = Model(model_dir)
         detector = model.detector(Deployment(threads=args.threads))
         inputs = []
-        for image in read_images([s.path for s in evaluation_samples(data)][: args.images]):
-            layout = model.layout(image.shape[:2])
+        for layout, image in read_frames([s.path for s in evaluation_samples(data)][: args.images], model.geometer):
             out = np.empty((layout.count,) + model.spec.shape, np.uint8)
             model.geometer.prepare(image, layout, out)
             inputs.extend(out)

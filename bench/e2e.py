@@ -11,6 +11,7 @@ its processes used once the producer started, per result (`StageCpu`, from /proc
     python -m bench.e2e --no-out --tag no-out    # the line without writing results, maps and overlays
     python -m bench.e2e --batch-size 2 4 8 --workers 2 --tag batch    # batch sizes in the same rounds
     python -m bench.e2e --models default= today@7a955b5=   # against the code of a commit, its own defaults
+    python -m bench.e2e --dataset mvtec_subset/hazelnut --enlarge 4 --models scaled= full=--jpeg-decode,full
 
 Each model is fitted and run by the `lineguard` command of its code: this checkout, or for a name
 NAME@REF the tree of git commit REF (extracted with `git archive`, run on this environment's
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.accuracy import DATA, RESULTS, ROOT
+from bench.accuracy import DATA, RESULTS, ROOT, enlarged_copy
 from calibration.artifact import machine_info
 
 
@@ -161,16 +162,21 @@ def main() -> None:
     parser.add_argument("--no-out", action="store_true",
                         help="write nothing (no results.jsonl, maps or overlays): the line's speed without the output "
                              "work, which grows with the frames judged defective")
+    parser.add_argument("--enlarge", type=int, default=1,
+                        help="fit and run on a copy with every image enlarged N times and saved as a JPEG "
+                             "(bench.accuracy.enlarged_copy): large camera frames")
     parser.add_argument("--tag", default="")
     parser.add_argument("fit_args", nargs="*", help="lineguard fit options for every model (after --)")
     args = parser.parse_args()
     data = DATA / args.dataset
-    files = sum(1 for p in (data / "test").rglob("*") if p.is_file())
     specs = dict(m.split("=", 1) for m in args.models)
     runs: dict[str, list] = {}
     refused: dict[str, str] = {}  # model -> why its int8 export was refused on this CPU
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.enlarge > 1:
+            data = enlarged_copy(data, tmp / "data", args.enlarge)
+        files = sum(1 for p in (data / "test").rglob("*") if p.is_file())
         trees = {name: code_tree(name, tmp) for name in specs}
         for name, options in specs.items():
             extra = [o for o in options.split(",") if o]
@@ -204,7 +210,7 @@ def main() -> None:
     keys = list(runs)
     ratios = {f"{a} / {keys[0]}": [ra["fps"] / r0["fps"] for ra, r0 in zip(runs[a], runs[keys[0]])] for a in keys[1:]}
     batch = args.batch_size[0] if len(args.batch_size) == 1 else args.batch_size
-    result = {"dataset": args.dataset, "test_files": files, "batch": batch, "models": specs,
+    result = {"dataset": args.dataset, "enlarged": args.enlarge, "test_files": files, "batch": batch, "models": specs,
               "workers": args.workers, "written": "nothing" if args.no_out else "results.jsonl, maps, overlays",
               "fit_args": args.fit_args, "runs": runs, "int8_refused": refused,
               "median_fps": {k: float(np.median([r["fps"] for r in v])) for k, v in runs.items()},

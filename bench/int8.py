@@ -22,7 +22,7 @@ import numpy as np
 
 from bench.accuracy import DATA, DATASETS, RESULTS
 from calibration.artifact import machine_info
-from calibration.dataset import evaluation_samples, read_images
+from calibration.dataset import evaluation_samples, read_frames
 from calibration.evaluate import evaluate
 from calibration.int8 import Int8Config, quantize_onnxruntime
 from calibration.model import Model
@@ -63,10 +63,8 @@ def engine_speed(fp32: Path, int8: Path, inputs: np.ndarray, batch: int, threads
 
 
 def model_inputs(model: Model, data: Path, count: int = 64) -> np.ndarray:
-    images = list(read_images([s.path for s in evaluation_samples(data)][:count]))
     out = []
-    for image in images:
-        layout = model.layout(image.shape[:2])
+    for layout, image in read_frames([s.path for s in evaluation_samples(data)][:count], model.geometer):
         buffer = np.empty((layout.count,) + model.spec.shape, np.uint8)
         model.geometer.prepare(image, layout, buffer)
         out.extend(buffer)

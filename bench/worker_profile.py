@@ -21,7 +21,7 @@ import numpy as np
 
 from bench.accuracy import DATA, RESULTS
 from calibration.artifact import machine_info
-from calibration.dataset import evaluation_samples, read_images
+from calibration.dataset import evaluation_samples, read_frames
 from calibration.memory_bank import distance_maps
 from calibration.model import Inspector, Model, image_score
 from engines.runtimes import Deployment
@@ -30,14 +30,13 @@ from pipeline.cli import main as lineguard
 STEPS = ("prepare", "network", "search", "rerank", "score")
 
 
-def profile(model: Model, images: list[np.ndarray], precision: str, batch: int) -> dict[str, float]:
-    """ms per frame of each step, one pass over `images` in batches."""
+def profile(model: Model, images: list[tuple], precision: str, batch: int) -> dict[str, float]:
+    """ms per frame of each step, one pass over `images` ((layout, pixels) each, `read_frames`) in batches."""
     spent = dict.fromkeys(STEPS, 0.0)
     with Inspector(model, Deployment(precision=precision, threads=1), batch) as inspector:
         detector, buffer = inspector.detector, inspector.buffer
         for start in range(0, len(images), batch):
-            frames = images[start:start + batch]
-            layouts = inspector.layouts([f.shape[:2] for f in frames])
+            layouts, frames = zip(*images[start:start + batch])
             t0 = time.perf_counter()
             for k, (frame, layout) in enumerate(zip(frames, layouts)):
                 model.geometer.prepare(frame, layout, buffer[k:k + 1])
@@ -68,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     data = DATA / args.dataset
     paths = [s.path for s in evaluation_samples(data)]
-    images = list(read_images(paths[::max(1, len(paths) // args.images)][:args.images]))
+    paths = paths[::max(1, len(paths) // args.images)][:args.images]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         if lineguard(["fit", str(data), "-o", str(model_dir), *args.fit_args]):
@@ -78,6 +77,7 @@ def main() -> None:
         model = Model(model_dir)
         if model.kind.name != "memory_bank":
             raise SystemExit("bench.worker_profile times a memory-bank model's steps")
+        images = list(read_frames(paths, model.geometer))  # decoded as the workers decode them
         profile(model, images[:args.batch_size], args.precision, args.batch_size)  # warm up
         rounds = [profile(model, images, args.precision, args.batch_size) for _ in range(args.rounds)]
         bank = model.manifest["memory_bank"]

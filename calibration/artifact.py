@@ -84,7 +84,8 @@ def _upgrade_v1(manifest: dict) -> dict:
     out = {k: v for k, v in manifest.items() if k not in ("embedding", "bank", "scoring", "grid", "input")}
     out.update(format_version=FORMAT_VERSION, upgraded_from=1,
                input={"height": size, "width": size, "channels": 3, "layout": "NHWC", "dtype": "uint8"},
-               geometry={"tiling": "resize", "scale": 1.0, "overlap": 0.25, "roi": None, "photometric": "none"},
+               geometry={"tiling": "resize", "scale": 1.0, "overlap": 0.25, "roi": None, "photometric": "none",
+                         "jpeg_decode": "full"},
                maps={"stride": size // grid[0], "blur_sigma": manifest["scoring"]["blur_sigma"], "image_score": "max",
                      "top_k": 10},
                memory_bank={"embedding": emb, "bank": manifest["bank"], "feature_dim": manifest["feature_dim"],
@@ -96,6 +97,7 @@ def _added_defaults(manifest: dict) -> None:
     """Settings added after a manifest was written take the value its model was fitted with."""
     if isinstance(manifest.get("geometry"), dict):
         manifest["geometry"].setdefault("photometric", "none")  # before it was an option, pixels came as they were
+        manifest["geometry"].setdefault("jpeg_decode", "full")  # and every JPEG was decoded at its own size
     if isinstance(manifest.get("maps"), dict):
         manifest["maps"].setdefault("border_rings", 0)  # and maps were used as the network made them
     bank = manifest.get("memory_bank", {}).get("bank")

@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import cv2
 import numpy as np
 
 from calibration import images
 from engines.errors import LineguardError
+
+if TYPE_CHECKING:
+    from calibration.geometry import Geometer, Layout
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -73,12 +76,16 @@ def evaluation_samples(root: str | Path) -> list[Sample]:
     return samples
 
 
-def read_image(path: Path) -> np.ndarray:
-    """uint8 RGB [H, W, 3] from a file; DataError naming the file if it cannot be read."""
+def _file_bytes(path: Path) -> np.ndarray:
     try:
-        data = np.fromfile(path, np.uint8)
+        return np.fromfile(path, np.uint8)
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror}); check the path and permissions") from None
+
+
+def read_image(path: Path) -> np.ndarray:
+    """uint8 RGB [H, W, 3] from a file; DataError naming the file if it cannot be read."""
+    data = _file_bytes(path)
     try:
         return images.decode(data, str(path))
     except images.ImageError as exc:
@@ -96,16 +103,45 @@ def image_size(path: Path) -> tuple[int, int]:
     return read_image(path).shape[:2]
 
 
-def read_images(paths: Sequence[Path], prefetch: int = 4) -> Iterator[np.ndarray]:
-    """uint8 RGB images of `paths` in order, decoded on a background thread `prefetch` ahead."""
+def read_frame(path: Path, geometer: "Geometer") -> tuple["Layout", np.ndarray]:
+    """A file as a model takes it: (its layout, from the frame's own size, and uint8 RGB pixels [H, W, 3]
+    decoded for that layout: a large JPEG at the reduced scale `geometer.decode_shrink` gives, as the
+    inference workers decode it). DataError naming the file if it cannot be read."""
+    data = _file_bytes(path)
+    try:
+        if not images.is_jpeg(data):
+            image = images.decode(data, str(path))
+            return geometer.layout(image.shape[:2]), image
+        size = images.file_size(memoryview(data), "jpeg")
+        if size is None:
+            raise images.ImageError(f"{path}: no JPEG frame header; the file is damaged, replace or remove it")
+        layout = geometer.layout(size)
+        return layout, images.decode(data, str(path), geometer.decode_shrink(layout))
+    except images.ImageError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _prefetched(read, paths: Sequence[Path], prefetch: int) -> Iterator:
+    """read(path) of each of `paths` in order, run on a background thread `prefetch` ahead."""
     with ThreadPoolExecutor(1) as pool:
-        pending = [pool.submit(read_image, p) for p in paths[:prefetch]]
+        pending = [pool.submit(read, p) for p in paths[:prefetch]]
         for i in range(len(paths)):
-            image = pending[i].result()
+            item = pending[i].result()
             pending[i] = None
             if i + prefetch < len(paths):
-                pending.append(pool.submit(read_image, paths[i + prefetch]))
-            yield image
+                pending.append(pool.submit(read, paths[i + prefetch]))
+            yield item
+
+
+def read_images(paths: Sequence[Path], prefetch: int = 4) -> Iterator[np.ndarray]:
+    """uint8 RGB images of `paths` in order, whole, decoded on a background thread `prefetch` ahead."""
+    return _prefetched(read_image, paths, prefetch)
+
+
+def read_frames(paths: Sequence[Path], geometer: "Geometer", prefetch: int = 4) -> Iterator[tuple["Layout", np.ndarray]]:
+    """`read_frame` of each of `paths` in order, on a background thread `prefetch` ahead: what fit, eval
+    and int8 calibration feed a model."""
+    return _prefetched(lambda p: read_frame(p, geometer), paths, prefetch)
 
 
 def read_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:

@@ -106,7 +106,8 @@ def fuse(models: list[str | Path], out: str | Path, options: EnsembleOptions = E
         for key in ("input", "geometry"):
             if m[key] != first[key]:
                 raise ConfigError(f"{path} has {key} {m[key]}, {models[0]} has {first[key]}: fused models must "
-                                  f"share their input and geometry; refit one with the other's --input-size / tiling")
+                                  f"share their input and geometry; refit one with the other's --input-size, tiling, "
+                                  "--photometric or --jpeg-decode")
         if m["maps"]["stride"] != first["maps"]["stride"]:
             raise ConfigError(f"{path} has map stride {m['maps']['stride']}, {models[0]} {first['maps']['stride']}: "
                               "fused models must map on the same grid")

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from calibration import metrics
-from calibration.dataset import evaluation_samples, read_images, read_mask
+from calibration.dataset import evaluation_samples, read_frames, read_mask
 from calibration.images import OVERLAY_JPEG, OVERLAY_SUFFIX
 from calibration.maps import normalise, overlay
 from calibration.model import Inspector, Model
@@ -48,11 +48,11 @@ def score_dataset(inspector: Inspector, data: Path, batch_size: int, maps_dir: P
     verdicts: list[str] = []
     maps: list[np.ndarray] = []
     seconds = 0.0
-    images = read_images([s.path for s in samples])
+    frames = read_frames([s.path for s in samples], model.geometer)
     for start in range(0, len(samples), batch_size):
-        batch = [next(images) for _ in samples[start:start + batch_size]]
+        layouts, batch = zip(*[next(frames) for _ in samples[start:start + batch_size]])
         t0 = time.perf_counter()
-        results = inspector.inspect(batch)
+        results = inspector.inspect(list(batch), list(layouts))
         frame_maps = [model.frame_map(r.canvas_map, r.layout) for r in results]
         decisions = [model.decide(r.canvas_map, r.layout.frame, r.score) for r in results]
         seconds += time.perf_counter() - t0

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from calibration.artifact import write_manifest
-from calibration.dataset import image_size, read_images, train_images
+from calibration.dataset import image_size, read_frames, train_images
 from calibration.geometry import Geometer, Geometry, InputSpec, Layout, input_for_frames
 from calibration.kinds import get_kind
 from calibration.maps import MapConfig, even_border, fit_border
@@ -107,12 +107,13 @@ class FitContext:
     seed: int
     progress: Progress
 
-    def read(self, paths: list[Path]) -> Iterator[np.ndarray]:
-        return read_images(paths)
+    def read(self, paths: list[Path]) -> Iterator[tuple[Layout, np.ndarray]]:
+        """Each file's (layout, pixels), decoded as the inference workers decode it (`read_frames`)."""
+        return read_frames(paths, self.geometer)
 
-    def embed(self, engine, images) -> Iterator[tuple[np.ndarray, Layout]]:
-        """(engine output float32 [T, ...], layout) per image of `images` (uint8 RGB), the inputs of
-        several images batched `batch_size` at a time."""
+    def embed(self, engine, frames) -> Iterator[tuple[np.ndarray, Layout]]:
+        """(engine output float32 [T, ...], layout) per (layout, uint8 RGB pixels) of `frames`, the inputs
+        of several frames batched `batch_size` at a time."""
         size = self.batch_size
         buffer = np.empty((size,) + self.spec.shape, np.uint8)
         waiting: list[tuple[int, Layout]] = []  # (rows in buffer, layout) of frames not yet run
@@ -129,8 +130,7 @@ class FitContext:
             used = 0
             return results
 
-        for image in images:
-            layout = self.geometer.layout(image.shape[:2])
+        for layout, image in frames:
             if layout.count > size:  # a frame of many tiles runs on its own
                 yield from flush()
                 tiles = np.empty((layout.count,) + self.spec.shape, np.uint8)

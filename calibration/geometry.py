@@ -21,6 +21,12 @@ mean 127.5 and standard deviation 64 (a typical natural image's), saturating at 
 whose exposure or lighting drifts from frame to frame is then compared with its normal frames at
 one brightness and contrast, and the bank's neighbours come from every exposure; the gain is at most
 64 / 8, so a nearly flat frame's noise is not blown up. Overlays show the frame as it came.
+
+JPEG decoding (``jpeg_decode="scaled"``, the default): a JPEG frame at least twice the canvas in both
+sides is decoded at 1/2, 1/4 or 1/8 of its size (the smallest that still covers the canvas,
+`Geometer.decode_shrink`) by libjpeg's scaled inverse DCT, then resized to the canvas as any frame is.
+Fit, eval, int8 calibration and the workers decode alike; maps, regions and masks stay in frame pixels
+(the layout carries the frame's own size).
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ import math
 import cv2
 import numpy as np
 
-from calibration.images import resize
+from calibration.images import JPEG_SHRINKS, resize, shrunk
 from engines.errors import ConfigError
 
 TILINGS = ("resize", "tiles")
 PHOTOMETRICS = ("frame", "none")
+JPEG_DECODES = ("scaled", "full")
 ROI_FILL = 127  # the input pixels outside a region of interest
 STANDARD_MEAN, STANDARD_STD, LEAST_STD = 127.5, 64.0, 8.0  # photometric="frame": the target, the gain's bound
 
@@ -69,13 +76,16 @@ class Geometry:
     """tiling: "resize" | "tiles"; scale: canvas pixels per frame pixel (tiles); overlap: the least
     fraction of a tile shared with its neighbour (tiles); roi: the artifact file holding the
     region-of-interest mask (None: the whole frame); photometric: "frame" standardises each canvas's
-    brightness and contrast (`standardise`), "none" leaves the pixels as they come."""
+    brightness and contrast (`standardise`), "none" leaves the pixels as they come; jpeg_decode: "scaled"
+    decodes a large JPEG frame at a reduced scale that still covers the canvas (`Geometer.decode_shrink`),
+    "full" at its own size."""
 
     tiling: str = "resize"
     scale: float = 1.0
     overlap: float = 0.25
     roi: str | None = None
     photometric: str = "frame"
+    jpeg_decode: str = "scaled"
 
     def __post_init__(self):
         if self.tiling not in TILINGS:
@@ -87,6 +97,8 @@ class Geometry:
         if self.photometric not in PHOTOMETRICS:
             raise ConfigError(f"unknown photometric standardisation {self.photometric!r}; "
                               f"valid: {', '.join(PHOTOMETRICS)}")
+        if self.jpeg_decode not in JPEG_DECODES:
+            raise ConfigError(f"unknown JPEG decoding {self.jpeg_decode!r}; valid: {', '.join(JPEG_DECODES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +155,21 @@ class Geometer:
             origins = kept or origins[:1]  # a frame always has an input, so it always gets a verdict
         return Layout((h, w), (ch, cw), tuple(origins), s)
 
+    def decode_shrink(self, layout: Layout) -> int:
+        """1, 2, 4 or 8: the JPEG frame of `layout` is decoded at 1/that of its size (calibration.images.shrunk),
+        the most that still covers its canvas in both sides (1 with jpeg_decode "full")."""
+        if self.geometry.jpeg_decode == "full":
+            return 1
+        for k in sorted(JPEG_SHRINKS, reverse=True):
+            h, w = shrunk(layout.frame, k)
+            if h >= layout.canvas[0] and w >= layout.canvas[1]:
+                return k
+        return 1
+
     def prepare(self, image: np.ndarray, layout: Layout, out: np.ndarray) -> None:
-        """uint8 RGB [H0, W0, 3] -> its inputs written into out[:layout.count] (uint8 [>= T, h, w, 3]).
+        """uint8 RGB [H, W, 3] -> its inputs written into out[:layout.count] (uint8 [>= T, h, w, 3]). The
+        pixels are the frame of `layout` at its own size or decoded smaller (`decode_shrink`): they are
+        resized to the canvas either way.
 
         Outside the ROI the inputs are mid-grey (ROI_FILL): what lies there cannot reach the scores
         inside through the network's receptive field, in fitting and in serving alike.

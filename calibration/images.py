@@ -90,11 +90,38 @@ def to_rgb(pixels: np.ndarray, name: str = "image", *, order: str = "RGB", bits:
     raise ImageError(f"{name}: image has shape {image.shape}; expected grey, RGB or RGBA")
 
 
-def decode(data: bytes | memoryview | np.ndarray, name: str = "image") -> np.ndarray:
-    """An encoded file (png, jpeg, bmp, tiff ...) -> uint8 RGB [H, W, 3]; 16-bit files use all 16 bits."""
+# A JPEG file can be decoded straight to 1/2, 1/4 or 1/8 of its size by libjpeg's scaled inverse DCT, at a
+# fraction of a whole decode's time: a 2448 x 2048 frame becomes a 256 x 256 input in 6.0 ms at 1/8
+# against 26.7 ms decoded whole and resized, 0.39 grey levels apart on average (bench/results/jpeg-decode.json).
+# OpenCV's flag for each: 3 channels, and EXIF orientation ignored as IMREAD_UNCHANGED ignores it.
+JPEG_SHRINKS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def is_jpeg(data: bytes | memoryview | np.ndarray) -> bool:
+    return bytes(data[:2]) == b"\xff\xd8"
+
+
+def shrunk(size: tuple[int, int], shrink: int) -> tuple[int, int]:
+    """(H, W) of a JPEG of `size` decoded at 1/shrink: libjpeg rounds each side up."""
+    return -(-int(size[0]) // shrink), -(-int(size[1]) // shrink)
+
+
+def imdecode_flags(data: bytes | memoryview | np.ndarray, shrink: int = 1) -> tuple[int, int]:
+    """(OpenCV imdecode flags, the shrink they apply) for an encoded file: a JPEG at 1/shrink (1, 2, 4 or 8),
+    any other file whole and as it is stored (IMREAD_UNCHANGED)."""
+    if shrink != 1 and shrink not in JPEG_SHRINKS:
+        raise ValueError(f"a JPEG decodes at 1/1, 1/2, 1/4 or 1/8 of its size, not 1/{shrink}")
+    if shrink > 1 and is_jpeg(data):
+        return JPEG_SHRINKS[shrink] | cv2.IMREAD_IGNORE_ORIENTATION, shrink
+    return cv2.IMREAD_UNCHANGED, 1
+
+
+def decode(data: bytes | memoryview | np.ndarray, name: str = "image", shrink: int = 1) -> np.ndarray:
+    """An encoded file (png, jpeg, bmp, tiff ...) -> uint8 RGB [H, W, 3]; 16-bit files use all 16 bits.
+    shrink: a JPEG is decoded at 1/shrink of its size (`shrunk`); other files ignore it."""
     buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
     try:
-        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+        image = cv2.imdecode(buf, imdecode_flags(buf, shrink)[0]) if buf.size else None
     except cv2.error:
         image = None
     if image is None:

@@ -48,7 +48,7 @@ import numpy as np
 
 from calibration import metrics
 from calibration.artifact import ArtifactError, load_manifest
-from calibration.dataset import read_images, train_images
+from calibration.dataset import read_frames, read_images, train_images
 from calibration.images import resize
 from engines.compiled import cpu_features, engine_path, write_record
 from engines.errors import ConfigError, MissingExtraError
@@ -120,8 +120,7 @@ def calibration_batches(model_dir: Path, paths: list[Path], batch: int = 1) -> I
 
     model = Model(model_dir)
     inputs = []
-    for image in read_images(paths):
-        layout = model.layout(image.shape[:2])
+    for layout, image in read_frames(paths, model.geometer):
         out = np.empty((layout.count,) + model.spec.shape, np.uint8)
         model.geometer.prepare(image, layout, out)
         inputs.extend(out)

@@ -75,16 +75,16 @@ class BankOptions:
         return cls(embedding=dataclasses.replace(EmbeddingConfig(), **emb, seed=seed), bank=bank, **own)
 
 
-def views(image: np.ndarray, augment: str) -> list[np.ndarray]:
-    """An image and its augmented views, uint8 [H, W, 3] each: flips and 90-degree turns keep a product normal."""
+def views(image: np.ndarray, augment: str) -> list[tuple[bool, np.ndarray]]:
+    """An image and its augmented views, (turned, uint8 [H, W, 3]) each: flips and 90-degree turns keep a
+    product normal; turned says the view is the image turned by 90 degrees (its frame's sides swap)."""
     out = [image]
     if augment in ("hflip", "flips", "flips+rot90"):
         out.append(image[:, ::-1])
     if augment in ("flips", "flips+rot90"):
         out += [image[::-1], image[::-1, ::-1]]
-    if augment == "flips+rot90":
-        out += [np.rot90(v) for v in list(out)]
-    return [np.ascontiguousarray(v) for v in out]
+    turned = [np.rot90(v) for v in out] if augment == "flips+rot90" else []
+    return [(False, np.ascontiguousarray(v)) for v in out] + [(True, np.ascontiguousarray(v)) for v in turned]
 
 
 def network(model_dir: Path, manifest: dict) -> "PatchEmbedding":
@@ -197,7 +197,8 @@ def fit(ctx: "FitContext") -> "FitOutput":
             raise ConfigError(f"--shots {o.shots} is more than the {len(paths)} training images in the data; "
                               f"use --shots {len(paths)} or fewer")
         paths = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, o.shots).round().astype(int))]
-        shot_views = [views(image, o.augment) for image in ctx.read(paths)]
+        shot_views = [[(ctx.geometer.layout(layout.frame[::-1]) if turned else layout, view)
+                       for turned, view in views(image, o.augment)] for layout, image in ctx.read(paths)]
         groups = [g for g, vs in enumerate(shot_views) for _ in vs]
         source = iter([v for vs in shot_views for v in vs])
     else:

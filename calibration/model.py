@@ -148,7 +148,9 @@ class Inspector:
         return [self.model.layout(s) for s in shapes]
 
     def inspect(self, images: list[np.ndarray], layouts: list[Layout] | None = None) -> list[Inspection]:
-        """uint8 RGB frames [H_i, W_i, 3] -> one Inspection each. The inputs of all frames are batched together."""
+        """uint8 RGB frames [H_i, W_i, 3] -> one Inspection each. The inputs of all frames are batched together.
+        layouts: each frame's (from its own size); needed where the pixels are smaller than the frame (a JPEG
+        decoded at a reduced scale, `Geometer.decode_shrink`), else taken from the pixels' size."""
         geometer = self.model.geometer
         layouts = layouts or self.layouts([im.shape[:2] for im in images])
         total = sum(l.count for l in layouts)

@@ -113,7 +113,7 @@ def cmd_fit(args) -> int:
     options = _kind_options(args)
     spec = InputSpec(*args.input_size) if args.input_size else None
     geometry = Geometry(tiling="tiles" if args.tiles else "resize", scale=args.tile_scale, overlap=args.tile_overlap,
-                        photometric=args.photometric)
+                        photometric=args.photometric, jpeg_decode=args.jpeg_decode)
     maps = MapConfig(blur_sigma=args.blur_sigma, image_score=args.image_score, top_k=args.top_k,
                      border_rings=args.border_rings)
     config = FitConfig(kind=args.kind, options=options, input=spec, geometry=geometry, roi=args.roi, maps=maps,
@@ -604,7 +604,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _fit_options(fit: argparse.ArgumentParser) -> None:
     from calibration.fit import FitConfig
-    from calibration.geometry import PHOTOMETRICS, Geometry
+    from calibration.geometry import JPEG_DECODES, PHOTOMETRICS, Geometry
     from calibration.kinds import kind_names
     from calibration.maps import IMAGE_SCORES, MapConfig
     from calibration.memory_bank import AUGMENTS
@@ -624,6 +624,9 @@ def _fit_options(fit: argparse.ArgumentParser) -> None:
     g.add_argument("--roi", default=None, help="region of interest: x,y,w,h in frame pixels, or a mask image")
     g.add_argument("--photometric", choices=PHOTOMETRICS, default=Geometry.photometric,
                    help="frame: each frame standardised to one brightness and contrast; none: pixels as they come")
+    g.add_argument("--jpeg-decode", choices=JPEG_DECODES, default=Geometry.jpeg_decode,
+                   help="scaled: a JPEG frame twice the input's size or more is decoded at 1/2, 1/4 or 1/8 (faster); "
+                        "full: at its own size")
     g.add_argument("--backbone", default=None, help=f"default efficientnet_lite0; one of {', '.join(backbone_names())}")
     g.add_argument("--weights", default=None, help="backbone checkpoint path (default: installed weights)")
     g.add_argument("--layers", type=_layers, default=None, help="comma-separated backbone stages")

@@ -242,20 +242,22 @@ class Frame:
                 raise WireError("payload_size", f"raw payload is {len(self.payload)} bytes; shape {list(self.shape)} "
                                                 f"{self.dtype} needs {h}*{w}*{c}*{itemsize} = {h * w * c * itemsize}")
 
-    def image(self) -> np.ndarray:
+    def image(self, shrink: int = 1) -> np.ndarray:
         """The pixels: a read-only array of ``shape`` and ``dtype``, channels RGB / RGBA.
 
         raw: a zero-copy view into the received buffer (``.copy()`` it to keep or modify it).
         jpeg / png: decoded now by OpenCV (IMREAD_UNCHANGED, so no EXIF rotation) into a new array,
         converted to the header's channel count (BGR -> RGB, grey <-> colour). The file's own width
         and height are read first, so a small file claiming a huge image is refused before decoding.
+        shrink: a jpeg is decoded at 1/shrink (2, 4 or 8) of ``shape``'s sides, rounded up
+        (calibration.images.shrunk); raw and png frames come whole.
         Raises WireError("bad_payload") if the file does not decode to ``shape`` and ``dtype``.
         """
         if self.encoding == "raw":
             array = np.frombuffer(self.payload, np.dtype(self.dtype).newbyteorder("<")).reshape(self.shape)
         else:
             try:
-                array = _decode_file(self.payload, self.encoding, self.shape, self.dtype)
+                array = _decode_file(self.payload, self.encoding, self.shape, self.dtype, shrink)
             except WireError as e:
                 e.stream, e.seq, e.t_ns = self.stream, self.seq, self.t_ns
                 raise
@@ -700,7 +702,8 @@ _CONVERSIONS = {(1, 3): "COLOR_GRAY2RGB", (1, 4): "COLOR_GRAY2RGBA", (3, 1): "CO
                 (4, 3): "COLOR_BGRA2RGB", (4, 4): "COLOR_BGRA2RGBA"}
 
 
-def _decode_file(data: memoryview, encoding: str, shape: tuple[int, int, int], dtype: str) -> np.ndarray:
+def _decode_file(data: memoryview, encoding: str, shape: tuple[int, int, int], dtype: str,
+                 shrink: int = 1) -> np.ndarray:
     import cv2  # only receivers of encoded frames pay for importing OpenCV
 
     h, w, c = shape
@@ -710,8 +713,10 @@ def _decode_file(data: memoryview, encoding: str, shape: tuple[int, int, int], d
                                        f"or a chunk runs past the end")
     if size != (h, w):
         raise WireError("bad_payload", f"{encoding} file is {size[0]}x{size[1]} (H x W); header shape says {h}x{w}")
+    buf = np.frombuffer(data, np.uint8)
+    flags, shrink = images.imdecode_flags(buf, shrink if encoding == "jpeg" else 1)
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        image = cv2.imdecode(buf, flags)
     except cv2.error:
         image = None
     if image is None:
@@ -723,7 +728,9 @@ def _decode_file(data: memoryview, encoding: str, shape: tuple[int, int, int], d
     elif decoded != c:
         raise WireError("bad_payload", f"{encoding} file decodes to {decoded} channels; cannot convert to {c}")
     image = image.reshape(image.shape[0], image.shape[1], -1)
-    if image.shape != shape or image.dtype != np.dtype(dtype):
+    expected = (*images.shrunk((h, w), shrink), c)
+    if image.shape != expected or image.dtype != np.dtype(dtype):
+        at = f" (at 1/{shrink}: {list(expected)})" if shrink > 1 else ""
         raise WireError("bad_payload", f"{encoding} file decodes to {list(image.shape)} {image.dtype}; "
-                                       f"header says {list(shape)} {dtype}")
+                                       f"header says {list(shape)} {dtype}{at}")
     return image

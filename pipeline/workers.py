@@ -108,8 +108,9 @@ def inference_worker(model_dir: str | Path, frames_endpoints: list[str], out_end
     """PULL frames (connect, to every producer of this model's streams), batch up to `batch` frames or
     `batch_ms` after the first, score, PUSH on (connect).
 
-    Every kind of model: each frame is decoded once and prepared (resized, or cut into tiles) straight
-    into the inspector's reused input buffer; the inputs of a batch's frames run together.
+    Every kind of model: each frame is decoded once (a large JPEG at a reduced scale, as fit decoded its
+    training frames: `Geometer.decode_shrink`) and prepared (resized, or cut into tiles) straight into the
+    inspector's reused input buffer; the inputs of a batch's frames run together.
     """
     from calibration.model import Inspector, Model  # torch and onnxruntime load only here
     from engines.runtimes import Deployment
@@ -178,7 +179,8 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
 
     t_recv = time.time_ns()
     start = time.perf_counter()
-    frames, images = [], []
+    geometer = inspector.model.geometer
+    frames, images, layouts = [], [], []
     for message in messages:
         try:
             frame = wire.decode(message)
@@ -191,15 +193,16 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
             out.send_multipart(_error_result(frame.stream, frame.seq, frame.t_ns, frame.error, frame.meta))
             stats.error()
             continue
+        layout = geometer.layout(frame.shape[:2])  # the frame's own size, whatever size it is decoded at
         try:
-            images.append(to_rgb(frame.image(), f"{frame.stream} frame {frame.seq}"))
+            images.append(to_rgb(frame.image(geometer.decode_shrink(layout)), f"{frame.stream} frame {frame.seq}"))
         except (wire.WireError, ImageError) as exc:
             _reject(out, stats, getattr(exc, "reason", "bad_payload"), frame.stream, frame.seq, frame.t_ns, str(exc))
             continue
         frames.append(frame)
+        layouts.append(layout)
     if not frames:
         return
-    layouts = inspector.layouts([im.shape[:2] for im in images])
     t_pre = time.perf_counter()
     results = inspector.inspect(images, layouts)
     t_done = time.perf_counter()

@@ -8,7 +8,18 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.dataset import DataError, evaluation_samples, image_size, read_image, read_images, read_mask, train_images
+from calibration.dataset import (
+    DataError,
+    evaluation_samples,
+    image_size,
+    read_frame,
+    read_frames,
+    read_image,
+    read_images,
+    read_mask,
+    train_images,
+)
+from calibration.geometry import Geometer, Geometry, InputSpec
 from engines.errors import LineguardError
 
 
@@ -220,3 +231,28 @@ def test_image_size_from_headers_and_by_decoding(tmp_path):
     jpg = _write_rgb(tmp_path / "b.jpg", _noise(17, 5))
     bmp = _write_rgb(tmp_path / "c.bmp", _noise(6, 9))
     assert image_size(png) == (23, 41) and image_size(jpg) == (17, 5) and image_size(bmp) == (6, 9)
+
+
+def test_read_frame_decodes_a_large_jpeg_for_its_layout(tmp_path):
+    geometer = Geometer(InputSpec(64, 64), Geometry(), stride=8)
+    big = cv2.GaussianBlur(_noise(300, 260), (0, 0), 2)
+    jpg = _write(tmp_path / "big.jpg", big)
+    layout, pixels = read_frame(jpg, geometer)
+    assert layout.frame == (300, 260)  # maps, regions and masks stay in frame pixels
+    assert geometer.decode_shrink(layout) == 4 and pixels.shape == (75, 65, 3)
+    from calibration import images
+
+    np.testing.assert_array_equal(pixels, images.decode(np.fromfile(jpg, np.uint8), shrink=4))
+    full_layout, whole = read_frame(jpg, Geometer(InputSpec(64, 64), Geometry(jpeg_decode="full"), stride=8))
+    assert full_layout.frame == (300, 260) and whole.shape == (300, 260, 3)
+    png = _write_rgb(tmp_path / "big.png", big)
+    layout, pixels = read_frame(png, geometer)  # other formats come whole
+    assert layout.frame == (300, 260) and pixels.shape == (300, 260, 3)
+    assert [l.frame for l, _ in read_frames([jpg, png], geometer, prefetch=1)] == [(300, 260)] * 2
+
+
+def test_read_frame_names_a_jpeg_without_a_frame_header(tmp_path):
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(b"\xff\xd8 and nothing else")
+    with pytest.raises(DataError, match="cut.jpg.*replace or remove"):
+        read_frame(bad, Geometer(InputSpec(64, 64), Geometry(), stride=8))

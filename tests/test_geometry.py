@@ -207,3 +207,28 @@ def test_read_roi_rectangle_mask_and_errors(tmp_path):
     cv2.imwrite(str(tmp_path / "empty.png"), np.zeros((4, 4), np.uint8))
     with pytest.raises(ConfigError, match="empty"):
         read_roi(str(tmp_path / "empty.png"), (40, 60))
+
+
+@pytest.mark.parametrize("frame, geometry, spec, shrink", [
+    ((2048, 2448), Geometry(), InputSpec(256, 256), 8),  # a 5-megapixel camera: 256 x 306 still covers 256 x 256
+    ((512, 512), Geometry(), InputSpec(256, 256), 2),
+    ((511, 512), Geometry(), InputSpec(256, 256), 2),  # 1/2 rounds up: 256 x 256
+    ((510, 512), Geometry(), InputSpec(256, 256), 1),  # 255 rows would not cover the input
+    ((1000, 1500), Geometry(), InputSpec(224, 320), 4),  # the input follows the frames' aspect
+    ((2048, 2448), Geometry(jpeg_decode="full"), InputSpec(256, 256), 1),
+    ((1024, 1024), Geometry("tiles", 0.5), InputSpec(256, 256), 2),  # the canvas is half the frame
+    ((1024, 1024), Geometry("tiles", 1.0), InputSpec(256, 256), 1),  # tiles at frame pixels: no reduction
+])
+def test_decode_shrink_is_the_most_that_still_covers_the_canvas(frame, geometry, spec, shrink):
+    geometer = Geometer(spec, geometry, stride=8)
+    layout = geometer.layout(frame)
+    assert geometer.decode_shrink(layout) == shrink
+    h, w = -(-frame[0] // shrink), -(-frame[1] // shrink)
+    assert h >= layout.canvas[0] and w >= layout.canvas[1]
+    if shrink < 8 and geometry.jpeg_decode == "scaled":  # twice the reduction would not cover it
+        assert -(-frame[0] // (2 * shrink)) < layout.canvas[0] or -(-frame[1] // (2 * shrink)) < layout.canvas[1]
+
+
+def test_geometry_refuses_an_unknown_jpeg_decoding():
+    with pytest.raises(ConfigError, match="JPEG decoding"):
+        Geometry(jpeg_decode="fast")

@@ -129,3 +129,34 @@ def test_png_gray_is_lossless_for_opencv_and_pillow(shape):
 def test_png_gray_refuses_what_is_not_an_8_bit_grey_image(bad):
     with pytest.raises(ValueError, match="uint8"):
         images.png_gray(bad)
+
+
+def _smooth(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 BGR [h, w, 3]: blurred noise, a photograph's spectrum more than white noise's."""
+    return cv2.GaussianBlur(_noise((h, w, 3), seed), (0, 0), 3)
+
+
+@pytest.mark.parametrize("shrink", [2, 4, 8])
+@pytest.mark.parametrize("size", [(96, 128), (101, 75)])
+def test_jpeg_decodes_at_a_reduced_scale_close_to_the_whole_image_resized(size, shrink):
+    bgr = _smooth(*size)
+    jpeg = _encode(".jpg", bgr)
+    small = images.decode(jpeg, shrink=shrink)
+    assert small.shape == (*images.shrunk(size, shrink), 3)
+    assert images.shrunk(size, shrink) == (-(-size[0] // shrink), -(-size[1] // shrink))
+    whole = images.decode(jpeg)
+    area = cv2.resize(whole, small.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(small.astype(int) - area).mean() < 3  # the scaled inverse DCT is a low-pass, like the area filter
+    # RGB order, like the whole decode: the channel means agree
+    np.testing.assert_allclose(small.reshape(-1, 3).mean(0), whole.reshape(-1, 3).mean(0), atol=2)
+
+
+def test_reduced_scale_applies_to_jpeg_only():
+    rgb = _noise((40, 48, 3))
+    png = _encode(".png", rgb[:, :, ::-1].copy())
+    np.testing.assert_array_equal(images.decode(png, shrink=4), rgb)  # a png comes whole, as it is stored
+    grey_jpeg = _encode(".jpg", _smooth(64, 64)[:, :, 0].copy())
+    got = images.decode(grey_jpeg, shrink=2)
+    assert got.shape == (32, 32, 3) and (got[:, :, 0] == got[:, :, 1]).all()
+    with pytest.raises(ValueError, match="1/3"):
+        images.decode(grey_jpeg, shrink=3)

@@ -232,6 +232,18 @@ def test_manifest_from_before_photometric_keeps_the_pixels_as_they_came(fitted_m
     assert Model(fitted_model).geometry.photometric == Geometry().photometric == "frame"
 
 
+def test_manifest_from_before_jpeg_decoding_decodes_every_jpeg_whole(fitted_model, tmp_path):
+    """A manifest written before --jpeg-decode existed was fitted on JPEG frames decoded at their own size."""
+    old = tmp_path / "old"
+    shutil.copytree(fitted_model, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["geometry"]["jpeg_decode"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    model = Model(old)
+    assert model.geometry.jpeg_decode == "full" and model.geometer.decode_shrink(model.layout((1024, 1024))) == 1
+    assert Model(fitted_model).geometry.jpeg_decode == Geometry().jpeg_decode == "scaled"
+
+
 def test_manifest_from_before_border_evening_uses_its_maps_as_they_come(fitted_model, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(fitted_model, old)

@@ -130,6 +130,24 @@ def test_png_round_trip_is_exact(shape, dtype):
     np.testing.assert_array_equal(f.image(), image)
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_jpeg_decodes_at_a_reduced_scale_when_asked_and_other_frames_whole(channels):
+    rng = np.random.default_rng(4)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8), (0, 0), 2)
+    ok, data = cv2.imencode(".jpg", image)
+    f = decode(wire.encode_frame_encoded("cam1", 3, data.tobytes(), (37, 50, channels), "jpeg"))
+    small = f.image(shrink=4)
+    assert small.shape == (10, 13, channels) and not small.flags.writeable  # 1/4, each side rounded up
+    want = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_4 | cv2.IMREAD_IGNORE_ORIENTATION)
+    want = cv2.cvtColor(want, cv2.COLOR_BGR2RGB if channels == 3 else cv2.COLOR_BGR2GRAY)
+    np.testing.assert_array_equal(small, want.reshape(small.shape))
+    assert f.image().shape == (37, 50, channels)
+    raw = decode(wire.encode_frame("cam1", 4, image))
+    np.testing.assert_array_equal(raw.image(shrink=4), image)  # raw pixels come as they are
+    png_frame = decode(wire.encode_frame_encoded("s", 0, png(image), (37, 50, 3), "png"))
+    assert png_frame.image(shrink=2).shape == (37, 50, 3)
+
+
 def test_encoded_file_is_converted_to_the_header_channel_count():
     grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
     f = decode(wire.encode_frame_encoded("s", 0, png(grey), (3, 4, 3), "png"))

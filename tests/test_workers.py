@@ -151,6 +151,9 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
     later = normal_frame(rng, 128)
     deep = rng.integers(0, 65535, (50, 70, 4), endpoint=True).astype(np.uint16)
     pix = np.arange(60, dtype=np.uint8).tobytes()  # [4, 5, 3] uint8
+    # a large JPEG with fine texture, where decoding at 1/4 and decoding whole then resizing differ
+    big = np.clip(normal_frame(rng, 520, 600).astype(int) + rng.integers(-60, 60, (520, 600, 3)), 0, 255)
+    big_jpeg = cv2.imencode(".jpg", big.astype(np.uint8))[1].tobytes()
     messages = [
         wire.encode_frame("cam0", 0, square),
         wire.encode_frame("cam0", 1, grey),
@@ -167,6 +170,7 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
                           error="x.png: unreadable"),
         wire.encode_frame("cam0", 10, later, meta={"error": "the user's own key"}),  # meta is only echoed
         wire.encode_frame("cam0", 11, deep),
+        wire.encode_frame_encoded("cam0", 13, big_jpeg, (520, 600, 3), "jpeg"),
         wire.encode_frame("cam0", 12, square),  # the sentinel
     ]
     stop = threading.Event()
@@ -191,7 +195,7 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
 
     by_seq = {_key(m)[1]: m for m in out}
     assert len(by_seq) == len(out)  # one answer per frame
-    assert sorted(by_seq) == [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert sorted(by_seq) == [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13]
 
     # valid frames: a scored message with the canvas map of the frame, as the model scores it here
     model = inspector.model
@@ -216,6 +220,18 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
             assert scored.image is None
     assert by_seq[10].meta == {"error": "the user's own key"}
 
+    # a large JPEG is decoded at the reduced scale fit and eval decode it at (read_frame), scored in frame pixels
+    from calibration.images import decode as decode_file
+
+    layout = model.layout((520, 600))
+    shrink = model.geometer.decode_shrink(layout)
+    assert shrink == 4 and by_seq[13].shape == (520, 600, 3)
+    (want,) = inspector.inspect([decode_file(big_jpeg, shrink=shrink)], [layout])
+    np.testing.assert_allclose(by_seq[13].grid_map, want.canvas_map, rtol=1e-3, atol=1e-3)
+    assert by_seq[13].score == pytest.approx(want.score, rel=1e-3, abs=1e-3)
+    (whole,) = inspector.inspect([decode_file(big_jpeg)])
+    assert np.abs(whole.canvas_map - want.canvas_map).max() > 1e-2  # so the check above tells the two apart
+
     # malformed frames whose header named stream and seq: an error result saying why
     reasons = {5: "payload", 6: "dtype", 7: "channels", 8: "jpeg"}
     for seq, word in reasons.items():
@@ -229,7 +245,7 @@ def test_inference_worker_scores_frames_and_answers_malformed_ones(fitted_model,
 
     assert stats.rejected == {"not_msgpack": 2, "bad_version": 1, "payload_size": 1, "bad_dtype": 1,
                               "bad_shape": 1, "bad_payload": 1, "bad_kind": 1}
-    assert stats.errors == 5 and stats.frames == 6 and 2 <= stats.batches <= 6
+    assert stats.errors == 5 and stats.frames == 7 and 2 <= stats.batches <= 7
 
 
 def test_inference_worker_runs_full_batches_before_it_is_ready(fitted_model, net, monkeypatch):
