@@ -23,7 +23,7 @@ from bench.accuracy import RESULTS
 from calibration.artifact import machine_info
 from calibration.dataset import evaluation_samples, read_image
 from calibration.images import OVERLAY_JPEG, png_gray
-from calibration.maps import normalise, overlay, smooth, to_frame
+from calibration.maps import defect_map, normalise, overlay, smooth
 from calibration.model import Inspector, Model
 from engines.runtimes import Deployment
 
@@ -54,7 +54,7 @@ def images(model_dir: Path, data: Path, n: int) -> tuple[list[np.ndarray], list[
         for start in range(0, len(frames), 8):
             for frame, r in zip(frames[start:start + 8], inspector.inspect(frames[start:start + 8])):
                 heat = normalise(smooth(r.canvas_map, model.maps), model.thresholds["pixel"])
-                maps.append((to_frame(heat, frame.shape[:2]) * 255).astype(np.uint8))
+                maps.append(defect_map(heat, frame.shape[:2]))
                 overlays.append(overlay(np.ascontiguousarray(model.geometer.canvas_image(frame, r.layout)), heat))
     return maps, overlays
 

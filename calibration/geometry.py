@@ -139,6 +139,7 @@ class Geometer:
         self.spec, self.geometry, self.stride = spec, geometry, stride
         self.roi = None if roi is None else np.ascontiguousarray(roi, dtype=np.uint8)  # [Hr, Wr], nonzero inside
         self._roi_masks: dict[tuple[int, int], np.ndarray] = {}
+        self._roi_frames: dict[tuple[int, int], np.ndarray] = {}
 
     def layout(self, frame: tuple[int, int]) -> Layout:
         h, w = int(frame[0]), int(frame[1])
@@ -231,10 +232,13 @@ class Geometer:
         return cv2.resize(self.roi, (gw, gh), interpolation=cv2.INTER_NEAREST) > 0
 
     def roi_frame(self, frame: tuple[int, int]) -> np.ndarray | None:
-        """bool [H0, W0] ROI at a frame's size, or None without one."""
+        """bool [H0, W0] ROI at a frame's size (cached per size: a line's frames share one), or None without one."""
         if self.roi is None:
             return None
-        return cv2.resize(self.roi, (int(frame[1]), int(frame[0])), interpolation=cv2.INTER_NEAREST) > 0
+        size = (int(frame[0]), int(frame[1]))
+        if size not in self._roi_frames:
+            self._roi_frames[size] = cv2.resize(self.roi, size[::-1], interpolation=cv2.INTER_NEAREST) > 0
+        return self._roi_frames[size]
 
 
 def standardise(canvas: np.ndarray, inside: np.ndarray | None = None) -> None:

@@ -176,6 +176,18 @@ def to_frame(canvas_map: np.ndarray, frame: tuple[int, int], roi: np.ndarray | N
     return out
 
 
+def defect_map(heat: np.ndarray, frame: tuple[int, int], roi: np.ndarray | None = None) -> np.ndarray:
+    """Normalised map float32 [h, w] in [0, 1] -> the 8-bit defect map uint8 [H0, W0] (x 255, rounded at
+    the map's size, then bilinear in 8 bits to the frame's: within 1.5 grey levels of `to_frame` x 255, never
+    making the 20 MB float map of a 2448 x 2048 frame); 0 outside the ROI (bool [H0, W0])."""
+    h, w = int(frame[0]), int(frame[1])
+    heat8 = np.rint(heat * 255).astype(np.uint8)
+    out = heat8 if heat8.shape == (h, w) else cv2.resize(heat8, (w, h), interpolation=cv2.INTER_LINEAR)
+    if roi is not None:
+        out = out * roi.astype(np.uint8)
+    return out
+
+
 def normalise(score: np.ndarray | float, stats: dict) -> np.ndarray:
     """Map raw scores so the threshold is 0.5 and the lowest normal calibration score 0, clipped to [0, 1]."""
     lo, thr = stats["min"], stats["threshold"]

@@ -238,7 +238,8 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
     on the canvas the model saw. Ok frames cost no map work at all.
     """
     from calibration.images import OVERLAY_JPEG, overlay_file
-    from calibration.maps import overlay, to_frame
+    from calibration.maps import defect_map as to_defect_map
+    from calibration.maps import overlay
     from calibration.model import Model
 
     stop = stop or threading.Event()
@@ -283,8 +284,7 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
             if decision.verdict == "defect":
                 regions = [wire.Region(b, a, p) for b, a, p in decision.regions]
                 if attach_maps:
-                    frame_heat = to_frame(decision.heat, frame, model.geometer.roi_frame(frame))
-                    defect_map = (frame_heat * 255).astype(np.uint8)
+                    defect_map = to_defect_map(decision.heat, frame, model.geometer.roi_frame(frame))
                 if overlays is not None and item.image is not None:  # at canvas size: line rate, not print quality
                     overlays.mkdir(parents=True, exist_ok=True)
                     cv2.imwrite(str(overlays / overlay_file(item.stream, item.seq)),

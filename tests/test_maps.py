@@ -1,11 +1,13 @@
-"""Border evening of anomaly maps (calibration/maps.py): fitted from normal maps, never raising a score."""
+"""Anomaly maps (calibration/maps.py): border evening, fitted from normal maps, never raising a score; the
+8-bit defect map at the frame's size."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
-from calibration.maps import MapConfig, even_border, fit_border, ring_depth
+from calibration.maps import MapConfig, defect_map, even_border, fit_border, ring_depth, to_frame
 from engines.errors import ConfigError
 
 
@@ -81,3 +83,19 @@ def test_no_interior_no_evening_and_validation():
         MapConfig(border_rings=1, border=((1.0, 0.0), (1.0, 0.0)))
     with pytest.raises(ConfigError, match="border rings"):
         MapConfig(border_rings=-1)
+
+
+@pytest.mark.parametrize("frame", [(96, 160), (601, 455), (32, 32)])
+def test_defect_map_is_the_frame_size_map_in_eight_bits(frame):
+    rng = np.random.default_rng(3)
+    heat = np.clip(cv2.GaussianBlur(rng.random((32, 32), dtype=np.float32), (0, 0), 2) * 2 - 0.5, 0, 1)
+    roi = np.zeros(frame, bool)
+    roi[frame[0] // 4:, : frame[1] // 2] = True
+    want = to_frame(heat, frame) * 255
+    got = defect_map(heat, frame)
+    assert got.dtype == np.uint8 and got.shape == frame
+    error = np.abs(got - want)  # rounding at the map's size, then OpenCV's fixed-point 8-bit interpolation
+    assert error.max() <= 1.5 and error.mean() <= 0.5
+    with_roi = defect_map(heat, frame, roi)
+    np.testing.assert_array_equal(with_roi[~roi], 0)
+    np.testing.assert_array_equal(with_roi[roi], got[roi])
