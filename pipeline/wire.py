@@ -714,7 +714,7 @@ def _decode_file(data: memoryview, encoding: str, shape: tuple[int, int, int], d
     if size != (h, w):
         raise WireError("bad_payload", f"{encoding} file is {size[0]}x{size[1]} (H x W); header shape says {h}x{w}")
     buf = np.frombuffer(data, np.uint8)
-    flags, shrink = images.imdecode_flags(buf, shrink if encoding == "jpeg" else 1)
+    flags, shrink = images.imdecode_flags(buf, shrink)  # a jpeg only: the file_size check above read its header
     try:
         image = cv2.imdecode(buf, flags)
     except cv2.error:

@@ -221,27 +221,21 @@ def test_manifest_from_before_pool_padding_keeps_the_pooling_its_network_has(fit
     assert Model(fitted_model).manifest["memory_bank"]["embedding"]["pool_padding"] == EmbeddingConfig().pool_padding
 
 
-def test_manifest_from_before_photometric_keeps_the_pixels_as_they_came(fitted_model, tmp_path):
-    """A manifest written before --photometric existed was fitted on unstandardised frames."""
+@pytest.mark.parametrize("key, before, now", [("photometric", "none", "frame"), ("jpeg_decode", "full", "scaled")])
+def test_manifest_from_before_a_geometry_option_keeps_what_its_model_was_fitted_on(fitted_model, tmp_path, key,
+                                                                                  before, now):
+    """A manifest written before --photometric (or --jpeg-decode) existed was fitted on unstandardised frames
+    (JPEG frames decoded whole)."""
     old = tmp_path / "old"
     shutil.copytree(fitted_model, old)
     m = json.loads((old / "manifest.json").read_text())
-    del m["geometry"]["photometric"]
+    del m["geometry"][key]
     (old / "manifest.json").write_text(json.dumps(m))
-    assert Model(old).geometry.photometric == "none"
-    assert Model(fitted_model).geometry.photometric == Geometry().photometric == "frame"
-
-
-def test_manifest_from_before_jpeg_decoding_decodes_every_jpeg_whole(fitted_model, tmp_path):
-    """A manifest written before --jpeg-decode existed was fitted on JPEG frames decoded at their own size."""
-    old = tmp_path / "old"
-    shutil.copytree(fitted_model, old)
-    m = json.loads((old / "manifest.json").read_text())
-    del m["geometry"]["jpeg_decode"]
-    (old / "manifest.json").write_text(json.dumps(m))
-    model = Model(old)
-    assert model.geometry.jpeg_decode == "full" and model.geometer.decode_shrink(model.layout((1024, 1024))) == 1
-    assert Model(fitted_model).geometry.jpeg_decode == Geometry().jpeg_decode == "scaled"
+    assert getattr(Model(old).geometry, key) == before
+    assert getattr(Model(fitted_model).geometry, key) == getattr(Geometry(), key) == now
+    if key == "jpeg_decode":
+        model = Model(old)
+        assert model.geometer.decode_shrink(model.layout((1024, 1024))) == 1
 
 
 def test_manifest_from_before_border_evening_uses_its_maps_as_they_come(fitted_model, tmp_path):
