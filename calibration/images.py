@@ -62,12 +62,14 @@ def to_uint8(pixels: np.ndarray, bits: int = 16, name: str = "image") -> np.ndar
 
 
 def to_rgb(pixels: np.ndarray, name: str = "image", *, order: str = "RGB", bits: int = 16,
-           bayer: str | None = None) -> np.ndarray:
+           bayer: str | None = None, keep_grey: bool = False) -> np.ndarray:
     """Any decoded array -> uint8 RGB [H, W, 3] (a new array, or `pixels` itself when it already is one).
 
     pixels: [H, W] or [H, W, 1 | 3 | 4], uint8 or uint16 (`bits` significant bits); order: "RGB" or
     "BGR" (what OpenCV decodes to) for 3 and 4 channels; bayer: "RG" | "BG" | "GR" | "GB" for a
     single-channel mosaic (demosaiced after scaling to 8 bits). Grey is repeated, alpha dropped.
+    keep_grey: grey stays uint8 [H, W, 1]; `Geometer.prepare` widens it after resizing (the same pixels
+    as widening first, for a third of the work on a large frame).
     """
     if order not in ("RGB", "BGR"):
         raise ImageError(f"{name}: channel order {order!r}; expected RGB or BGR")
@@ -82,7 +84,7 @@ def to_rgb(pixels: np.ndarray, name: str = "image", *, order: str = "RGB", bits:
             raise ImageError(f"{name}: a Bayer mosaic has one channel, got shape {image.shape}")
         return cv2.cvtColor(np.ascontiguousarray(image[:, :, 0]), BAYER[bayer])
     if channels == 1:
-        return np.repeat(image, 3, axis=2)
+        return image if keep_grey else np.repeat(image, 3, axis=2)
     if channels == 3:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if order == "BGR" else image
     if channels == 4:
@@ -93,8 +95,11 @@ def to_rgb(pixels: np.ndarray, name: str = "image", *, order: str = "RGB", bits:
 # A JPEG file can be decoded straight to 1/2, 1/4 or 1/8 of its size by libjpeg's scaled inverse DCT, at a
 # fraction of a whole decode's time: a 2448 x 2048 frame becomes a 256 x 256 input in 6.0 ms at 1/8
 # against 26.7 ms decoded whole and resized, 0.39 grey levels apart on average (bench/results/jpeg-decode.json).
-# OpenCV's flag for each: 3 channels, and EXIF orientation ignored as IMREAD_UNCHANGED ignores it.
-JPEG_SHRINKS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# OpenCV's flags for each, colour and grey; EXIF orientation is ignored as IMREAD_UNCHANGED ignores it.
+JPEG_SHRINKS = (2, 4, 8)
+_REDUCED = {(2, False): cv2.IMREAD_REDUCED_COLOR_2, (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+            (8, False): cv2.IMREAD_REDUCED_COLOR_8, (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+            (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4, (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8}
 
 
 def is_jpeg(data: bytes | memoryview | np.ndarray) -> bool:
@@ -107,18 +112,20 @@ def shrunk(size: tuple[int, int], shrink: int) -> tuple[int, int]:
 
 
 def imdecode_flags(data: bytes | memoryview | np.ndarray, shrink: int = 1) -> tuple[int, int]:
-    """(OpenCV imdecode flags, the shrink they apply) for an encoded file: a JPEG at 1/shrink (1, 2, 4 or 8),
-    any other file whole and as it is stored (IMREAD_UNCHANGED)."""
+    """(OpenCV imdecode flags, the shrink they apply) for an encoded file: a JPEG at 1/shrink (1, 2, 4 or 8;
+    a grey JPEG stays grey), any other file whole and as it is stored (IMREAD_UNCHANGED)."""
     if shrink != 1 and shrink not in JPEG_SHRINKS:
         raise ValueError(f"a JPEG decodes at 1/1, 1/2, 1/4 or 1/8 of its size, not 1/{shrink}")
     if shrink > 1 and is_jpeg(data):
-        return JPEG_SHRINKS[shrink] | cv2.IMREAD_IGNORE_ORIENTATION, shrink
+        return _REDUCED[shrink, file_grey(data, "jpeg")] | cv2.IMREAD_IGNORE_ORIENTATION, shrink
     return cv2.IMREAD_UNCHANGED, 1
 
 
-def decode(data: bytes | memoryview | np.ndarray, name: str = "image", shrink: int = 1) -> np.ndarray:
+def decode(data: bytes | memoryview | np.ndarray, name: str = "image", shrink: int = 1,
+           keep_grey: bool = False) -> np.ndarray:
     """An encoded file (png, jpeg, bmp, tiff ...) -> uint8 RGB [H, W, 3]; 16-bit files use all 16 bits.
-    shrink: a JPEG is decoded at 1/shrink of its size (`shrunk`); other files ignore it."""
+    shrink: a JPEG is decoded at 1/shrink of its size (`shrunk`); other files ignore it. keep_grey: a grey
+    file comes as uint8 [H, W, 1] (`to_rgb`)."""
     buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
     try:
         image = cv2.imdecode(buf, imdecode_flags(buf, shrink)[0]) if buf.size else None
@@ -126,12 +133,13 @@ def decode(data: bytes | memoryview | np.ndarray, name: str = "image", shrink: i
         image = None
     if image is None:
         raise ImageError(f"{name}: not a readable image (corrupt or unsupported format); replace or remove it")
-    return to_rgb(image, name, order="BGR")
+    return to_rgb(image, name, order="BGR", keep_grey=keep_grey)
 
 
 def from_pixel_format(buffer: np.ndarray, height: int, width: int, pixel_format: str,
-                      name: str = "camera") -> np.ndarray:
-    """A camera buffer in a GenICam pixel format (PIXEL_FORMATS) -> uint8 RGB [H, W, 3].
+                      name: str = "camera", keep_grey: bool = False) -> np.ndarray:
+    """A camera buffer in a GenICam pixel format (PIXEL_FORMATS) -> uint8 RGB [H, W, 3] (a Mono format
+    uint8 [H, W, 1] with keep_grey: a third of the bytes to send and to resize).
 
     buffer: the raw samples, uint8 for 8-bit formats, uint16 (or their bytes) for 10 / 12 / 16-bit
     unpacked formats, scaled by their real bit depth (a 12-bit sample of 4095 becomes 255).
@@ -146,7 +154,8 @@ def from_pixel_format(buffer: np.ndarray, height: int, width: int, pixel_format:
         raise ImageError(f"{name}: {pixel_format} buffer holds {samples.size} samples; {height}x{width}x{channels} "
                          f"needs {height * width * channels} (packed formats are not supported)")
     pixels = samples.reshape(height, width, channels)
-    return to_rgb(pixels, name, order="BGR" if pixel_format == "BGR8" else "RGB", bits=bits, bayer=bayer)
+    return to_rgb(pixels, name, order="BGR" if pixel_format == "BGR8" else "RGB", bits=bits, bayer=bayer,
+                  keep_grey=keep_grey)
 
 
 def resize(image: np.ndarray, height: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -187,7 +196,24 @@ def file_size(data: memoryview, encoding: str) -> tuple[int, int] | None:
                 return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
             i = end
         return None
-    if data[:2] != b"\xff\xd8":
+    i = _jpeg_frame_header(data)
+    if i is None:
+        return None
+    return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+
+
+def file_grey(data: memoryview | bytes | np.ndarray, encoding: str) -> bool:
+    """Whether a png (colour type grey or grey + alpha) or jpeg (one component) file holds grey pixels,
+    from its header; False where the header says otherwise or cannot be read."""
+    if encoding == "png":
+        return len(data) > 25 and bytes(data[:8]) == _PNG_SIGNATURE and data[25] in (0, 4)
+    i = _jpeg_frame_header(data)
+    return i is not None and data[i + 9] == 1
+
+
+def _jpeg_frame_header(data) -> int | None:
+    """The offset of a jpeg's frame header (SOF) marker, its sides and component count inside the data."""
+    if bytes(data[:2]) != b"\xff\xd8":
         return None
     i = 2
     while i + 4 <= len(data):  # walk the segments up to the frame header
@@ -197,9 +223,7 @@ def file_size(data: memoryview, encoding: str) -> tuple[int, int] | None:
         if marker == 0xFF:  # fill byte
             i += 1
         elif marker in _JPEG_SOF:
-            if i + 9 > len(data):
-                return None
-            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return i if i + 10 <= len(data) else None
         elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
         elif marker in (0xD9, 0xDA):  # end of image or scan data before any frame header

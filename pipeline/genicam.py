@@ -223,7 +223,7 @@ class GenICamCamera:
             data = lib.arv_buffer_get_data(buffer, ctypes.byref(size))
             raw = np.frombuffer(ctypes.string_at(data, size.value), np.uint8)
             h, w = lib.arv_buffer_get_image_height(buffer), lib.arv_buffer_get_image_width(buffer)
-            image = from_pixel_format(raw, h, w, self.pixel_format, f"camera {self.wanted!r}")
+            image = from_pixel_format(raw, h, w, self.pixel_format, f"camera {self.wanted!r}", keep_grey=True)
             return image, int(lib.arv_buffer_get_frame_id(buffer)), int(lib.arv_buffer_get_timestamp(buffer))
         finally:
             lib.arv_stream_push_buffer(self.stream, buffer)

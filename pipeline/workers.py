@@ -195,7 +195,8 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
             continue
         layout = geometer.layout(frame.shape[:2])  # the frame's own size, whatever size it is decoded at
         try:
-            images.append(to_rgb(frame.image(geometer.decode_shrink(layout)), f"{frame.stream} frame {frame.seq}"))
+            images.append(to_rgb(frame.image(geometer.decode_shrink(layout)), f"{frame.stream} frame {frame.seq}",
+                                 keep_grey=True))  # widened to RGB after resizing: Geometer.prepare
         except (wire.WireError, ImageError) as exc:
             _reject(out, stats, getattr(exc, "reason", "bad_payload"), frame.stream, frame.seq, frame.t_ns, str(exc))
             continue

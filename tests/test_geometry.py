@@ -232,3 +232,22 @@ def test_decode_shrink_is_the_most_that_still_covers_the_canvas(frame, geometry,
 def test_geometry_refuses_an_unknown_jpeg_decoding():
     with pytest.raises(ConfigError, match="JPEG decoding"):
         Geometry(jpeg_decode="fast")
+
+
+@pytest.mark.parametrize("geometry", [Geometry(), Geometry("tiles", 0.75), Geometry(photometric="none")])
+@pytest.mark.parametrize("frame", [(300, 410), (40, 50)])  # shrinking (area) and growing (bilinear)
+def test_grey_pixels_give_the_inputs_of_their_rgb(geometry, frame):
+    """A grey frame [H, W, 1] is resized in one channel and widened after: exactly the inputs and canvas of
+    its RGB repetition, which fit made."""
+    rng = np.random.default_rng(5)
+    grey = cv2.GaussianBlur(rng.integers(0, 256, frame, dtype=np.uint8), (0, 0), 1.5)[:, :, None]
+    roi = np.zeros((60, 80), np.uint8)
+    roi[10:50, 5:70] = 255
+    g = Geometer(SPEC, geometry, stride=8, roi=roi)
+    layout = g.layout(frame)
+    got = np.empty((layout.count,) + SPEC.shape, np.uint8)
+    want = np.empty_like(got)
+    g.prepare(grey, layout, got)
+    g.prepare(np.repeat(grey, 3, axis=2), layout, want)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(g.canvas_image(grey, layout), g.canvas_image(np.repeat(grey, 3, axis=2), layout))

@@ -160,3 +160,22 @@ def test_reduced_scale_applies_to_jpeg_only():
     assert got.shape == (32, 32, 3) and (got[:, :, 0] == got[:, :, 1]).all()
     with pytest.raises(ValueError, match="1/3"):
         images.decode(grey_jpeg, shrink=3)
+
+
+def test_grey_stays_grey_when_asked():
+    grey = _noise((6, 7))
+    assert images.to_rgb(grey, keep_grey=True).shape == (6, 7, 1)
+    np.testing.assert_array_equal(images.to_rgb(grey[:, :, None], keep_grey=True)[:, :, 0], grey)
+    assert images.to_rgb(_noise((6, 7, 3)), keep_grey=True).shape == (6, 7, 3)  # colour is unchanged
+    mono = images.from_pixel_format(grey.tobytes(), 6, 7, "Mono8", keep_grey=True)
+    np.testing.assert_array_equal(mono, grey[:, :, None])
+    np.testing.assert_array_equal(images.decode(_encode(".png", grey), keep_grey=True), grey[:, :, None])
+    grey_jpeg = _encode(".jpg", _smooth(64, 48)[:, :, 0].copy())
+    assert images.decode(grey_jpeg, shrink=2, keep_grey=True).shape == (32, 24, 1)
+
+
+def test_file_grey_reads_the_header():
+    grey, colour = _noise((5, 6)), _noise((5, 6, 3))
+    assert images.file_grey(_encode(".png", grey), "png") and not images.file_grey(_encode(".png", colour), "png")
+    assert images.file_grey(_encode(".jpg", grey), "jpeg") and not images.file_grey(_encode(".jpg", colour), "jpeg")
+    assert not images.file_grey(b"\xff\xd8 cut short", "jpeg") and not images.file_grey(b"not a png", "png")

@@ -131,19 +131,19 @@ def test_folder_source_sends_jpeg_and_png_files_as_they_are(mixed_folder):
     folder = mixed_folder["folder"]
     items = {item.meta["file"]: item for item in FolderSource(folder)}
     assert sorted(items) == ["a.jpg", "b.png", "c_grey.png", "d.bmp", "e16.png", "f_bad.png"]  # notes.txt ignored
-    for name, encoding, (h, w) in [("a.jpg", "jpeg", (30, 40)), ("b.png", "png", (20, 25)),
-                                   ("c_grey.png", "png", (10, 12))]:
+    for name, encoding, shape in [("a.jpg", "jpeg", (30, 40, 3)), ("b.png", "png", (20, 25, 3)),
+                                  ("c_grey.png", "png", (10, 12, 1))]:
         item = items[name]
         assert item.encoding == encoding and item.pixels is None
         assert item.encoded == (folder / name).read_bytes()  # the file itself, not re-encoded
-        assert item.shape == (h, w, 3)  # from the file header; colour declared even for a grey file
+        assert item.shape == shape  # from the file header: a grey file is declared grey
         assert item.meta == {"file": name}
-    # the receiver decodes the declared RGB shape, converting the grey file
+    # the receiver decodes the declared shape: RGB, or the grey file's one channel
     b = wire.decode(wire.encode_frame_encoded("s", 0, items["b.png"].encoded, items["b.png"].shape, "png"))
     np.testing.assert_array_equal(b.image(), mixed_folder["b.png"])
     grey = items["c_grey.png"]
     frame = wire.decode(wire.encode_frame_encoded("s", 0, grey.encoded, grey.shape, grey.encoding))
-    np.testing.assert_array_equal(frame.image(), np.repeat(mixed_folder["c_grey.png"][:, :, None], 3, axis=2))
+    np.testing.assert_array_equal(frame.image(), mixed_folder["c_grey.png"][:, :, None])
 
 
 def test_folder_source_decodes_bmp_and_16_bit_png_and_sends_them_raw(mixed_folder):
