@@ -117,7 +117,8 @@ def imdecode_flags(data: bytes | memoryview | np.ndarray, shrink: int = 1) -> tu
     if shrink != 1 and shrink not in JPEG_SHRINKS:
         raise ValueError(f"a JPEG decodes at 1/1, 1/2, 1/4 or 1/8 of its size, not 1/{shrink}")
     if shrink > 1 and is_jpeg(data):
-        return _REDUCED[shrink, file_grey(data, "jpeg")] | cv2.IMREAD_IGNORE_ORIENTATION, shrink
+        grey = (file_shape(memoryview(data), "jpeg") or (0, 0, 3))[2] == 1
+        return _REDUCED[shrink, grey] | cv2.IMREAD_IGNORE_ORIENTATION, shrink
     return cv2.IMREAD_UNCHANGED, 1
 
 
@@ -179,13 +180,21 @@ def resize(image: np.ndarray, height: int, width: int, out: np.ndarray | None = 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 def file_size(data: memoryview, encoding: str) -> tuple[int, int] | None:
-    """(H, W) from a png IHDR chunk or a jpeg SOF segment, without decoding; None if there is none.
+    """(H, W) from a png IHDR chunk or a jpeg SOF segment, without decoding; None if there is none."""
+    shape = file_shape(data, encoding)
+    return None if shape is None else shape[:2]
+
+
+def file_shape(data: memoryview, encoding: str) -> tuple[int, int, int] | None:
+    """(H, W, channels) from a png IHDR chunk or a jpeg SOF segment, without decoding; None if there is
+    none. channels: 1 for a grey file (png colour type grey or grey + alpha, a jpeg of one component),
+    else 3 (what the file becomes: alpha dropped, colour as RGB).
 
     A png must also be whole: every chunk inside the data, up to IEND. OpenCV allocates a chunk's
     length before reading it, so one corrupted length byte in a 100-byte file costs gigabytes.
     """
     if encoding == "png":
-        if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
             return None
         i = 8
         while i + 12 <= len(data):
@@ -193,22 +202,15 @@ def file_size(data: memoryview, encoding: str) -> tuple[int, int] | None:
             if end > len(data):
                 return None
             if data[i + 4:i + 8] == b"IEND":
-                return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+                return (int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big"),
+                        1 if data[25] in (0, 4) else 3)
             i = end
         return None
     i = _jpeg_frame_header(data)
     if i is None:
         return None
-    return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-
-
-def file_grey(data: memoryview | bytes | np.ndarray, encoding: str) -> bool:
-    """Whether a png (colour type grey or grey + alpha) or jpeg (one component) file holds grey pixels,
-    from its header; False where the header says otherwise or cannot be read."""
-    if encoding == "png":
-        return len(data) > 25 and bytes(data[:8]) == _PNG_SIGNATURE and data[25] in (0, 4)
-    i = _jpeg_frame_header(data)
-    return i is not None and data[i + 9] == 1
+    return (int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"),
+            1 if data[i + 9] == 1 else 3)
 
 
 def _jpeg_frame_header(data) -> int | None:

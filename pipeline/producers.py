@@ -86,11 +86,10 @@ class FolderSource(Source):
         data = path.read_bytes()
         rel = str(path.relative_to(self.folder))
         encoding = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}.get(path.suffix.lower())
-        size = images.file_size(memoryview(data), encoding) if encoding else None
+        shape = images.file_shape(memoryview(data), encoding) if encoding else None
         eight_bit = encoding == "jpeg" or (len(data) > 24 and data[24] == 8)  # png bit depth in IHDR
-        if size is not None and eight_bit:  # sent as the file; the worker decodes it once, grey or RGB
-            channels = 1 if images.file_grey(memoryview(data), encoding) else 3
-            return SourceFrame(encoded=data, encoding=encoding, shape=(size[0], size[1], channels), meta={"file": rel})
+        if shape is not None and eight_bit:  # sent as the file; the worker decodes it once, grey or RGB
+            return SourceFrame(encoded=data, encoding=encoding, shape=shape, meta={"file": rel})
         # other formats, 16-bit files and files whose header we cannot read: decode here, send raw (grey as grey)
         try:
             return SourceFrame(pixels=images.decode(data, str(path), keep_grey=True), meta={"file": rel})

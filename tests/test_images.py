@@ -174,8 +174,11 @@ def test_grey_stays_grey_when_asked():
     assert images.decode(grey_jpeg, shrink=2, keep_grey=True).shape == (32, 24, 1)
 
 
-def test_file_grey_reads_the_header():
+def test_file_shape_says_grey_or_colour_from_the_header():
     grey, colour = _noise((5, 6)), _noise((5, 6, 3))
-    assert images.file_grey(_encode(".png", grey), "png") and not images.file_grey(_encode(".png", colour), "png")
-    assert images.file_grey(_encode(".jpg", grey), "jpeg") and not images.file_grey(_encode(".jpg", colour), "jpeg")
-    assert not images.file_grey(b"\xff\xd8 cut short", "jpeg") and not images.file_grey(b"not a png", "png")
+    assert images.file_shape(memoryview(_encode(".png", grey)), "png") == (5, 6, 1)
+    assert images.file_shape(memoryview(_encode(".png", _noise((5, 6, 4)))), "png") == (5, 6, 3)  # alpha dropped
+    assert images.file_shape(memoryview(_encode(".jpg", grey)), "jpeg") == (5, 6, 1)
+    assert images.file_shape(memoryview(_encode(".jpg", colour)), "jpeg") == (5, 6, 3)
+    assert images.file_shape(memoryview(b"\xff\xd8 cut short"), "jpeg") is None
+    assert images.file_shape(memoryview(b"not a png"), "png") is None
