@@ -20,11 +20,7 @@ from bench.accuracy import RESULTS
 from calibration.artifact import machine_info
 from calibration.geometry import Geometer, Geometry, InputSpec
 from calibration.images import to_rgb
-
-
-def _size(text: str) -> tuple[int, int]:
-    h, w = (int(v) for v in text.lower().split("x"))
-    return h, w
+from pipeline.cli import _input_size  # "S" or "HxW", as fit's --input-size takes it
 
 
 def _median_ms(fn, frames: list[np.ndarray]) -> float:
@@ -39,8 +35,8 @@ def _median_ms(fn, frames: list[np.ndarray]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", type=_size, default=[(2048, 2448), (1080, 1920), (512, 512)])
-    parser.add_argument("--input", type=_size, default=(256, 256))
+    parser.add_argument("--sizes", nargs="+", type=_input_size, default=[(2048, 2448), (1080, 1920), (512, 512)])
+    parser.add_argument("--input", type=_input_size, default=(256, 256))
     parser.add_argument("--frames", type=int, default=8)
     args = parser.parse_args()
     cv2.setNumThreads(1)

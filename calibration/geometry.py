@@ -23,7 +23,7 @@ one brightness and contrast, and the bank's neighbours come from every exposure;
 64 / 8, so a nearly flat frame's noise is not blown up. Overlays show the frame as it came.
 
 JPEG decoding (``jpeg_decode="scaled"``, the default): a JPEG frame at least twice the canvas in both
-sides is decoded at 1/2, 1/4 or 1/8 of its size (the smallest that still covers the canvas,
+sides is decoded at 1/2, 1/4 or 1/8 of its size (the most reduction that still covers the canvas,
 `Geometer.decode_shrink`) by libjpeg's scaled inverse DCT, then resized to the canvas as any frame is.
 Fit, eval, int8 calibration and the workers decode alike; maps, regions and masks stay in frame pixels
 (the layout carries the frame's own size).
