@@ -9,6 +9,7 @@ mean. Pixel metrics are computed at each mask's original resolution.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,12 +42,14 @@ def _rate(hits: int, n: int) -> dict:
 
 def score_dataset(inspector: Inspector, data: Path, batch_size: int, maps_dir: Path | None,
                   scores_dir: Path | None, progress: Progress | None, category: str) -> dict:
-    """Scores, smoothed frame maps and verdicts of every test image of one dataset, and the scoring speed."""
+    """Scores and verdicts of every test image of one dataset, their smoothed frame maps and masks
+    (a metrics.PixelSet, which makes a map again from its canvas map where it does not keep it), and
+    the scoring speed."""
     model = inspector.model
     samples = evaluation_samples(data)
     scores = np.empty(len(samples), np.float32)
     verdicts: list[str] = []
-    maps: list[np.ndarray] = []
+    pixels = metrics.PixelSet(name=f"pixel metrics of {category or data}")
     seconds = 0.0
     frames = read_frames([s.path for s in samples], model.geometer)
     for start in range(0, len(samples), batch_size):
@@ -60,7 +63,7 @@ def score_dataset(inspector: Inspector, data: Path, batch_size: int, maps_dir: P
             sample = samples[start + k]
             scores[start + k] = r.score
             verdicts.append(d.verdict)
-            maps.append(fm)
+            pixels.add(fm, read_mask(sample.mask_path, fm.shape), functools.partial(model.frame_map, r.canvas_map, r.layout))
             if maps_dir is not None:
                 heat = normalise(fm, model.thresholds["pixel"])
                 _write(maps_dir / category / Path(sample.rel).with_suffix(OVERLAY_SUFFIX), overlay(image, heat),
@@ -69,17 +72,16 @@ def score_dataset(inspector: Inspector, data: Path, batch_size: int, maps_dir: P
                 _write(scores_dir / category / Path(sample.rel).with_suffix(".tiff"), fm)
         if progress:
             progress(f"score {category}" if category else "score", min(start + batch_size, len(samples)), len(samples))
-    return {"samples": samples, "scores": scores, "verdicts": verdicts, "maps": maps, "seconds": seconds}
+    return {"samples": samples, "scores": scores, "verdicts": verdicts, "pixels": pixels, "seconds": seconds}
 
 
 def measure(scored: dict, curves: bool = False) -> dict:
     """Metrics of one dataset from score_dataset's output."""
-    samples, scores, maps = scored["samples"], scored["scores"], scored["maps"]
+    samples, scores, pixels = scored["samples"], scored["scores"], scored["pixels"]
     labels = np.array([s.label for s in samples])
     types = np.array([s.rel.split("/")[0] for s in samples])
-    masks = [read_mask(s.mask_path, m.shape) for s, m in zip(samples, maps)]
     image = metrics.image_metrics(scores, labels, curves=curves)
-    pixel = metrics.pixel_metrics(maps, masks, curves=curves)
+    pixel = pixels.metrics(curves=curves)
     defect = np.array([v == "defect" for v in scored["verdicts"]])
     out = {f"image_{k}": image[k] for k in IMAGE_KEYS}
     out.update({f"pixel_{k}": pixel[k] for k in PIXEL_KEYS})
@@ -93,7 +95,7 @@ def measure(scored: dict, curves: bool = False) -> dict:
     good = types == "good"
     for t in sorted(set(types) - {"good"}):
         sel = good | (types == t)
-        px = metrics.pixel_metrics([m for m, s in zip(maps, sel) if s], [k for k, s in zip(masks, sel) if s])
+        px = pixels.metrics(np.flatnonzero(sel))
         per_type[t] = {"image_auroc": metrics.roc_auc(scores[sel], labels[sel]), "pixel_auroc": px["auroc"],
                        "pixel_aupro": px["aupro"], "n_images": int((types == t).sum()),
                        "miss": _rate(int((~defect & (types == t)).sum()), int((types == t).sum()))}

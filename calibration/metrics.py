@@ -1,17 +1,17 @@
 """Exact anomaly-detection metrics: AUROC, AP, F1-max and AU-PRO.
 
 All curves are exact (every distinct score is a threshold, tied scores move
-together) and are built from a single descending sort, the way scikit-learn's
-``_binary_clf_curve`` does it, so ``roc_auc``, ``average_precision`` and
-``f1_max`` agree with ``sklearn.metrics`` including tie handling.  The pixel
-metrics sort all pixels once (packed uint64 keys, see ``_pixel_ranking``) and
-derive AUROC, AP, F1-max and AU-PRO from that sort.  Only numpy and OpenCV
-(8-connected components for AU-PRO) are used; scikit-learn is test-only.
+together), built from counts at each distinct score in descending order, the way
+scikit-learn's ``_binary_clf_curve`` does it, so ``roc_auc``, ``average_precision``
+and ``f1_max`` agree with ``sklearn.metrics`` including tie handling.  The pixel
+metrics (`PixelSet`) rank all pixels of all images in bounded memory, in chunks of
+the score range, and give what one sort of every pixel would.  Only numpy and
+OpenCV (8-connected components for AU-PRO) are used; scikit-learn is test-only.
 """
 
 from __future__ import annotations
 
-import sys
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -23,64 +23,13 @@ __all__ = [
     "image_metrics",
     "pixel_metrics",
     "au_pro",
+    "PixelSet",
 ]
 
 
 # --------------------------------------------------------------------------
 # shared machinery
 # --------------------------------------------------------------------------
-
-
-class _Ranking:
-    """Cumulative counts at every distinct score of one descending sort.
-
-    Built from ``s`` (scores, or any tie-equivalent keys, sorted descending)
-    and ``y`` (bool labels in the same order).
-
-    Attributes:
-        pos: int array [P], sorted positions of the positive samples.
-        tps, fps: int arrays [D], cumulative true/false positives at the last
-            index of each of the D distinct scores (highest score first).
-        n_pos, n_neg: number of positive / negative samples.
-    """
-
-    def __init__(self, s: np.ndarray, y: np.ndarray):
-        is_last = np.empty(y.size, dtype=bool)  # last index of each run of equal scores
-        np.not_equal(s[1:], s[:-1], out=is_last[:-1])
-        is_last[-1] = True
-        last = np.flatnonzero(is_last)
-        del is_last
-        self.pos = np.flatnonzero(y)
-        self.tps = np.searchsorted(self.pos, last, side="right")
-        self.fps = last + 1 - self.tps
-        self.n_pos = int(self.tps[-1])
-        self.n_neg = int(self.fps[-1])
-
-    def auroc(self) -> float:
-        # trapezoid rule on integer counts: exact until the final division
-        tps = np.concatenate(([0], self.tps))
-        area2 = np.sum(np.diff(self.fps, prepend=0) * (tps[1:] + tps[:-1]))
-        return float(area2 / (2.0 * self.n_pos * self.n_neg))
-
-    def ap(self) -> float:
-        precision = self.tps / (self.tps + self.fps)
-        d_tps = np.diff(self.tps, prepend=0)
-        return float(np.dot(d_tps, precision) / self.n_pos)
-
-    def f1max(self) -> float:
-        # 2PR/(P+R) with P = tp/(tp+fp), R = tp/n_pos  ==  2 tp / (n_pos + tp + fp)
-        return float(np.max(2.0 * self.tps / (self.n_pos + self.tps + self.fps)))
-
-    def iou_max(self) -> float:
-        # IoU of the predicted and true sets, pooled: tp / (tp + fp + fn) == tp / (n_pos + fp)
-        return float(np.max(self.tps / (self.n_pos + self.fps)))
-
-    def roc_curve(self, points: int = 512) -> dict:
-        """{"fpr": [...], "tpr": [...]} at most `points` (plus both ends) of the exact curve, for plots."""
-        fpr = np.concatenate(([0.0], self.fps / self.n_neg))
-        tpr = np.concatenate(([0.0], self.tps / self.n_pos))
-        keep = np.unique(np.linspace(0, len(fpr) - 1, min(points, len(fpr))).round().astype(int))
-        return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
 
 
 def _check_scores_labels(scores, labels, name: str):
@@ -113,10 +62,17 @@ def _check_scores_labels(scores, labels, name: str):
     return scores, labels
 
 
-def _rank(scores, labels, name: str) -> _Ranking:
+def _rank(scores, labels, name: str) -> dict:
+    """{"auroc", "ap", "f1max", "roc"} of scores [N] against labels [N], from one descending sort."""
     scores, labels = _check_scores_labels(scores, labels, name)
     order = np.argsort(scores)[::-1]
-    return _Ranking(scores[order], labels[order])
+    s, y = scores[order], labels[order]
+    last = np.flatnonzero(np.append(s[1:] != s[:-1], True))  # the last index of each distinct score
+    tps = np.cumsum(y, dtype=np.int64)[last]
+    pos = np.diff(tps, prepend=0)
+    curve = _Curve(int(tps[-1]), len(y) - int(tps[-1]), fpr_limit=1.0)
+    curve.add(np.diff(last, prepend=-1) - pos, pos, np.zeros(len(last)))
+    return curve.result(curves=True)
 
 
 # --------------------------------------------------------------------------
@@ -131,7 +87,7 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
         scores: float array [N], higher = more anomalous.
         labels: bool or 0/1 array [N], 1 = anomalous.
     """
-    return _rank(scores, labels, "roc_auc").auroc()
+    return _rank(scores, labels, "roc_auc")["auroc"]
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -141,7 +97,7 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
         scores: float array [N], higher = more anomalous.
         labels: bool or 0/1 array [N], 1 = anomalous.
     """
-    return _rank(scores, labels, "average_precision").ap()
+    return _rank(scores, labels, "average_precision")["ap"]
 
 
 def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -151,7 +107,7 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
         scores: float array [N], higher = more anomalous.
         labels: bool or 0/1 array [N], 1 = anomalous.
     """
-    return _rank(scores, labels, "f1_max").f1max()
+    return _rank(scores, labels, "f1_max")["f1max"]
 
 
 def image_metrics(scores, labels, curves: bool = False) -> dict:
@@ -164,21 +120,25 @@ def image_metrics(scores, labels, curves: bool = False) -> dict:
         {"auroc", "ap", "f1max"}: floats in [0, 1] (and the curve).
     """
     r = _rank(scores, labels, "image_metrics")
-    out = {"auroc": r.auroc(), "ap": r.ap(), "f1max": r.f1max()}
-    if curves:
-        out["roc"] = r.roc_curve()
-    return out
+    return {k: r[k] for k in ("auroc", "ap", "f1max") + (("roc",) if curves else ())}
 
 
 # --------------------------------------------------------------------------
 # pixel-level metrics and AU-PRO
 # --------------------------------------------------------------------------
 
-
-# A pixel is packed into one uint64: the high 32 bits are its float32 score
-# mapped to an order-preserving unsigned integer, the low 32 bits its region id
-# (0 = normal).  One plain sort of these keys replaces an argsort plus gathers.
-_LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)
+# Pixels are ranked by their float32 score mapped to an order-preserving uint32 key. A PixelSet holds
+# each image's keys while they fit in `cache_pixels` (and makes the rest again from the image's map
+# when they are needed), each image's defect pixels (sparse) and a histogram of its keys' top 16 bits.
+# Metrics walk the key space from the highest key down in chunks of at most `chunk_pixels` pixels
+# (planned from the histograms; a top-16 bin too large for one chunk is split on its low 16 bits,
+# and one key value held by more pixels is counted without gathering them), and fold each chunk's
+# counts at each distinct key into running sums. Memory is bounded by the two budgets, whatever
+# the number and size of the images; the result equals one global sort's.
+CHUNK_PIXELS = 1 << 26  # at most this many pixels' keys gathered and sorted at once (2 x 256 MiB of uint32)
+CACHE_PIXELS = 1 << 28  # keys kept between passes (1 GiB); beyond, an image's map is made again per chunk
+_ALL_KEYS = 1 << 32
+BLOCK = 1 << 18  # pixels counted and folded at a time (bounds the folding's float64 temporaries)
 
 
 def _ordered_bits(m: np.ndarray) -> np.ndarray:
@@ -187,58 +147,235 @@ def _ordered_bits(m: np.ndarray) -> np.ndarray:
     return np.where(u >= 0x80000000, ~u, u | np.uint32(0x80000000))
 
 
-def _pixel_ranking(maps, masks, name: str):
-    """Sort all pixels of all images once (descending score).
+class _Image:
+    """One image of a PixelSet: its keys (or how to make them), defect pixels and key histogram."""
 
-    Returns the _Ranking, the region id (1..R) of each defect pixel in sorted
-    order (int array [P]) and R, the number of 8-connected defect regions
-    (counted per image).
-    """
-    maps, masks = list(maps), list(masks)
-    if len(maps) != len(masks) or not maps:
-        raise ValueError(
-            f"{name}: need equally many maps and masks (at least one), "
-            f"got {len(maps)} maps and {len(masks)} masks"
-        )
-    for i, (m, k) in enumerate(zip(maps, masks)):
-        if np.ndim(m) != 2 or np.shape(m) != np.shape(k):
-            raise ValueError(
-                f"{name}: map {i} and mask {i} must be 2-D with equal shapes, "
-                f"got {np.shape(m)} and {np.shape(k)}"
-            )
-    n = sum(int(np.size(m)) for m in maps)
-    keys = np.empty(n, dtype=np.uint64)
-    words = keys.view(np.uint32).reshape(n, 2)
-    n_regions = n_pos = start = 0
-    for i, (m, k) in enumerate(zip(maps, masks)):
-        m = np.asarray(m, dtype=np.float32).ravel()
-        if m.size == 0:
-            continue
+    __slots__ = ("shape", "size", "keys", "source", "defects", "regions", "sizes", "bins", "counts")
+
+    def __init__(self, shape, keys, source, defects, regions, sizes, bins, counts):
+        self.shape = shape  # (H, W)
+        self.size = shape[0] * shape[1]
+        self.keys = keys  # uint32 [H * W] or None (not cached: `source` makes the map again)
+        self.source = source  # () -> float [H, W], or None when the keys are cached
+        self.defects = defects  # flat indices of the defect pixels, intp [p]
+        self.regions = regions  # their 8-connected region, 0-based within the image, intp [p]
+        self.sizes = sizes  # pixels per region, int64 [c]
+        self.bins = bins  # the top-16-bit values of its keys present, int64 [b], ascending
+        self.counts = counts  # pixels per such value, int64 [b]
+
+
+class PixelSet:
+    """Score maps and defect masks of many images, for exact pixel metrics in bounded memory."""
+
+    def __init__(self, chunk_pixels: int = CHUNK_PIXELS, cache_pixels: int = CACHE_PIXELS, name: str = "pixel_metrics"):
+        if chunk_pixels < 1 or cache_pixels < 0:
+            raise ValueError(f"chunk_pixels must be >= 1 and cache_pixels >= 0, got {chunk_pixels}, {cache_pixels}")
+        self.chunk_pixels, self.cache_pixels, self.name = chunk_pixels, cache_pixels, name
+        self.images: list[_Image] = []
+        self._cached = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def add(self, score_map, mask, remake: Callable[[], np.ndarray] | None = None) -> None:
+        """score_map: float [H, W] (scored as float32), higher = more anomalous; mask: [H, W], nonzero =
+        defect pixel (8-connected regions). remake: () -> the same map, called where the image's keys do
+        not fit the cache (None: the set keeps a reference to `score_map` instead)."""
+        i = len(self.images)
+        if np.ndim(score_map) != 2 or np.shape(score_map) != np.shape(mask):
+            raise ValueError(f"{self.name}: map {i} and mask {i} must be 2-D with equal shapes, "
+                             f"got {np.shape(score_map)} and {np.shape(mask)}")
+        shape = tuple(np.shape(score_map))
+        keys = self._keys_of(score_map, i)
+        count, labels = cv2.connectedComponents((np.asarray(mask) != 0).astype(np.uint8), connectivity=8)
+        labels = labels.ravel()
+        defects = np.flatnonzero(labels)
+        regions = labels[defects].astype(np.intp) - 1
+        sizes = np.bincount(regions, minlength=count - 1).astype(np.int64)
+        hist = np.bincount(keys >> 16, minlength=1 << 16)
+        bins = np.flatnonzero(hist)
+        cached = self._cached + keys.size <= self.cache_pixels
+        if cached:
+            self._cached += keys.size
+        source = None if cached else (remake or (lambda m=score_map: m))
+        self.images.append(_Image(shape, keys if cached else None, source, defects, regions, sizes, bins,
+                                  hist[bins].astype(np.int64)))
+
+    def _keys_of(self, score_map, i: int) -> np.ndarray:
+        m = np.asarray(score_map, dtype=np.float32).ravel()
         if np.isnan(m).any():
-            raise ValueError(f"{name}: map {i} contains NaN")
-        count, lab = cv2.connectedComponents((np.asarray(k) != 0).astype(np.uint8), connectivity=8)
-        defect = lab > 0
-        lab[defect] += n_regions
-        n_regions += count - 1
-        n_pos += int(np.count_nonzero(defect))
-        words[start : start + m.size, _HI] = _ordered_bits(m)
-        words[start : start + m.size, _LO] = lab.ravel()
-        start += m.size
-    if n_pos == 0:
-        raise ValueError(
-            f"{name}: masks contain no defect pixels ({len(masks)} masks, {n} pixels, "
-            "0 defect regions)"
-        )
-    if n_pos == n:
-        raise ValueError(
-            f"{name}: masks contain no normal pixels ({len(masks)} masks, all {n} "
-            "pixels are defect)"
-        )
-    keys.sort()
-    words = words[::-1]  # descending score
-    region = words[:, _LO]
-    r = _Ranking(words[:, _HI], region != 0)
-    return r, region[r.pos].astype(np.intp), n_regions
+            raise ValueError(f"{self.name}: map {i} contains NaN")
+        return _ordered_bits(m)
+
+    def _keys(self, i: int) -> np.ndarray:
+        image = self.images[i]
+        if image.keys is not None:
+            return image.keys
+        m = image.source()
+        if np.shape(m) != image.shape:
+            raise ValueError(f"{self.name}: map {i} was {image.shape} when added and is {np.shape(m)} when made again")
+        return self._keys_of(m, i)
+
+    def metrics(self, images: Sequence[int] | None = None, fpr_limit: float = 0.3, curves: bool = False) -> dict:
+        """Pixel AUROC, AP, F1-max, IoU-max and AU-PRO (to `fpr_limit`) over all pixels of `images`
+        (indices; None: all), exactly as one sort of all their pixels would give them.
+        curves: also "roc" {"fpr", "tpr"} and "pro" {"fpr", "pro"} (to fpr_limit), at most about 512
+        points each, for plots."""
+        fpr_limit = _check_fpr_limit(fpr_limit)
+        images = range(len(self.images)) if images is None else list(images)
+        if not len(images):
+            raise ValueError(f"{self.name}: need equally many maps and masks (at least one), got none")
+        n = sum(self.images[i].size for i in images)
+        n_regions = sum(len(self.images[i].sizes) for i in images)
+        n_pos = sum(len(self.images[i].defects) for i in images)
+        if n_pos == 0:
+            raise ValueError(f"{self.name}: masks contain no defect pixels ({len(images)} masks, {n} pixels, "
+                             "0 defect regions)")
+        if n_pos == n:
+            raise ValueError(f"{self.name}: masks contain no normal pixels ({len(images)} masks, all {n} "
+                             "pixels are defect)")
+        weights = {i: 1.0 / (self.images[i].sizes[self.images[i].regions] * n_regions) for i in images}
+        curve = _Curve(n_pos, n - n_pos, fpr_limit)
+        for lo, hi in self._plan(images):
+            self._fold(curve, images, lo, hi, weights)
+        return curve.result(curves)
+
+    def _plan(self, images: Sequence[int]) -> list[tuple[int, int]]:
+        """Key ranges [lo, hi), highest first, covering every key of `images`, each of at most
+        chunk_pixels pixels or a single key value."""
+        hist = np.zeros(1 << 16, np.int64)
+        for i in images:
+            np.add.at(hist, self.images[i].bins, self.images[i].counts)
+        if hist.sum() <= self.chunk_pixels:
+            return [(0, _ALL_KEYS)]
+        big = np.flatnonzero(hist > self.chunk_pixels)
+        fine = {int(b): np.zeros(1 << 16, np.int64) for b in big}
+        if fine:  # one more pass: the low 16 bits of the keys in bins too large for a chunk
+            for i in images:
+                keys = self._keys(i)
+                top = keys >> 16
+                for b, low in fine.items():
+                    low += np.bincount(keys[top == b] & 0xFFFF, minlength=1 << 16)
+        leaves = []  # (lo, hi, pixels), highest first
+        for b in np.flatnonzero(hist)[::-1]:
+            b = int(b)
+            if b in fine:
+                low = fine[b]
+                leaves += [((b << 16) | int(v), ((b << 16) | int(v)) + 1, int(low[v])) for v in np.flatnonzero(low)[::-1]]
+            else:
+                leaves.append((b << 16, (b + 1) << 16, int(hist[b])))
+        chunks: list[list[int]] = []
+        for lo, hi, count in leaves:
+            if chunks and chunks[-1][2] + count <= self.chunk_pixels:
+                chunks[-1][0], chunks[-1][2] = lo, chunks[-1][2] + count
+            else:
+                chunks.append([lo, hi, count])
+        return [(lo, hi) for lo, hi, _ in chunks]
+
+    def _fold(self, curve: "_Curve", images: Sequence[int], lo: int, hi: int, weights: dict) -> None:
+        """Fold the pixels of `images` with keys in [lo, hi) into `curve`, highest key first: gathered
+        and sorted, then counted at each distinct key a block of about BLOCK pixels at a time (a single
+        key value: counted in place). weights: per image, the PRO weight of each defect pixel."""
+        whole, single = (lo, hi) == (0, _ALL_KEYS), hi - lo == 1
+        every, defect, weight = [], [], []
+        total = 0
+        for i in images:
+            keys, image = self._keys(i), self.images[i]
+            dk = keys[image.defects]
+            inside = slice(None) if whole else _within(dk, lo, hi)
+            defect.append(dk[inside])
+            weight.append(weights[i][inside])
+            if single:
+                total += int(np.count_nonzero(keys == lo))
+            else:
+                every.append(keys if whole else keys[_within(keys, lo, hi)])
+        defect_keys, defect_weights = np.concatenate(defect), np.concatenate(weight)
+        if single:
+            pos = len(defect_keys)
+            curve.add(np.array([total - pos]), np.array([pos]), np.array([defect_weights.sum()]))
+            return
+        every = np.concatenate(every) if len(every) > 1 else every[0].copy()
+        every.sort()
+        order = np.argsort(defect_keys, kind="stable")
+        defect_keys, defect_weights = defect_keys[order], defect_weights[order]
+        end = len(every)
+        while end:  # blocks of whole runs of equal keys, from the top
+            start = int(np.searchsorted(every[:end], every[max(0, end - BLOCK)], side="left"))
+            block = every[start:end]
+            last = np.flatnonzero(np.append(block[1:] != block[:-1], True))
+            distinct, counts = block[last], np.diff(last, prepend=-1)
+            a = np.searchsorted(defect_keys, block[0], side="left")
+            b = np.searchsorted(defect_keys, block[-1], side="right")
+            at = np.searchsorted(distinct, defect_keys[a:b])
+            pos = np.bincount(at, minlength=len(distinct))
+            pro = np.bincount(at, weights=defect_weights[a:b], minlength=len(distinct))
+            curve.add((counts - pos)[::-1], pos[::-1], pro[::-1])
+            end = start
+
+
+def _within(keys: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """bool [n]: keys uint32 [n] in [lo, hi) (hi up to 2 ** 32)."""
+    inside = keys >= lo
+    if hi < _ALL_KEYS:
+        inside &= keys < hi
+    return inside
+
+
+class _Curve:
+    """ROC and PRO sums folded in over distinct scores, highest first (each fold one chunk)."""
+
+    def __init__(self, n_pos: int, n_neg: int, fpr_limit: float, points: int = 512):
+        self.n_pos, self.n_neg, self.fpr_limit, self.points = n_pos, n_neg, fpr_limit, points
+        self.tp = self.fp = 0
+        self.pro = 0.0
+        self.area2 = 0  # twice the ROC area in integer counts (exact)
+        self.ap = self.f1 = self.iou = 0.0
+        self.pro_area, self.pro_done = 0.0, False
+        self.roc, self.pro_curve = [(0.0, 0.0)], [(0.0, 0.0)]
+
+    def add(self, neg: np.ndarray, pos: np.ndarray, weight: np.ndarray) -> None:
+        tps, fps = self.tp + np.cumsum(pos), self.fp + np.cumsum(neg)
+        before = np.concatenate(([self.tp], tps[:-1]))
+        self.area2 += int(np.sum(neg * (tps + before)))
+        self.ap += float(np.dot(pos, tps / (tps + fps)))
+        self.f1 = max(self.f1, float(np.max(2.0 * tps / (self.n_pos + tps + fps))))
+        self.iou = max(self.iou, float(np.max(tps / (self.n_pos + fps))))
+        pro = self.pro + np.cumsum(weight)
+        fpr, tpr = fps / self.n_neg, tps / self.n_pos
+        self._thin(self.roc, fpr, tpr, 1.0)
+        if not self.pro_done:
+            self._pro(np.concatenate(([self.fp / self.n_neg], fpr)), np.concatenate(([self.pro], pro)))
+        self.tp, self.fp, self.pro = int(tps[-1]), int(fps[-1]), float(pro[-1])
+
+    def _pro(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Trapezoid area under (x, y) up to fpr_limit, the curve interpolated there; x[0], y[0]: the last point."""
+        k = int(np.searchsorted(x, self.fpr_limit, side="right"))  # points with x <= limit
+        self.pro_area += 0.5 * float(np.sum(np.diff(x[:k]) * (y[1:k] + y[:k - 1])))
+        self._thin(self.pro_curve, x[1:k], y[1:k], self.fpr_limit)
+        if k < len(x):
+            if x[k - 1] < self.fpr_limit:
+                y_lim = y[k - 1] + (y[k] - y[k - 1]) * (self.fpr_limit - x[k - 1]) / (x[k] - x[k - 1])
+                self.pro_area += 0.5 * (y[k - 1] + y_lim) * (self.fpr_limit - x[k - 1])
+            self.pro_done = True
+
+    def _thin(self, kept: list, x: np.ndarray, y: np.ndarray, x_end: float) -> None:
+        """Append to `kept` (points (x, y) so far) the points of a nondecreasing curve where x / x_end + y
+        (0 to 2) enters a new step of 2 / points: at most about `points` points, dense where the curve moves."""
+        if not len(x):
+            return
+        steps = np.floor((np.concatenate(([kept[-1][0]], x)) / x_end + np.concatenate(([kept[-1][1]], y)))
+                         * (self.points / 2))
+        new = np.flatnonzero(steps[1:] != steps[:-1])
+        kept += zip(x[new].tolist(), y[new].tolist())
+
+    def result(self, curves: bool) -> dict:
+        out = {"auroc": float(self.area2 / (2.0 * self.n_pos * self.n_neg)), "ap": self.ap / self.n_pos,
+               "f1max": self.f1, "iou_max": self.iou, "aupro": min(1.0, float(self.pro_area) / self.fpr_limit)}
+        if curves:
+            roc = self.roc if self.roc[-1] == (1.0, 1.0) else self.roc + [(1.0, 1.0)]
+            out["roc"] = {"fpr": [p[0] for p in roc], "tpr": [p[1] for p in roc]}
+            out["pro"] = {"fpr": [p[0] for p in self.pro_curve], "pro": [p[1] for p in self.pro_curve]}
+        return out
 
 
 def _check_fpr_limit(fpr_limit: float) -> float:
@@ -248,30 +385,15 @@ def _check_fpr_limit(fpr_limit: float) -> float:
     return fpr_limit
 
 
-def _pro_curve(r: _Ranking, region_of_pos: np.ndarray, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
-    # each defect pixel of region j adds 1 / (|j| * n_regions) to PRO; cum[t] is
-    # the PRO once the t highest-scoring defect pixels are above threshold
-    sizes = np.bincount(region_of_pos, minlength=n_regions + 1)
-    weight = np.zeros(n_regions + 1)
-    weight[1:] = 1.0 / (sizes[1:] * n_regions)
-    cum = np.concatenate(([0.0], np.cumsum(weight[region_of_pos])))
-    return np.concatenate(([0.0], r.fps / r.n_neg)), np.concatenate(([0.0], cum[r.tps]))
-
-
-def _au_pro(r: _Ranking, region_of_pos: np.ndarray, n_regions: int, fpr_limit: float) -> float:
-    fpr, pro = _pro_curve(r, region_of_pos, n_regions)
-    return min(1.0, _partial_area(fpr, pro, fpr_limit) / fpr_limit)
-
-
-def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
-    """Trapezoid area under (x, y) for x in [0, limit]; x is nondecreasing,
-    starts at 0 and ends at 1; the curve is linearly interpolated at ``limit``."""
-    k = int(np.searchsorted(x, limit, side="right"))  # points with x <= limit
-    area = 0.5 * np.sum(np.diff(x[:k]) * (y[1:k] + y[: k - 1]))
-    if x[k - 1] < limit:  # then k < len(x) because x[-1] == 1 >= limit
-        y_lim = y[k - 1] + (y[k] - y[k - 1]) * (limit - x[k - 1]) / (x[k] - x[k - 1])
-        area += 0.5 * (y[k - 1] + y_lim) * (limit - x[k - 1])
-    return float(area)
+def _pixel_set(maps, masks, name: str) -> PixelSet:
+    maps, masks = list(maps), list(masks)
+    if len(maps) != len(masks) or not maps:
+        raise ValueError(f"{name}: need equally many maps and masks (at least one), "
+                         f"got {len(maps)} maps and {len(masks)} masks")
+    pixels = PixelSet(name=name)
+    for m, k in zip(maps, masks):
+        pixels.add(m, k)
+    return pixels
 
 
 def au_pro(maps, masks, fpr_limit: float = 0.3) -> float:
@@ -286,13 +408,12 @@ def au_pro(maps, masks, fpr_limit: float = 0.3) -> float:
         float in [0, 1]; 1.0 for a perfect detector.
     """
     fpr_limit = _check_fpr_limit(fpr_limit)
-    r, region_of_pos, n_regions = _pixel_ranking(maps, masks, "au_pro")
-    return _au_pro(r, region_of_pos, n_regions, fpr_limit)
+    return _pixel_set(maps, masks, "au_pro").metrics(fpr_limit=fpr_limit)["aupro"]
 
 
 def pixel_metrics(maps, masks, fpr_limit: float = 0.3, curves: bool = False) -> dict:
-    """Pixel-level AUROC, AP, F1-max, IoU-max and AU-PRO over all pixels of all images,
-    computed from one sort.
+    """Pixel-level AUROC, AP, F1-max, IoU-max and AU-PRO over all pixels of all images (`PixelSet`,
+    which also bounds the memory of many large maps).
 
     Args:
         maps: list of float [H_i, W_i] anomaly maps (converted to float32).
@@ -303,18 +424,4 @@ def pixel_metrics(maps, masks, fpr_limit: float = 0.3, curves: bool = False) -> 
         {"auroc", "ap", "f1max", "iou_max", "aupro"}: floats in [0, 1] (and the curves).
     """
     fpr_limit = _check_fpr_limit(fpr_limit)
-    r, region_of_pos, n_regions = _pixel_ranking(maps, masks, "pixel_metrics")
-    out = {
-        "auroc": r.auroc(),
-        "ap": r.ap(),
-        "f1max": r.f1max(),
-        "iou_max": r.iou_max(),
-        "aupro": _au_pro(r, region_of_pos, n_regions, fpr_limit),
-    }
-    if curves:
-        out["roc"] = r.roc_curve()
-        fpr, pro = _pro_curve(r, region_of_pos, n_regions)
-        k = int(np.searchsorted(fpr, fpr_limit, side="right"))
-        keep = np.unique(np.linspace(0, k - 1, min(512, k)).round().astype(int))
-        out["pro"] = {"fpr": fpr[keep].tolist(), "pro": pro[keep].tolist()}
-    return out
+    return _pixel_set(maps, masks, "pixel_metrics").metrics(fpr_limit=fpr_limit, curves=curves)
