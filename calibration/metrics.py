@@ -142,9 +142,15 @@ BLOCK = 1 << 18  # pixels counted and folded at a time (bounds the folding's flo
 
 
 def _ordered_bits(m: np.ndarray) -> np.ndarray:
-    """float32 [n] -> uint32 [n] whose unsigned order is the float order."""
-    u = (m + np.float32(0)).view(np.uint32)  # adding +0 turns -0.0 into +0.0
-    return np.where(u >= 0x80000000, ~u, u | np.uint32(0x80000000))
+    """float32 [n] -> uint32 [n] whose unsigned order is the float order (a new array)."""
+    u = (m + np.float32(0)).view(np.uint32)  # a copy; adding +0 turns -0.0 into +0.0
+    negative = u >= 0x80000000
+    if negative.any():
+        u[negative] = ~u[negative]
+        u[~negative] |= np.uint32(0x80000000)
+    else:  # maps are mostly >= 0: one pass
+        u |= np.uint32(0x80000000)
+    return u
 
 
 class _Image:
@@ -157,8 +163,8 @@ class _Image:
         self.size = shape[0] * shape[1]
         self.keys = keys  # uint32 [H * W] or None (not cached: `source` makes the map again)
         self.source = source  # () -> float [H, W], or None when the keys are cached
-        self.defects = defects  # flat indices of the defect pixels, intp [p]
-        self.regions = regions  # their 8-connected region, 0-based within the image, intp [p]
+        self.defects = defects  # flat indices of the defect pixels, int32 [p] (int64 past 2 ** 31 pixels)
+        self.regions = regions  # their 8-connected region, 0-based within the image, int32 [p]
         self.sizes = sizes  # pixels per region, int64 [c]
         self.bins = bins  # the top-16-bit values of its keys present, int64 [b], ascending
         self.counts = counts  # pixels per such value, int64 [b]
@@ -190,7 +196,8 @@ class PixelSet:
         count, labels = cv2.connectedComponents((np.asarray(mask) != 0).astype(np.uint8), connectivity=8)
         labels = labels.ravel()
         defects = np.flatnonzero(labels)
-        regions = labels[defects].astype(np.intp) - 1
+        regions = labels[defects] - 1
+        defects = defects.astype(np.int32 if labels.size < 1 << 31 else np.int64)
         sizes = np.bincount(regions, minlength=count - 1).astype(np.int64)
         hist = np.bincount(keys >> 16, minlength=1 << 16)
         bins = np.flatnonzero(hist)
@@ -234,10 +241,9 @@ class PixelSet:
         if n_pos == n:
             raise ValueError(f"{self.name}: masks contain no normal pixels ({len(images)} masks, all {n} "
                              "pixels are defect)")
-        weights = {i: 1.0 / (self.images[i].sizes[self.images[i].regions] * n_regions) for i in images}
         curve = _Curve(n_pos, n - n_pos, fpr_limit)
         for lo, hi in self._plan(images):
-            self._fold(curve, images, lo, hi, weights)
+            self._fold(curve, images, lo, hi, n_regions)
         return curve.result(curves)
 
     def _plan(self, images: Sequence[int]) -> list[tuple[int, int]]:
@@ -272,10 +278,10 @@ class PixelSet:
                 chunks.append([lo, hi, count])
         return [(lo, hi) for lo, hi, _ in chunks]
 
-    def _fold(self, curve: "_Curve", images: Sequence[int], lo: int, hi: int, weights: dict) -> None:
+    def _fold(self, curve: "_Curve", images: Sequence[int], lo: int, hi: int, n_regions: int) -> None:
         """Fold the pixels of `images` with keys in [lo, hi) into `curve`, highest key first: gathered
         and sorted, then counted at each distinct key a block of about BLOCK pixels at a time (a single
-        key value: counted in place). weights: per image, the PRO weight of each defect pixel."""
+        key value: counted in place). A defect pixel's PRO weight: 1 / (its region's size x n_regions)."""
         whole, single = (lo, hi) == (0, _ALL_KEYS), hi - lo == 1
         every, defect, weight = [], [], []
         total = 0
@@ -284,7 +290,7 @@ class PixelSet:
             dk = keys[image.defects]
             inside = slice(None) if whole else _within(dk, lo, hi)
             defect.append(dk[inside])
-            weight.append(weights[i][inside])
+            weight.append(1.0 / (image.sizes[image.regions[inside]] * n_regions))
             if single:
                 total += int(np.count_nonzero(keys == lo))
             else:
