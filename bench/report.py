@@ -229,6 +229,14 @@ def reliability_lines() -> str:
                    f"killed and {len(s['restarts'])} restarts, {s['logged_unique']} unique seqs logged of "
                    f"{s['logged']} lines; mean RSS of the first -> the last "
                    f"{next(iter(s['memory'].values()))['window_s'] / 60:.0f} minutes after the first minute: {mem}.")
+    for path in sorted(RESULTS.glob("eval-memory-*.json")):
+        e = json.loads(path.read_text())
+        runs = "; ".join(
+            f"{name} (code {e['codes'].get(name + '=', '?')}): peak {r[0]['peak_rss_gb']:.1f} GB, {r[0]['wall_s']:.0f} s, "
+            f"pixel AUROC {r[0]['metrics']['pixel_auroc']:.6f}, AU-PRO {r[0]['metrics']['pixel_aupro']:.6f}"
+            for name, r in e["runs"].items())
+        out.append(f"- Eval's memory on large frames (`bench.eval_memory --dataset {e['dataset']} --enlarge {e['enlarge']}`, "
+                   f"`{path.name}`): {e['test_images']} test frames, {e['test_pixels'] / 1e6:.0f} million pixels; {runs}.")
     return "\n".join(out)
 
 

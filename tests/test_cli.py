@@ -63,6 +63,36 @@ def test_fit_eval_round_trip_finds_planted_defects(fitted_model, synthetic_data,
     assert pixel == pytest.approx(result["pixel_auroc"], abs=1e-6)
 
 
+def test_eval_pixel_metrics_from_maps_made_again(fitted_model, synthetic_data, monkeypatch):
+    """A test set too large to keep: eval's PixelSet keeps no keys and ranks in chunks of 500 pixels,
+    making each frame map again from its canvas map for every chunk; the metrics, per type too, are
+    the ones of keeping every map."""
+    from calibration import evaluate, metrics
+    from calibration.model import Model
+
+    kept = evaluate.evaluate(Model(fitted_model), synthetic_data)
+    made = []
+
+    class Small(metrics.PixelSet):
+        def __init__(self, **kw):
+            super().__init__(chunk_pixels=500, cache_pixels=0, **kw)
+
+        def _keys(self, i):
+            made.append(i)
+            return super()._keys(i)
+
+    monkeypatch.setattr(metrics, "PixelSet", Small)
+    again = evaluate.evaluate(Model(fitted_model), synthetic_data)
+    assert len(made) > 10 * kept["n_images"]  # every map made again, chunk after chunk
+    for key in ("pixel_auroc", "pixel_f1max", "pixel_iou_max"):
+        assert again[key] == kept[key]
+    for key in ("pixel_ap", "pixel_aupro"):
+        assert again[key] == pytest.approx(kept[key], rel=1e-9)
+    for t, m in kept["per_type"].items():
+        assert again["per_type"][t]["pixel_auroc"] == m["pixel_auroc"]
+        assert again["per_type"][t]["pixel_aupro"] == pytest.approx(m["pixel_aupro"], rel=1e-9)
+
+
 def test_torch_runtime_scores_like_onnxruntime(fitted_model, synthetic_data, tmp_path):
     results = {}
     for runtime in ("onnxruntime", "torch"):
