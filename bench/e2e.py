@@ -53,19 +53,27 @@ def code_tree(name: str, tmp: Path) -> Path:
     return tree
 
 
-def lineguard(tree: Path, *args: str, refusal_ok: bool = False, cpu: dict | None = None) -> str | None:
+def lineguard(tree: Path, *args: str, refusal_ok: bool = False, cpu: dict | None = None,
+              usage: dict | None = None) -> str | None:
     """`lineguard ARGS` with the code of `tree` (its stage processes inherit it). refusal_ok: a user
     error (exit 2, e.g. an int8 engine that fails validation on this CPU) is returned, not fatal.
-    cpu: filled with `StageCpu`'s seconds per role while it runs."""
+    cpu: filled with `StageCpu`'s seconds per role while it runs. usage: filled with the command's own
+    process's peak resident memory, "peak_rss_gb" (the kernel's ru_maxrss)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=tree, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, text=True)
         sampler = StageCpu(proc.pid) if cpu is not None else None
-        while proc.poll() is None:
+        while True:
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
             if sampler is not None:
                 sampler.sample()
             time.sleep(SAMPLE_S)
+        if usage is not None:
+            usage["peak_rss_gb"] = round(rusage.ru_maxrss / 1e6, 3)
         if sampler is not None:
             cpu.update(sampler.seconds())
         err.seek(0)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,21 +27,13 @@ KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1max", 
 
 def evaluate(tree: Path, model: Path, data: Path, out: Path, threads: int) -> dict:
     """`lineguard eval` with the code of `tree`: its peak RSS in GB, wall seconds and metrics."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    usage: dict = {}
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "eval", str(model), str(data), "--json", str(out),
-                                 "--threads", str(threads)], cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"eval ({tree}) failed:\n{err.read()[-3000:]}")
+    lineguard(tree, "eval", str(model), str(data), "--json", str(out), "--threads", str(threads), usage=usage)
     seconds = time.perf_counter() - start
     metrics = json.loads(out.read_text())
     per_type = {t: {k: v for k, v in m.items() if k in ("pixel_auroc", "pixel_aupro")} for t, m in metrics["per_type"].items()}
-    return {"peak_rss_gb": round(usage.ru_maxrss / 1e6, 3), "wall_s": round(seconds, 1),
-            "metrics": {k: metrics[k] for k in KEYS}, "per_type": per_type}
+    return {**usage, "wall_s": round(seconds, 1), "metrics": {k: metrics[k] for k in KEYS}, "per_type": per_type}
 
 
 def main() -> None:

@@ -62,12 +62,17 @@ def _check_scores_labels(scores, labels, name: str):
     return scores, labels
 
 
+def _run_ends(s: np.ndarray) -> np.ndarray:
+    """Sorted values [N] -> the last index of each run of equal values, int64 [D], ascending."""
+    return np.flatnonzero(np.append(s[1:] != s[:-1], True))
+
+
 def _rank(scores, labels, name: str) -> dict:
     """{"auroc", "ap", "f1max", "roc"} of scores [N] against labels [N], from one descending sort."""
     scores, labels = _check_scores_labels(scores, labels, name)
     order = np.argsort(scores)[::-1]
     s, y = scores[order], labels[order]
-    last = np.flatnonzero(np.append(s[1:] != s[:-1], True))  # the last index of each distinct score
+    last = _run_ends(s)
     tps = np.cumsum(y, dtype=np.int64)[last]
     pos = np.diff(tps, prepend=0)
     curve = _Curve(int(tps[-1]), len(y) - int(tps[-1]), fpr_limit=1.0)
@@ -308,7 +313,7 @@ class PixelSet:
         while end:  # blocks of whole runs of equal keys, from the top
             start = int(np.searchsorted(every[:end], every[max(0, end - BLOCK)], side="left"))
             block = every[start:end]
-            last = np.flatnonzero(np.append(block[1:] != block[:-1], True))
+            last = _run_ends(block)
             distinct, counts = block[last], np.diff(last, prepend=-1)
             a = np.searchsorted(defect_keys, block[0], side="left")
             b = np.searchsorted(defect_keys, block[-1], side="right")
@@ -413,7 +418,6 @@ def au_pro(maps, masks, fpr_limit: float = 0.3) -> float:
     Returns:
         float in [0, 1]; 1.0 for a perfect detector.
     """
-    fpr_limit = _check_fpr_limit(fpr_limit)
     return _pixel_set(maps, masks, "au_pro").metrics(fpr_limit=fpr_limit)["aupro"]
 
 
@@ -429,5 +433,4 @@ def pixel_metrics(maps, masks, fpr_limit: float = 0.3, curves: bool = False) -> 
     Returns:
         {"auroc", "ap", "f1max", "iou_max", "aupro"}: floats in [0, 1] (and the curves).
     """
-    fpr_limit = _check_fpr_limit(fpr_limit)
     return _pixel_set(maps, masks, "pixel_metrics").metrics(fpr_limit=fpr_limit, curves=curves)
