@@ -4,9 +4,11 @@
                       section, fit settings and timings, sha256 of every file, library versions
     thresholds.json   score normalisation and image / pixel thresholds, and the data they came from
     roi.png           the region-of-interest mask (only when the model has one)
-    <kind files>      memory_bank: model.onnx, bank.faiss; reconstruction: model.onnx, decoder.pt;
+    <kind files>      memory_bank: model.onnx, bank.faiss (index auto: and the other candidate index,
+                      the patches both were timed on); reconstruction: model.onnx, decoder.pt;
                       ensemble: members/<i>/ (whole models, validated in turn)
-    engines/          compiled engines cached per device and precision (not hashed: rebuildable)
+    engines/          compiled engines cached per device and precision, the bank index timed fastest
+                      on each CPU kind (not hashed: rebuildable)
 
 `load_manifest` validates everything before any of it is used. Version-1 artifacts (square
 memory banks) are read as the version-2 manifest they are equivalent to.
@@ -44,16 +46,9 @@ def machine_info() -> dict:
     """What a measurement ran on: CPU model and features, cores, platform and library versions."""
     import os
 
-    from engines.compiled import cpu_features
+    from engines.compiled import cpu_features, cpu_model
 
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cpu_features": cpu_features(), "cores": os.cpu_count(), "platform": platform.platform(),
+    return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(), "platform": platform.platform(),
             "versions": library_versions()}
 
 

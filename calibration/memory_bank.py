@@ -14,6 +14,10 @@ Few-shot (`shots` K): the bank holds every patch of K normal images and of their
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +26,8 @@ import numpy as np
 
 from calibration.coreset import greedy_coreset
 from calibration.kinds import Detector, Kind
-from engines.banks import BankConfig, MemoryBank
+from engines.banks import BankConfig, MemoryBank, time_searches
+from engines.compiled import cpu_identity
 from engines.errors import ConfigError
 from engines.head_config import EmbeddingConfig
 from engines.runtimes import Deployment
@@ -32,6 +37,8 @@ if TYPE_CHECKING:
     from engines.heads import PatchEmbedding
 
 AUGMENTS = ("none", "hflip", "flips", "flips+rot90")
+QUERIES_FILE = "bank-queries.npy"  # index auto: the patches its candidates were timed on, float16 [Q, d]
+log = logging.getLogger("lineguard.bank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +107,54 @@ def network(model_dir: Path, manifest: dict) -> "PatchEmbedding":
 
 
 def _files(manifest: dict) -> list[str]:
-    learned = EmbeddingConfig(**manifest["memory_bank"]["embedding"]).learned
-    return ["model.onnx", "bank.faiss"] + (["projection.npy"] if learned else [])
+    section = manifest["memory_bank"]
+    learned = EmbeddingConfig(**section["embedding"]).learned
+    candidates = section.get("index_candidates")
+    banks = [*candidates["banks"].values(), candidates["queries"]] if candidates else ["bank.faiss"]
+    return ["model.onnx", *banks] + (["projection.npy"] if learned else [])
+
+
+def served_bank(model_dir: Path, manifest: dict, device: str = "cpu", precision: str = "fp32") -> MemoryBank:
+    """The bank this host searches. An index auto fit keeps each candidate index (`index_candidates`:
+    kind -> file, the fitting CPU's choice in bank.faiss) and the patches it timed them on. A CPU of
+    another identity (`cpu_identity`: model name and instruction sets) times them again, once: its
+    choice is recorded in engines/index-<cpu>.json beside the compiled engines, and read back while
+    the CPU and the bank files are the same. A GPU searches any bank exactly by torch: bank.faiss."""
+    section = manifest["memory_bank"]
+    config = BankConfig(**section["bank"])
+    candidates = section.get("index_candidates")
+    here = cpu_identity()
+    if device != "cpu" or not candidates or candidates["timed_on"] == here:
+        return MemoryBank.load(Path(model_dir) / "bank.faiss", config, device, precision)
+
+    def load(kind: str) -> MemoryBank:
+        tuned = {"nprobe": section["index_timing"]["ivf"]["nprobe"]} if kind == "ivf" else {}
+        return MemoryBank.load(Path(model_dir) / candidates["banks"][kind],
+                               dataclasses.replace(config, index=kind, **tuned))
+
+    files = {name: manifest["files"][name] for name in candidates["banks"].values()}
+    path = Path(model_dir) / "engines" / f"index-{hashlib.sha256(here.encode()).hexdigest()[:12]}.json"
+    try:
+        record = json.loads(path.read_text())
+        if record["cpu"] == here and record["banks"] == files and record["index"] in candidates["banks"]:
+            return load(record["index"])
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # none yet, or unreadable: time them
+    banks = {kind: load(kind) for kind in candidates["banks"]}
+    speeds = time_searches(banks, np.load(Path(model_dir) / candidates["queries"]))
+    kind = min(speeds, key=speeds.get)
+    record = {"cpu": here, "fitted_on": candidates["timed_on"], "ms_per_1024": speeds, "index": kind, "banks": files}
+    try:
+        path.parent.mkdir(exist_ok=True)
+        scratch = path.with_suffix(f".{os.getpid()}.tmp")
+        scratch.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(scratch, path)  # workers starting together each write a whole record
+        saved = f"recorded in {path}"
+    except OSError as exc:
+        saved = f"not recorded ({exc.strerror}: {path.parent}), so timed at every start"
+    log.warning("bank index timed on this CPU (the model was fitted on %s): %s; serving %s, %s", candidates["timed_on"],
+                ", ".join(f"{k} {ms:.1f} ms per 1024 queries" for k, ms in speeds.items()), kind, saved)
+    return banks[kind]
 
 
 class MemoryBankDetector(Detector):
@@ -111,8 +164,7 @@ class MemoryBankDetector(Detector):
     def __init__(self, model_dir: Path, manifest: dict, deployment: Deployment):
         bank_device = deployment.device if deployment.runtime != "onnxruntime" else "cpu"
         bank_precision = "fp16" if deployment.precision == "fp16" and bank_device != "cpu" else "fp32"
-        self.bank = MemoryBank.load(Path(model_dir) / "bank.faiss", BankConfig(**manifest["memory_bank"]["bank"]),
-                                    bank_device, bank_precision)
+        self.bank = served_bank(Path(model_dir), manifest, bank_device, bank_precision)
         h, w = manifest["input"]["height"], manifest["input"]["width"]
         super().__init__(deployment.build(model_dir, h, w, lambda: network(model_dir, manifest)))
         if deployment.threads:  # the search's libraries keep to the deployment's threads too
@@ -272,8 +324,16 @@ def fit(ctx: "FitContext") -> "FitOutput":
         names.append(paths[groups[i]].name + (f" (view {i - groups.tolist().index(groups[i])})" if o.shots else ""))
         ctx.progress("calibrate", k + 1, n_calib)
     bank.save(ctx.out / "bank.faiss")
-    section = {"embedding": dataclasses.asdict(o.embedding), "bank": dataclasses.asdict(bank.config),
-               **({"index_timing": bank.timing} if bank.timing else {}),
+    auto = {}
+    if bank.rivals:  # index auto: every candidate and what they were timed on, for a CPU of another kind
+        banks = {bank.config.index: "bank.faiss"}
+        for kind, rival in bank.rivals.items():
+            banks[kind] = f"bank-{kind}.faiss"
+            rival.save(ctx.out / banks[kind])
+        np.save(ctx.out / QUERIES_FILE, bank.timing_queries.astype(np.float16))
+        auto = {"index_timing": bank.timing,
+                "index_candidates": {"timed_on": cpu_identity(), "banks": banks, "queries": QUERIES_FILE}}
+    section = {"embedding": dataclasses.asdict(o.embedding), "bank": dataclasses.asdict(bank.config), **auto,
                "feature_dim": module.dim, "shots": o.shots, "augment": o.augment if o.shots else "none",
                "coreset_ratio": o.coreset_ratio, "coreset_max": o.coreset_max}
     summary = {"frames": n_frames, "patches": n_patches, "bank_size": bank.size, "index": bank.config.index,

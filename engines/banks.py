@@ -22,7 +22,8 @@ distance to its nearest bank vector (and which one). Index kinds:
   memory the search walks, so it is faster at the same exactness (bench/results/bank_search-*.json);
 - ``auto`` (the default): ``hnsw`` and ``ivf`` both built when the bank is fitted, IVF given the
   fewest probes that are as exact as HNSW on real queries, both timed there and the faster kept
-  (`MemoryBank.fastest`): which wins depends on the CPU's vector units and the bank's size.
+  (`MemoryBank.fastest`): which wins depends on the CPU's vector units and the bank's size, so a
+  model keeps both and a CPU of another kind that serves it times them again (`time_searches`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 TIMED_KINDS = ("hnsw", "ivf")  # what `auto` builds, times and picks from
-AUTO_QUERIES = 8192  # the patches `auto` measures on at most (8 frames of 32 x 32 cells)
+AUTO_QUERIES = 8192  # the patches `auto` measures exactness on at most (8 frames of 32 x 32 cells); it times half
 LIST_SIZE = 256  # an ivf bank's vectors per list by default: one probe is a GEMM of 256 columns
 BANK_PRECISIONS = ("fp32", "fp16")
 HNSW_STORAGES = ("fp32", "fp16")
@@ -102,6 +103,8 @@ class MemoryBank:
         self._matrix = None  # torch search: the bank as a tensor [M, d] and its squared norms [M]
         self._lists = None  # an ivf bank on the CPU: its lists, searched by GEMM
         self.timing: dict[str, dict] = {}  # index auto: each timed kind's speed and exactness (`fastest`)
+        self.rivals: dict[str, MemoryBank] = {}  # index auto: the other kinds' banks of the same vectors
+        self.timing_queries: np.ndarray | None = None  # index auto: float32 [Q, d], what they were timed on
         if config.index == "flat" or device != "cpu":
             import torch
 
@@ -150,19 +153,15 @@ class MemoryBank:
         The HNSW bank is searched as configured; the IVF bank gets the fewest probes that find the
         exact nearest vector for as many of the frames' patches (at most AUTO_QUERIES, evenly taken)
         as HNSW does (probes are nested, so the share only grows with them: a bisection). Both are
-        then timed on those patches on one thread, as `run` deploys each worker, taking turns for
-        `rounds` (medians). `timing` keeps, per kind, ms per 1024 queries and the exact share (and
-        IVF's probes). Which is faster depends on the CPU and the bank: an IVF bank's GEMMs win
-        where the cores do two 512-bit FMAs a cycle (an Intel Xeon: 0.59x HNSW's time on
+        then timed on every other of those patches (`time_searches`). `timing` keeps, per kind, ms per
+        1024 queries and the exact share (and IVF's probes); `rivals` the bank of the other kind and
+        `timing_queries` the patches timed, so that a CPU that serves the model can time them again
+        (calibration.memory_bank). Which is faster depends on the CPU and the bank: an IVF bank's
+        GEMMs win where the cores do two 512-bit FMAs a cycle (an Intel Xeon: 0.59x HNSW's time on
         magnetic_tile, bench/results/accuracy-tile.json), HNSW's graph walk where they do 256-bit
         ones (an AVX2-only EPYC: IVF at 1.27x, bank_search-tile-ivf-gemm-avx2.json)."""
         if not held_out:
             raise ConfigError("index auto measures its candidate indexes on real frames; none were given")
-        import time
-
-        from threadpoolctl import threadpool_limits
-
-        faiss = _faiss()
         rows = [f.reshape(-1, f.shape[-1]) for f, _ in held_out]
         step = -(-sum(map(len, rows)) // AUTO_QUERIES)  # every step-th patch: a tiled fit's frames are large
         frames = [(np.ascontiguousarray(r[::step], np.float32), exclude) for r, (_, exclude) in zip(rows, held_out)]
@@ -189,25 +188,15 @@ class MemoryBank:
         ivf.config = dataclasses.replace(ivf.config, nprobe=low)
         ivf._apply_search_params()
         shares = {"hnsw": target, "ivf": exact_share(ivf)}
-        seconds: dict[str, list[float]] = {kind: [] for kind in banks}
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            with threadpool_limits(1, user_api="blas"):
-                for bank in banks.values():
-                    bank.search(queries[:256], 1)  # warm up: the IVF lists' vectors, the graph's pages
-                for _ in range(rounds):
-                    for kind, bank in banks.items():
-                        start = time.perf_counter()
-                        bank.search(queries, 1)
-                        seconds[kind].append(time.perf_counter() - start)
-        finally:
-            faiss.omp_set_num_threads(threads)
-        timing = {kind: {"ms_per_1024": round(1000 * float(np.median(s)) * 1024 / len(queries), 3),
-                         "exact_share": round(shares[kind], 4)} for kind, s in seconds.items()}
+        timed = queries[::2]
+        speeds = time_searches(banks, timed, rounds)
+        timing = {kind: {"ms_per_1024": ms, "exact_share": round(shares[kind], 4)} for kind, ms in speeds.items()}
         timing["ivf"]["nprobe"] = ivf.config.nprobe
-        bank = banks[min(timing, key=lambda kind: timing[kind]["ms_per_1024"])]
+        kept = min(speeds, key=speeds.get)
+        bank = banks[kept]
         bank.timing = timing
+        bank.rivals = {kind: other for kind, other in banks.items() if kind != kept}
+        bank.timing_queries = timed
         return bank
 
     def _apply_search_params(self) -> None:
@@ -324,6 +313,34 @@ class MemoryBank:
     @classmethod
     def load(cls, path: str | Path, config: BankConfig, device: str = "cpu", precision: str = "fp32") -> "MemoryBank":
         return cls(_faiss().read_index(str(path)), config, device, precision)
+
+
+def time_searches(banks: dict[str, MemoryBank], queries: np.ndarray, rounds: int = 3) -> dict[str, float]:
+    """kind -> ms per 1024 queries: each bank's search of queries float32 [Q, d] for its nearest vector,
+    on one thread (faiss's and BLAS's), as `run` deploys each worker; one warm-up search each (the IVF
+    lists' vectors, the graph's pages), then `rounds` taking turns, medians. What index auto compares,
+    where a model is fitted and again on a CPU of another kind that serves it."""
+    import time
+
+    from threadpoolctl import threadpool_limits
+
+    faiss = _faiss()
+    queries = np.ascontiguousarray(queries, np.float32)
+    seconds: dict[str, list[float]] = {kind: [] for kind in banks}
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            for bank in banks.values():
+                bank.search(queries[:256], 1)
+            for _ in range(rounds):
+                for kind, bank in banks.items():
+                    start = time.perf_counter()
+                    bank.search(queries, 1)
+                    seconds[kind].append(time.perf_counter() - start)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return {kind: round(1000 * float(np.median(s)) * 1024 / len(queries), 3) for kind, s in seconds.items()}
 
 
 def _exact_search(queries: torch.Tensor, matrix: torch.Tensor, norms: torch.Tensor, k: int,

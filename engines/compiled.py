@@ -49,6 +49,24 @@ def cpu_features() -> list[str]:
     return [f for f in CPU_FEATURES if (known.get(_NUMPY_NAMES[f], False) if f in _NUMPY_NAMES else f in flags)]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform says ("" if nothing)."""
+    import platform
+
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def cpu_identity() -> str:
+    """This CPU as far as the speed of search code goes: its model name and CPU_FEATURES, e.g.
+    "AMD EPYC: avx2 fma avx512f ..." (two hosts of one identity choose the same bank index)."""
+    return f"{cpu_model()}: {' '.join(cpu_features())}"
+
+
 def gpu_name() -> str:
     """The first CUDA device's name, file-name safe (a TensorRT plan runs only on the GPU model it was built for)."""
     import torch
