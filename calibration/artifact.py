@@ -47,8 +47,10 @@ def machine_info() -> dict:
     import os
 
     from engines.compiled import cpu_features, cpu_model
+    from engines.runtimes import usable_cores
 
-    return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(), "platform": platform.platform(),
+    return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(), "usable_cores": usable_cores(),
+            "platform": platform.platform(),
             "versions": library_versions()}
 
 

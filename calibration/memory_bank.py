@@ -167,16 +167,16 @@ class MemoryBankDetector(Detector):
         self.bank = served_bank(Path(model_dir), manifest, bank_device, bank_precision)
         h, w = manifest["input"]["height"], manifest["input"]["width"]
         super().__init__(deployment.build(model_dir, h, w, lambda: network(model_dir, manifest)))
-        if deployment.threads:  # the search's libraries keep to the deployment's threads too
-            import faiss
-            from threadpoolctl import threadpool_limits
+        import faiss  # the search's libraries keep to the deployment's threads too
+        from threadpoolctl import threadpool_limits
 
-            faiss.omp_set_num_threads(deployment.threads)
-            threadpool_limits(deployment.threads, user_api="blas")  # the exact re-ranking (numpy's GEMM)
-            if self.bank.torch_search:  # a flat bank's exact search (torch is not loaded otherwise)
-                import torch
+        threads = deployment.cpu_threads
+        faiss.omp_set_num_threads(threads)
+        threadpool_limits(threads, user_api="blas")  # the exact re-ranking (numpy's GEMM)
+        if self.bank.torch_search:  # a flat bank's exact search (torch is not loaded otherwise)
+            import torch
 
-                torch.set_num_threads(deployment.threads)
+            torch.set_num_threads(threads)
 
     def maps(self, inputs: np.ndarray) -> np.ndarray:
         return distance_maps(self.bank, self.engine.infer(inputs))

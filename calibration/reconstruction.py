@@ -157,7 +157,7 @@ def fit(ctx):
     held_paths = [p for p, h in zip(ctx.paths, held) if h]
 
     # 1. the encoder's features of every training input, once
-    encoder = TorchEngine(_EncoderFeatures(module), spec.height, spec.width, ctx.deployment.threads)
+    encoder = TorchEngine(_EncoderFeatures(module), spec.height, spec.width, ctx.deployment.cpu_threads)
     chunks = []
     with encoder:
         for i, (feats, _) in enumerate(ctx.embed(encoder, ctx.read(train_paths))):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -24,6 +25,52 @@ from engines.errors import ConfigError, InputError, MissingExtraError
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+def usable_cores(root: Path = Path("/")) -> int:
+    """The CPUs this process can keep busy: its affinity mask (taskset, a cpuset), bounded by the CPU
+    quota of its cgroups and their parents (a container's --cpus; cgroup v1 or v2), rounded down, at
+    least 1. os.cpu_count() counts the host's cores: a container given 2 of 64 would start 64 threads
+    in every pool, each throttled to a thirty-second of a core. root: where /proc and /sys are."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota(root)
+    return max(1, min(cores, int(quota)) if quota else cores)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The smallest CPU quota (in CPUs) of this process's cgroups and their parents; None without one."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    base, quotas = root / "sys/fs/cgroup", []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # the v2 hierarchy: cpu.max "QUOTA PERIOD" or "max PERIOD"
+            mounts = [base]
+        elif "cpu" in controllers.split(","):  # v1: cpu.cfs_quota_us (-1: none) over cpu.cfs_period_us
+            mounts = [base / controllers, base / "cpu", base / "cpu,cpuacct"]
+        else:
+            continue
+        for mount in mounts:
+            here = mount / path.strip("/")
+            while True:  # the process's cgroup, then each parent up to the mount (a namespace may hide the path)
+                try:
+                    if controllers == "":
+                        quota, period = (here / "cpu.max").read_text().split()
+                    else:
+                        quota, period = ((here / f"cpu.cfs_{n}_us").read_text() for n in ("quota", "period"))
+                    if quota != "max" and int(quota) > 0:
+                        quotas.append(int(quota) / int(period))
+                except (OSError, ValueError):
+                    pass
+                if here == mount:
+                    break
+                here = here.parent
+    return min(quotas) if quotas else None
 
 
 class Engine:
@@ -231,11 +278,11 @@ def _build_onnxruntime(d: "Deployment", model_dir: Path, height: int, width: int
     from engines.compiled import engine_file
 
     path = engine_file(model_dir, d) if d.precision == "int8" else Path(model_dir) / "model.onnx"
-    return OnnxRuntimeEngine(path, height, width, d.threads)
+    return OnnxRuntimeEngine(path, height, width, d.cpu_threads)
 
 
 def _build_torch(d: "Deployment", model_dir: Path, height: int, width: int, network) -> Engine:
-    return TorchEngine(network, height, width, d.threads, d.device, d.precision, d.cuda_graphs)
+    return TorchEngine(network, height, width, d.cpu_threads, d.device, d.precision, d.cuda_graphs)
 
 
 def _build_tensorrt(d: "Deployment", model_dir: Path, height: int, width: int, network) -> Engine:
@@ -263,8 +310,8 @@ def runtime(name: str) -> Runtime:
 @dataclasses.dataclass(frozen=True)
 class Deployment:
     """How a model runs: runtime, precision (as the runtime allows), device (cpu | cuda | cuda:N),
-    CPU threads (None: all cores), CUDA graphs (torch on CUDA). fp16 on a GPU also halves the
-    memory bank's distance products."""
+    CPU threads (None: every core this process may use, `usable_cores`), CUDA graphs (torch on
+    CUDA). fp16 on a GPU also halves the memory bank's distance products."""
 
     runtime: str = "onnxruntime"
     precision: str = "fp32"
@@ -289,6 +336,11 @@ class Deployment:
             if not torch.cuda.is_available():
                 raise ConfigError(f"device {self.device!r} asked for, but no CUDA GPU is visible to torch; "
                                   "use --device cpu")
+
+    @property
+    def cpu_threads(self) -> int:
+        """The threads of each CPU pool (the network's, the bank search's): `threads`, or every usable core."""
+        return self.threads or usable_cores()
 
     def build(self, model_dir: Path, height: int, width: int, network: Callable[[], "nn.Module"]) -> Engine:
         """The engine of a model directory for this deployment (compiled engines are checked first)."""

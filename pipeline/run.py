@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,7 @@ import zmq
 
 from calibration.artifact import load_manifest
 from engines.errors import ConfigError, LineguardError
-from engines.runtimes import Deployment
+from engines.runtimes import Deployment, usable_cores
 from pipeline import wire
 from pipeline.metrics import stage_metrics
 
@@ -75,13 +74,14 @@ MAX_AUTO_WORKERS = 8
 
 def auto_workers(deployment: Deployment, cpu_products: int, cores: int | None = None) -> int:
     """Inference workers for a product given none: one for a GPU device; on the CPU one worker per
-    `deployment.threads` cores (one per core when threads is unset), the cores split among the line's
+    `deployment.threads` cores (one per core when threads is unset; the cores this process may use,
+    `usable_cores`: a container's CPU quota, not the host's cores), the cores split among the line's
     CPU products, at most MAX_AUTO_WORKERS. One single-threaded worker per core beat one worker on
     every core by 1.06-1.19x end to end on 2 cores (bench/results/e2e-*.json, "2-workers"): the
     decode, the Python steps and the search run side by side instead of in turn."""
     if deployment.device != "cpu":
         return 1
-    cores = max(1, (cores or os.cpu_count() or 1) // max(1, cpu_products))
+    cores = max(1, (cores or usable_cores()) // max(1, cpu_products))
     return max(1, min(MAX_AUTO_WORKERS, cores // (deployment.threads or 1)))
 
 
@@ -267,7 +267,7 @@ class Supervisor:
         name = self.name("infer", product.name, n)
         d = product.deployment
         workers = sum(p.workers for p in self.line.products)
-        threads = d.threads or max(1, (os.cpu_count() or 1) // workers)
+        threads = d.threads or max(1, usable_cores() // workers)
         deployment = dataclasses.replace(d, threads=threads).to_json()  # crosses the process boundary as JSON
         args = ["worker", str(product.model), "--deployment", deployment, "--batch-size", str(product.batch),
                 "--batch-ms", str(product.batch_ms), "--control", self.endpoint("control"), "--name", name,

@@ -423,3 +423,55 @@ def test_learned_projection_replaces_the_placeholder(module):
         pca.set_projection(torch.zeros(152, 8))
     assert EmbeddingConfig(dim=16).learned and not EmbeddingConfig(dim=16, projection="random").learned
     assert not EmbeddingConfig(dim=0).learned
+
+
+def _cgroups(root, cgroup: str, files: dict[str, str]):
+    """A fake /proc/self/cgroup and /sys/fs/cgroup tree under root."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for name, text in files.items():
+        path = root / "sys/fs/cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("cgroup, files, cores", [
+    # cgroup v2, the quota on a parent (a pod), none on the container itself: 1.5 CPUs -> 1
+    ("0::/kubepods/pod1/ctr\n", {"kubepods/cpu.max": "150000 100000\n", "kubepods/pod1/ctr/cpu.max": "max 100000\n"}, 1),
+    ("0::/ctr\n", {"ctr/cpu.max": "250000 100000\n"}, 2),  # docker --cpus 2.5
+    ("0::/ctr\n", {"ctr/cpu.max": "50000 100000\n"}, 1),  # half a CPU: still one thread
+    ("0::/hidden/by/a/namespace\n", {"cpu.max": "200000 100000\n"}, 2),  # only the mount's root is visible
+    ("0::/ctr\n", {"ctr/cpu.max": "max 100000\n"}, 64),  # no quota: the affinity mask
+    # cgroup v1 (and a v2 line without a cpu controller, as on hybrid hosts)
+    ("4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n",
+     {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "400000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"}, 4),
+    ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 64),
+    ("1:cpu:/\n", {}, 64),  # no cgroup files at all
+])
+def test_usable_cores_are_the_affinity_mask_bounded_by_the_cgroup_quota(tmp_path, monkeypatch, cgroup, files, cores):
+    """A container given some CPUs of a 64-core host: os.cpu_count() says 64, the quota says otherwise."""
+    from engines.runtimes import usable_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert usable_cores(_cgroups(tmp_path, cgroup, files)) == cores
+
+
+def test_usable_cores_follow_the_affinity_mask_below_the_quota(tmp_path, monkeypatch):
+    from engines.runtimes import usable_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 5, 9})  # taskset -c 0,5,9
+    assert usable_cores(_cgroups(tmp_path, "0::/ctr\n", {"ctr/cpu.max": "800000 100000\n"})) == 3
+    assert usable_cores(tmp_path / "nowhere") == 3
+    assert 1 <= usable_cores() <= (len(__import__("os").sched_getaffinity(0)))  # this host
+
+
+def test_an_unset_thread_count_is_every_usable_core_in_each_pool(onnx_path, tmp_path, monkeypatch):
+    """threads None sizes ONNX Runtime's pool (and torch's, faiss's and BLAS's) by usable_cores, not by
+    what each library counts on its own (the host's cores, inside a container)."""
+    monkeypatch.setattr("engines.runtimes.usable_cores", lambda: 1)
+    assert Deployment().cpu_threads == 1 and Deployment(threads=3).cpu_threads == 3
+    (tmp_path / "model.onnx").write_bytes(onnx_path.read_bytes())
+    for threads, pool in ((None, 1), (3, 3)):
+        with Deployment(threads=threads).build(tmp_path, H, W, lambda: None) as engine:
+            assert engine.session.get_session_options().intra_op_num_threads == pool

@@ -125,6 +125,9 @@ def test_workers_set_to_auto_get_one_per_core_on_the_cpu_and_one_on_a_gpu(tmp_pa
     assert auto_workers(cpu, 1, cores=64) == 8  # bounded
     assert auto_workers(cpu, 3, cores=2) == 1 and auto_workers(Deployment(threads=4), 1, cores=2) == 1
     assert auto_workers(gpu, 1, cores=16) == 1
+    with pytest.MonkeyPatch.context() as patch:  # unset cores: what this process may use, a container's quota
+        patch.setattr("pipeline.run.usable_cores", lambda: 3)
+        assert auto_workers(cpu, 1) == 3
     line = Line((Product("a", tmp_path, workers=0), Product("b", tmp_path, workers=3)),
                 (Stream("s", "synthetic", "a"),))
     assert [p.workers for p in line.products] == [auto_workers(cpu, 2), 3]
