@@ -10,6 +10,7 @@ its processes used once the producer started, per result (`StageCpu`, from /proc
     python -m bench.e2e --dataset magnetic_tile/tile --models bank=--kind,memory_bank rec=--kind,reconstruction
     python -m bench.e2e --no-out --tag no-out    # the line without writing results, maps and overlays
     python -m bench.e2e --batch-size 2 4 8 --workers 2 --tag batch    # batch sizes in the same rounds
+    python -m bench.e2e --workers 0 8 --threads 0 2 --engines fp32    # worker and thread counts
     python -m bench.e2e --models default= today@7a955b5=   # against the code of a commit, its own defaults
     python -m bench.e2e --dataset mvtec_subset/hazelnut --enlarge 4 --models scaled= full=--jpeg-decode,full
 
@@ -167,6 +168,9 @@ def main() -> None:
                         help="NAME=comma,separated,fit,options models to compare (default: one, default settings)")
     parser.add_argument("--workers", nargs="+", type=int, default=[1],
                         help="inference worker counts to compare (threads: the cores shared among them)")
+    parser.add_argument("--threads", nargs="+", type=int, default=[0],
+                        help="threads per inference worker to compare (0: run's default, the usable cores shared "
+                             "among the workers)")
     parser.add_argument("--no-out", action="store_true",
                         help="write nothing (no results.jsonl, maps or overlays): the line's speed without the output "
                              "work, which grows with the frames judged defective")
@@ -196,19 +200,21 @@ def main() -> None:
                     print(f"{name}: int8 refused: {why}", flush=True)
         for _ in range(args.repeats):
             for name in specs:
-                for precision, workers, batch in ((p, w, b) for p in args.engines for w in args.workers
-                                                  for b in args.batch_size if not (p == "int8" and name in refused)):
+                for precision, workers, batch, threads in (
+                        (p, w, b, t) for p in args.engines for w in args.workers for b in args.batch_size
+                        for t in args.threads if not (p == "int8" and name in refused)):
                     out, summary_file = tmp / "out", tmp / "summary.json"
                     start, cpu = time.perf_counter(), {}
                     lineguard(trees[name], "run", str(tmp / name), "--source", str(data / "test"),
                               *([] if args.no_out else ["--out", str(out)]), "--json", str(summary_file),
                               "--batch-size", str(batch), "--workers", str(workers),
-                              "--precision", precision, cpu=cpu)
+                              "--precision", precision, *(["--threads", str(threads)] if threads else []), cpu=cpu)
                     wall = time.perf_counter() - start
                     summary = json.loads(summary_file.read_text())
                     shutil.rmtree(out, ignore_errors=True)
                     key = (f"{name}/{precision}" + (f"/{workers}-workers" if workers != 1 else "")
-                           + (f"/batch-{batch}" if len(args.batch_size) > 1 else ""))
+                           + (f"/batch-{batch}" if len(args.batch_size) > 1 else "")
+                           + (f"/threads-{threads or 'auto'}" if len(args.threads) > 1 else ""))
                     runs.setdefault(key, []).append(
                         {**{k: summary[k] for k in ("fps", "latency_ms", "results", "error", "lost", "stage_ms")},
                          "wall_s": round(wall, 2),
@@ -219,7 +225,7 @@ def main() -> None:
     ratios = {f"{a} / {keys[0]}": [ra["fps"] / r0["fps"] for ra, r0 in zip(runs[a], runs[keys[0]])] for a in keys[1:]}
     batch = args.batch_size[0] if len(args.batch_size) == 1 else args.batch_size
     result = {"dataset": args.dataset, "enlarged": args.enlarge, "test_files": files, "batch": batch, "models": specs,
-              "workers": args.workers, "written": "nothing" if args.no_out else "results.jsonl, maps, overlays",
+              "workers": args.workers, "threads": args.threads, "written": "nothing" if args.no_out else "results.jsonl, maps, overlays",
               "fit_args": args.fit_args, "runs": runs, "int8_refused": refused,
               "median_fps": {k: float(np.median([r["fps"] for r in v])) for k, v in runs.items()},
               "median_wall_s": {k: float(np.median([r["wall_s"] for r in v])) for k, v in runs.items()},
