@@ -169,6 +169,24 @@ def frame_sizes(paths: list[Path], sample: int = 200) -> list[tuple[int, int]]:
     return [image_size(p) for p in paths[::max(1, len(paths) // sample)]]
 
 
+FINE_CELL = 16  # frame pixels a map cell may cover before fit suggests tiles (two cells of the default at 256)
+
+
+def resolution(geometer: Geometer, frame: tuple[int, int]) -> dict:
+    """What a map cell covers of the typical frame (H, W): "cell_pixels" (frame pixels per cell side, the
+    larger side) and "inputs_per_frame"; when cells exceed FINE_CELL pixels under resize, "finer": the
+    tile scale that halves them and its inputs per frame (a defect of a few pixels then keeps some)."""
+    layout = geometer.layout(frame)
+    cell = max(frame[0] / layout.grid[0], frame[1] / layout.grid[1])
+    out = {"cell_pixels": round(cell, 1), "inputs_per_frame": layout.count}
+    if geometer.geometry.tiling == "resize" and cell > FINE_CELL:
+        scale = round(2 * geometer.stride / cell, 3)
+        tiles = Geometer(geometer.spec, dataclasses.replace(geometer.geometry, tiling="tiles", scale=scale),
+                         geometer.stride)
+        out["finer"] = {"tile_scale": scale, "inputs_per_frame": tiles.layout(frame).count}
+    return out
+
+
 def fit(datas: list[str | Path] | str | Path, out: str | Path, config: FitConfig = FitConfig(),
         progress: Progress | None = None) -> dict:
     """Fit a model on <data>/train/good of each dataset and write it to out; returns a summary dict."""
@@ -207,7 +225,8 @@ def fit(datas: list[str | Path] | str | Path, out: str | Path, config: FitConfig
     thresholds["data"] = [str(d) for d in datas]
     (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     summary = {"kind": config.kind, "train_images": len(paths), "input": [spec.height, spec.width],
-               "tiling": geometry.tiling, **result.summary, "fit_seconds": round(time.perf_counter() - start, 2)}
+               "tiling": geometry.tiling, **result.summary, **resolution(geometer, frame),
+               "fit_seconds": round(time.perf_counter() - start, 2)}
     write_manifest(out, {
         "kind": config.kind,
         "input": dataclasses.asdict(spec),

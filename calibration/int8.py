@@ -210,7 +210,8 @@ def _quantize_part(model_dir: Path, config: Int8Config, data: str | Path | None,
         if not validation["passed"]:
             _remove(out)
             raise ConfigError(
-                f"the int8 engine of {model_dir} fails validation on this CPU ({', '.join(cpu_features()) or 'no x86 features'}): "
+                f"the int8 engine of {model_dir} fails validation on this CPU "
+                f"({', '.join(cpu_features()) or 'none of the features listed'}): "
                 f"{'; '.join(validation['failures'])}; it was not kept, the model serves fp32 (--precision fp32)")
         record = write_record(out, {**{k: v for k, v in record.items() if k not in ("sha256", "source_sha256")},
                                     "validation": validation})

@@ -18,8 +18,11 @@ from engines.errors import ArtifactError
 if TYPE_CHECKING:
     from engines.runtimes import Deployment
 
-# instruction-set features that change which int8 / fp32 kernels ONNX Runtime picks on x86
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_int8")
+# instruction-set features that change which int8 / fp32 kernels ONNX Runtime picks: on x86, then on
+# Arm (dot product, int8 matrix multiply, SVE), as /proc/cpuinfo names them
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "amx_int8",
+                "asimddp", "i8mm", "sve")
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def sha256(path: Path) -> str:
@@ -36,29 +39,42 @@ _NUMPY_NAMES = {"avx2": "AVX2", "fma": "FMA3", "avx512f": "AVX512F", "avx512bw":
                 "avx512_vnni": "AVX512VNNI"}
 
 
-def cpu_features() -> list[str]:
-    """The CPU_FEATURES this CPU has: CPUID through numpy; the few numpy does not name from /proc/cpuinfo."""
+def cpu_features(cpuinfo: Path = CPUINFO) -> list[str]:
+    """The CPU_FEATURES this CPU has: CPUID through numpy; the rest from /proc/cpuinfo (x86 "flags",
+    Arm "Features")."""
     import numpy as np
 
     known = np._core._multiarray_umath.__cpu_features__
-    flags: set[str] = set()
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        line = next((l for l in info.read_text().splitlines() if l.startswith("flags")), "flags:")
-        flags = set(line.split(":", 1)[1].split())
+    fields = _cpuinfo(cpuinfo)
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
     return [f for f in CPU_FEATURES if (known.get(_NUMPY_NAMES[f], False) if f in _NUMPY_NAMES else f in flags)]
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what the platform says ("" if nothing)."""
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's model name: x86's "model name"; an Arm core's implementer and part numbers where the
+    kernel names no model (a Jetson's or a Graviton's cores); else what the platform says."""
     import platform
 
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
+    fields = _cpuinfo(cpuinfo)
+    if fields.get("model name"):
+        return fields["model name"]
+    if fields.get("CPU part"):
+        return f"{platform.machine() or 'arm'} implementer {fields.get('CPU implementer', '?')} part {fields['CPU part']}"
+    return platform.processor() or platform.machine()
+
+
+def _cpuinfo(path: Path) -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def cpu_identity() -> str:

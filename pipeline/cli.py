@@ -124,6 +124,11 @@ def cmd_fit(args) -> int:
                         if k not in ("kind", "fit_seconds", "input") and not isinstance(v, (list, dict)))
     print(f"fitted {args.output}: {summary['kind']}, input {summary['input'][0]}x{summary['input'][1]}, {details}; "
           f"{summary['fit_seconds']:.1f} s")
+    if "finer" in summary:
+        finer = summary["finer"]
+        print(f"note: a map cell covers {summary['cell_pixels']:.0f} pixels of these frames, so a defect much smaller "
+              f"may go unseen; --tiles --tile-scale {finer['tile_scale']:g} halves that, at "
+              f"{finer['inputs_per_frame']} inputs a frame instead of {summary['inputs_per_frame']}")
     return 0
 
 

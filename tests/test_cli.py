@@ -271,3 +271,11 @@ print(",".join(m for m in ("torch", "onnx") if m in sys.modules) or "neither")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "neither"
+
+
+def test_fit_says_when_map_cells_are_coarse_for_the_frames(synthetic_data, tmp_path, capsys):
+    """128-pixel frames at a 32-pixel input: a cell covers 32 frame pixels, and fit names the tiles that halve it."""
+    assert main(["fit", str(synthetic_data), "-o", str(tmp_path / "m"), "--input-size", "32", "--coreset-ratio", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "cell pixels 32.0, inputs per frame 1" in out
+    assert "note: a map cell covers 32 pixels of these frames" in out and "--tiles --tile-scale 0.5 halves that" in out

@@ -313,3 +313,32 @@ def test_device_path_computes_what_the_host_path_does(fitted_model, synthetic_da
         else:
             assert g.heat is None  # ok frames bring back no map
     assert defects >= 5
+
+
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd0c
+
+processor\t: 1
+Features\t: fp asimd
+CPU part\t: 0xd0c
+"""
+
+
+def test_an_arm_cpu_is_named_by_its_core_and_its_int8_features(tmp_path):
+    """Arm kernels name no model and list "Features", not "flags": a Neoverse N1 (part 0xd0c, dot product)
+    differs from a core without the dot product, so int8 engines and bank index timings are not carried over."""
+    from engines.compiled import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(ARM_CPUINFO)
+    assert "implementer 0x41 part 0xd0c" in cpu_model(info)
+    assert "asimddp" in cpu_features(info) and "i8mm" not in cpu_features(info)
+    info.write_text(ARM_CPUINFO.replace(" asimddp", ""))
+    assert "asimddp" not in cpu_features(info)
+    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 amx_int8\n")
+    assert cpu_model(info) == "Intel(R) Xeon(R) Processor" and "amx_int8" in cpu_features(info)
+    assert cpu_model(tmp_path / "none")  # no /proc: what the platform says

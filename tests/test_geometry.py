@@ -251,3 +251,22 @@ def test_grey_pixels_give_the_inputs_of_their_rgb(geometry, frame):
     g.prepare(np.repeat(grey, 3, axis=2), layout, want)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(g.canvas_image(grey, layout), g.canvas_image(np.repeat(grey, 3, axis=2), layout))
+
+
+def test_fit_reports_what_a_map_cell_covers_and_the_tiles_that_halve_it():
+    """A 2048 x 2448 camera frame resized to 256 x 320: a cell covers 64 frame pixels, more than FINE_CELL,
+    so fit names the tile scale whose cells cover 32 (and what that costs in inputs); a 256-pixel frame
+    has cells of 8 and no suggestion."""
+    from calibration.fit import FINE_CELL, resolution
+
+    resize = Geometer(InputSpec(256, 320), Geometry(), 8)
+    camera = resolution(resize, (2048, 2448))
+    assert camera["cell_pixels"] == pytest.approx(2048 / 32) and camera["cell_pixels"] > FINE_CELL
+    assert camera["inputs_per_frame"] == 1
+    finer = camera["finer"]
+    tiles = Geometer(InputSpec(256, 320), Geometry(tiling="tiles", scale=finer["tile_scale"]), 8)
+    layout = tiles.layout((2048, 2448))
+    assert max(2048 / layout.grid[0], 2448 / layout.grid[1]) == pytest.approx(camera["cell_pixels"] / 2, rel=0.02)
+    assert finer["inputs_per_frame"] == layout.count > 1
+    assert resolution(resize, (256, 320)) == {"cell_pixels": 8.0, "inputs_per_frame": 1}
+    assert "finer" not in resolution(tiles, (2048, 2448))  # already tiled: the user chose the scale
