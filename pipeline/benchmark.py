@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import resource
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -89,10 +89,13 @@ def _receive(endpoint: str, count: int, use_wire: bool) -> tuple[float, float]:
 
 def transport(count: int = 300) -> dict:
     """Frames per second of 1920x1080 RGB over ipc: raw pyzmq (one buffer) vs wire encode/decode."""
+    from pipeline.run import ipc_folder
+
     results = {"raw": [], "wire": []}
     cpu = {"raw": [], "wire": []}
     pairs = 10
-    with tempfile.TemporaryDirectory() as tmp:
+    tmp = ipc_folder()
+    try:
         _receive(f"ipc://{tmp}/warmup", count, False)  # first runs pay for page faults and imports
         for i in range(pairs):  # adjacent pairs, alternating which goes first: this machine's speed drifts
             for use_wire in ((False, True) if i % 2 == 0 else (True, False)):
@@ -100,6 +103,8 @@ def transport(count: int = 300) -> dict:
                 fps, ms = _receive(f"ipc://{tmp}/t{i}{name}", count, use_wire)
                 results[name].append(fps)
                 cpu[name].append(ms)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     ratios = [w / r for w, r in zip(results["wire"], results["raw"])]
     cpu_raw, cpu_wire = float(np.median(cpu["raw"])), float(np.median(cpu["wire"]))
     return {"frames": count, "shape": [1080, 1920, 3], "raw_fps": float(np.median(results["raw"])),

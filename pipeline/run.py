@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -207,6 +208,23 @@ class Stage:
     index: int = 0
 
 
+IPC_NAME_MAX = 16  # the longest endpoint name a Supervisor makes ("post-12-345" and the like)
+
+
+def ipc_folder(bases: tuple[str, ...] | None = None) -> Path:
+    """A new private folder for a run's ipc sockets and logs, whose socket paths fit a Unix socket address
+    (zmq.IPC_PATH_MAX_LEN: 107 bytes on Linux): under the temporary folder (TMPDIR), or /tmp or /dev/shm
+    where that path is too long (a deep TMPDIR would otherwise fail the first bind)."""
+    limit = getattr(zmq, "IPC_PATH_MAX_LEN", 0) or 107
+    bases = bases or (tempfile.gettempdir(), "/tmp", "/dev/shm")
+    for base in bases:
+        longest = Path(base) / "lineguard-run-12345678" / ("x" * IPC_NAME_MAX)  # mkdtemp adds 8 characters
+        if len(str(longest).encode()) <= limit and Path(base).is_dir() and os.access(base, os.W_OK | os.X_OK):
+            return Path(tempfile.mkdtemp(prefix="lineguard-run-", dir=base))
+    raise ConfigError(f"no writable temporary folder is short enough for the run's ipc sockets ({limit} bytes a "
+                      f"path): tried {', '.join(bases)}; set TMPDIR to a short folder, e.g. TMPDIR=/tmp")
+
+
 class Supervisor:
     """Starts, watches and stops the stage processes of one line."""
 
@@ -214,7 +232,7 @@ class Supervisor:
         self.line = line
         self.frame_sizes = frame_sizes  # product -> the side of its synthetic frames (its typical training frame)
         self.status = status
-        self.tmp = Path(tempfile.mkdtemp(prefix="lineguard-run-"))
+        self.tmp = ipc_folder()
         self.procs: dict[str, subprocess.Popen] = {}
         self.stages: dict[str, Stage] = {}
         self.logs: dict[str, Path] = {}
@@ -246,7 +264,15 @@ class Supervisor:
         return f"{role}{index}" if self.single else f"{unit}-{role}{index}"
 
     def endpoint(self, name: str) -> str:
+        """An ipc endpoint in the run's folder. Names are short and made of indices, never of the user's
+        product or stream names, so every socket path fits IPC_NAME_MAX (`ipc_folder`)."""
         return f"ipc://{self.tmp / name}"
+
+    def frames_endpoint(self, stream: Stream) -> str:
+        return self.endpoint(f"frames-{self.line.streams.index(stream)}")
+
+    def post_endpoint(self, product: Product, i: int) -> str:
+        return self.endpoint(f"post-{self.line.products.index(product)}-{i}")
 
     def spawn(self, name: str, stage: Stage, args: list[str]) -> None:
         log = self.tmp / f"{name}.log"
@@ -274,9 +300,9 @@ class Supervisor:
                 *self.port(Stage("infer", product.name, slot))]
         for stream in self.line.streams:
             if stream.product == product.name:
-                args += ["--frames", self.endpoint(f"frames-{stream.name}")]
+                args += ["--frames", self.frames_endpoint(stream)]
         for i in range(product.post_workers):
-            args += ["--out", self.endpoint(f"post-{product.name}-{i}")]
+            args += ["--out", self.post_endpoint(product, i)]
         self.spawn(name, Stage("infer", product.name, slot), args)
 
     def sink_args(self, resume: bool = False) -> list[str]:
@@ -299,7 +325,7 @@ class Supervisor:
     def spawn_post(self, product: Product, i: int) -> None:
         c = self.line
         name = self.name("post", product.name, i)
-        args = ["postprocess", str(product.model), "--in", self.endpoint(f"post-{product.name}-{i}"), "--sink",
+        args = ["postprocess", str(product.model), "--in", self.post_endpoint(product, i), "--sink",
                 self.endpoint("results"), "--control", self.endpoint("control"), "--name", name,
                 *self.port(Stage("post", product.name, i))]
         if c.out is not None and c.overlays:
@@ -308,7 +334,7 @@ class Supervisor:
 
     def spawn_producer(self, stream: Stream) -> None:
         c = self.line
-        args = ["produce", stream.source, "--frames-endpoint", self.endpoint(f"frames-{stream.name}"), "--sink",
+        args = ["produce", stream.source, "--frames-endpoint", self.frames_endpoint(stream), "--sink",
                 self.endpoint("results"), "--acks", self.endpoint("acks"), "--retry-after", str(c.retry_after),
                 "--window", str(c.product(stream.product).window), "--stream", stream.name,
                 "--frames", str(stream.frames), "--size", str(self.frame_sizes[stream.product]),

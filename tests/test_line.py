@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,3 +135,34 @@ def test_workers_set_to_auto_get_one_per_core_on_the_cpu_and_one_on_a_gpu(tmp_pa
     assert line.ports_needed == 2 + 1 + 2 + sum(p.workers for p in line.products)
     with pytest.raises(ConfigError, match="workers >= 0"):
         Product("a", tmp_path, workers=-1)
+
+
+def test_the_run_folder_keeps_ipc_paths_within_a_unix_socket_address(tmp_path):
+    """A deep TMPDIR would make the sockets' paths longer than a Unix socket address (107 bytes): the
+    run's folder then goes to the next short base; with none, one error names TMPDIR and the fix."""
+    from pipeline.run import IPC_NAME_MAX, ipc_folder
+
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    folder = ipc_folder((str(deep), str(Path(tempfile.gettempdir()))))
+    try:
+        assert folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("lineguard-run-")
+        assert len(str(folder / ("x" * IPC_NAME_MAX)).encode()) <= 107
+    finally:
+        folder.rmdir()
+    with pytest.raises(ConfigError, match="set TMPDIR to a short folder"):
+        ipc_folder((str(deep),))
+
+
+def test_a_run_with_a_deep_tmpdir_and_names_no_path_allows(fitted_model, tmp_path, monkeypatch):
+    """Stream and product names are the user's (spaces, slashes, any length): the endpoints are named
+    by index, and the run's folder moves out of a TMPDIR too deep for ipc sockets."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    product = "a product/with a name longer than any socket path could hold " * 2
+    line = Line((Product(product, fitted_model, workers=1),),
+                (Stream("line 3 / camera 7", "synthetic", product, frames=12),), out=tmp_path / "out")
+    summary = run_pipeline(line)
+    assert (summary["results"], summary["lost"], summary["error"]) == (12, 0, 0)
+    assert not list(deep.iterdir())  # nothing was made under the deep folder
