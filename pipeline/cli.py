@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +45,17 @@ class ProgressBar:
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()
+
+
+def ready_to_write(files=(), folders=()) -> None:
+    """Make the folders of the output files and the output folders now, and check they can be written,
+    so that a path the system refuses fails before the work, not after it (OSError: one line, `main`)."""
+    for folder in [Path(f).parent for f in files if f is not None] + [Path(d) for d in folders if d is not None]:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable", str(folder))
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -161,6 +174,7 @@ def cmd_eval(args) -> int:
 
     model = Model(args.model)
     deployment = _deployment(args)
+    ready_to_write([args.json], [args.maps, args.scores])
     result = evaluate(model, args.data, deployment, batch_size=args.batch_size, maps_dir=args.maps,
                       scores_dir=args.scores, progress=ProgressBar(), curves=args.json is not None)
     print_metrics(result)
@@ -362,6 +376,7 @@ def cmd_run(args) -> int:
                            pub=args.pub, drain_timeout=args.drain_timeout, retry_after=args.retry_after,
                            respawn=not args.no_respawn, metrics_port=args.metrics_port, view_port=args.view_port,
                            camera=args.camera)
+    ready_to_write([args.json])
     status = StatusLine()
     try:
         summary = run_pipeline(config, status)
@@ -380,6 +395,7 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     from pipeline.benchmark import benchmark
 
+    ready_to_write([args.json])
     result = benchmark(args.model, _deployment(args), frames=args.frames, batch=args.batch_size,
                        transport_frames=args.transport_frames)
     c, p, t = result["compute"], result["pipeline"], result["transport"]
@@ -688,6 +704,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"lineguard: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the system refused (missing folder, no permission, read-only, full disk)
+        if args.debug or exc.filename is None:
+            raise
+        paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        print(f"lineguard: error: {paths}: {exc.strerror or exc}; check the path and its permissions, or give "
+              "another (--debug shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lineguard: interrupted", file=sys.stderr)

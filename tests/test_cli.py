@@ -279,3 +279,23 @@ def test_fit_says_when_map_cells_are_coarse_for_the_frames(synthetic_data, tmp_p
     out = capsys.readouterr().out
     assert "cell pixels 32.0, inputs per frame 1" in out
     assert "note: a map cell covers 32 pixels of these frames" in out and "--tiles --tile-scale 0.5 halves that" in out
+
+
+def test_an_output_path_the_system_refuses_is_one_line_before_the_work(fitted_model, synthetic_data, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A file where a folder must be (or a missing, read-only or forbidden place): exit 2, one line naming
+    the path, and eval fails before it scores, not after."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before its output was found unwritable")
+
+    monkeypatch.setattr("calibration.evaluate.evaluate", never)
+    for argv in (["eval", str(fitted_model), str(synthetic_data), "--json", str(blocker / "m.json")],
+                 ["eval", str(fitted_model), str(synthetic_data), "--maps", str(blocker / "maps")],
+                 ["run", str(fitted_model), "--source", "synthetic", "--frames", "4", "--out", str(blocker / "out")],
+                 ["fit", str(synthetic_data), "-o", str(blocker / "model")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lineguard: error: {blocker}") and "Not a directory" in err[0]
