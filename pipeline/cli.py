@@ -234,8 +234,8 @@ def cmd_produce(args) -> int:
     from pipeline.producers import open_source, produce
     from pipeline.workers import stop_on_signals
 
-    stop = threading.Event()
-    stop_on_signals(stop)
+    stop, end = threading.Event(), threading.Event()
+    stop_on_signals(stop, end)  # Ctrl-C ends the stream (what was sent is still seen through); twice: stop
     from pipeline.genicam import parse_settings
 
     source = open_source(args.source, frames=args.frames, size=args.size, seed=args.seed,
@@ -243,7 +243,7 @@ def cmd_produce(args) -> int:
     stats = produce(source, args.frames_endpoint, args.sink, stream=args.stream, mode=args.mode, hold=args.hold,
                     acks_endpoint=args.acks, retry_after=args.retry_after, window=args.window,
                     curve=curve_for(args.keys, "producer"),
-                    metrics=stage_metrics("producer", args.stream, args.metrics_port), stop=stop)
+                    metrics=stage_metrics("producer", args.stream, args.metrics_port), stop=stop, end=end)
     print(f"produced {stats.sent} frames on {args.stream} ({stats.dropped} dropped, {stats.missed} missed by the "
           f"source, {stats.resent} sent again, "
           f"{stats.abandoned} abandoned)", file=sys.stderr)
@@ -347,6 +347,8 @@ def print_summary(summary: dict) -> None:
           f"{summary['defect']} defect, {summary['error']} error ({summary['lost']} lost); "
           f"{summary['dropped']} dropped; {summary['fps']:.1f} fps; latency p50 {lat['p50']:.1f} ms, "
           f"p99 {lat['p99']:.1f} ms")
+    if summary.get("ended_on_request"):
+        print("ended on request (Ctrl-C): every frame sent until then has its result")
     if summary.get("rejected"):
         print(f"rejected messages: {summary['rejected']}")
     for restart in summary.get("restarts", []):

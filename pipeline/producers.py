@@ -353,7 +353,7 @@ class Redispatch:
 def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: str = "cam0", mode: str | None = None,
             ring: int = 4, hwm: int = 8, hold: float | None = None, acks_endpoint: str | None = None,
             retry_after: float = 10.0, window: int = 64, curve=None, metrics=None,
-            stop: threading.Event | None = None) -> ProducerStats:
+            stop: threading.Event | None = None, end: threading.Event | None = None) -> ProducerStats:
     """Send every frame of source to frames_endpoint (PUSH, bound), then eos to sink_endpoint (PUSH, connected).
 
     acks_endpoint: the sink's acknowledgements (SUB, connected). With it every frame is kept until
@@ -368,11 +368,15 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
 
     Frames a source could not read are sent too (a 1x1 frame with the header's "error" field), so
     the sink accounts for them as error results. Returns the counters.
+
+    end: once set, no more frames are taken from the source: the stream ends with the frames sent so
+    far, whose verdicts are awaited as at a source's own end (Ctrl-C on a camera). stop: leave now.
     """
     mode = mode or ("live" if source.live else "lossless")
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     stop = stop or threading.Event()
+    end = end or threading.Event()
     metrics = metrics or NoMetrics()
     ctx = zmq.Context()
     out = ctx.socket(zmq.PUSH)
@@ -421,13 +425,16 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
             redispatch.resent(seq)
 
     try:
-        frames = _live_frames(source, ring, stats, stop) if mode == "live" else iter(source)
+        def taking() -> bool:
+            return not (stop.is_set() or end.is_set())
+
+        frames = _live_frames(source, ring, stats, taking) if mode == "live" else iter(source)
         for seq, item in enumerate(frames):
-            while redispatch is not None and redispatch.full and not stop.is_set():
+            while redispatch is not None and redispatch.full and taking():
                 tend()
                 stop.wait(0.01)
             message = _message(stream, seq, item)
-            if stop.is_set() or not _send(out, message, stop, tend if redispatch else None):
+            if not taking() or not _send(out, message, stop, tend if redispatch else None):
                 break
             stats.sent += 1
             report()
@@ -493,8 +500,9 @@ def _send(sock: zmq.Socket, message: list, stop: threading.Event, idle=None) -> 
     return False
 
 
-def _live_frames(source: Source, ring: int, stats: ProducerStats, stop: threading.Event) -> Iterator[SourceFrame]:
-    """Frames from a capture thread that never waits for the sender: the oldest is dropped when the ring is full."""
+def _live_frames(source: Source, ring: int, stats: ProducerStats, taking: Callable[[], bool]) -> Iterator[SourceFrame]:
+    """Frames from a capture thread that never waits for the sender: the oldest is dropped when the ring is
+    full; the thread stops capturing once `taking()` is False."""
     frames: collections.deque = collections.deque()
     cond = threading.Condition()
     done = threading.Event()
@@ -508,7 +516,7 @@ def _live_frames(source: Source, ring: int, stats: ProducerStats, stop: threadin
                         stats.dropped += 1
                     frames.append(item)
                     cond.notify()
-                if stop.is_set():
+                if not taking():
                     break
         finally:
             with cond:

@@ -7,7 +7,9 @@ Every stage is the same command a user can start alone on another host (`linegua
 "ready" on its control socket before the producer starts (a handshake, no sleeps), shows a live
 status line, restarts any inference worker, postprocess worker or sink that dies (the producer
 sends again every frame the sink has not acknowledged, the restarted sink resumes its log), and
-on the end of the stream, Ctrl-C or SIGTERM stops every process it started.
+at the end of the stream stops every process it started. Ctrl-C ends the streams: no new frames,
+every frame sent is still finished and logged, then the summary; a second Ctrl-C, SIGTERM or a
+closed terminal (SIGHUP) stops at once.
 """
 
 from __future__ import annotations
@@ -239,6 +241,7 @@ class Supervisor:
         self.stats: dict[str, dict] = {}
         self.restarts: list[dict] = []
         self.stop = threading.Event()
+        self.ending = False  # the streams were ended on request (`end_streams`)
         self.spawned: dict[str, int] = {}  # product -> inference workers started so far (names of new ones)
         self.ports = self._ports()
         self.metrics = stage_metrics("run", "run", line.metrics_port)
@@ -279,8 +282,10 @@ class Supervisor:
         self.logs[name] = log
         self.stages[name] = stage
         with open(log, "wb") as f:
+            # a process group of its own: a terminal's Ctrl-C reaches the supervisor alone, which ends the
+            # streams and lets every stage finish what was accepted (`end_streams`)
             self.procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=f,
-                                                stdin=subprocess.DEVNULL)
+                                                stdin=subprocess.DEVNULL, process_group=0)
 
     def log_tail(self, name: str) -> str:
         lines = self.logs[name].read_text(errors="replace").strip().splitlines()
@@ -365,6 +370,20 @@ class Supervisor:
             ctx.term()
             self.shutdown()
 
+    def end_streams(self) -> None:
+        """Ctrl-C: the producers take no more frames and end their streams; every frame already sent is
+        still scored, postprocessed and logged, and the run ends with its summary. A second Ctrl-C, or
+        one before any frame was sent, stops at once."""
+        producers = [p for n, p in self.procs.items() if self.stages[n].role == "producer" and p.poll() is None]
+        if self.ending or not producers:
+            self.stop.set()
+            return
+        self.ending = True
+        for proc in producers:
+            proc.send_signal(signal.SIGINT)
+        print("\nlineguard: ending: no new frames; the frames in flight are being finished (Ctrl-C again stops now)",
+              file=sys.stderr, flush=True)
+
     def wait_ready(self, control: zmq.Socket, names: set[str]) -> None:
         waiting = set(names)
         deadline = time.monotonic() + self.line.ready_timeout
@@ -440,6 +459,7 @@ class Supervisor:
                     rejected[reason] = rejected.get(reason, 0) + n
         summary["rejected"] = rejected
         summary["restarts"] = self.restarts
+        summary["ended_on_request"] = self.ending
         summary["config"] = json.loads(json.dumps(dataclasses.asdict(self.line), default=str))
         return summary
 
@@ -475,8 +495,9 @@ def run_pipeline(config: RunConfig | Line, status: Callable[[dict], None] | None
     supervisor = Supervisor(line, sizes, status)
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: supervisor.stop.set())
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: supervisor.end_streams())
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # the stages are in their own process groups: a closed
+            previous[sig] = signal.signal(sig, lambda *_: supervisor.stop.set())  # terminal must stop them too
     try:
         return supervisor.run()
     finally:

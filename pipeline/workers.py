@@ -47,11 +47,12 @@ class WorkerStats:
         self.metrics.count("errors", "frames answered with an error result")
 
 
-def stop_on_signals(stop: threading.Event) -> None:
-    """Set `stop` on SIGTERM / SIGINT (main thread only)."""
+def stop_on_signals(stop: threading.Event, end: threading.Event | None = None) -> None:
+    """Set `stop` on SIGTERM / SIGINT (main thread only). With `end`: the first SIGINT sets `end` (finish
+    what was accepted, take nothing new), a second one `stop`."""
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: (stop if end is None or end.is_set() else end).set())
 
 
 class Control:

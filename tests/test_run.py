@@ -176,6 +176,63 @@ def test_sigterm_stops_every_process(fitted_model, tmp_path):
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
 
 
+@pytest.mark.parametrize("mode", ["lossless", "live"])
+def test_ctrl_c_ends_the_streams_and_finishes_every_frame_sent(fitted_model, tmp_path, mode):
+    """A run without an end (a camera) ends by Ctrl-C: no new frames, but every frame already sent is
+    scored and logged, the summary says so and the command exits 0; a second Ctrl-C stops at once (130)."""
+    out = tmp_path / "out"
+    pub = f"ipc://{tmp_path}/pub"
+    sub = Subscriber(pub)
+    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
+                                       "--mode", mode, "--out", str(out), "--json", str(tmp_path / "summary.json"),
+                                       "--pub", pub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sub.wait_for(20, 120, proc)
+        children = [pid for pid, _ in _children(proc.pid)]
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        sub.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "ending: no new frames" in stderr and "ended on request (Ctrl-C)" in stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ended_on_request"] and summary["lost"] == 0 and summary["error"] == 0
+    assert 20 <= summary["frames_in"] == summary["results"] < 100000
+    seqs = Counter(r["seq"] for r in _lines(out / "results.jsonl"))
+    assert sorted(seqs) == list(range(summary["results"])) and max(seqs.values()) == 1
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+
+
+def test_a_second_ctrl_c_stops_at_once(fitted_model, tmp_path):
+    """The postprocess worker is paused, so the frames in flight cannot finish: the first Ctrl-C waits for
+    them, the second stops every process."""
+    pub = f"ipc://{tmp_path}/pub"
+    sub = Subscriber(pub)
+    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
+                                       "--pub", pub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sub.wait_for(5, 120, proc)
+        children = [pid for pid, _ in _children(proc.pid)]
+        post = next(pid for pid, cmd in _children(proc.pid) if "pipeline.cli postprocess " in cmd)
+        os.kill(post, signal.SIGSTOP)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None  # still finishing what was sent
+        proc.send_signal(signal.SIGINT)
+        os.kill(post, signal.SIGCONT)
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        sub.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "lineguard: interrupted" in stderr
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+
+
 @pytest.mark.parametrize("case", ["missing_model", "bad_source"])
 def test_run_errors_are_one_line(fitted_model, tmp_path, case, capsys):
     from pipeline.cli import main
