@@ -16,8 +16,13 @@ memory banks) are read as the version-2 manifest they are equivalent to.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from engines.compiled import sha256
@@ -70,6 +75,35 @@ def write_manifest(model_dir: Path, manifest: dict) -> dict:
             "versions": library_versions()}
     (model_dir / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")
     return full
+
+
+@contextlib.contextmanager
+def new_model_dir(out: Path) -> Iterator[Path]:
+    """A fresh folder beside `out` to write a model into, put in its place only when the writing has
+    finished: a fit that fails or is interrupted leaves `out` as it was (the earlier model, or nothing),
+    never half a model. `out` may be absent, an empty folder or a lineguard model (replaced); anything
+    else is refused, so nothing of the user's is overwritten."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ArtifactError(f"output {out} is a file; choose a directory for the model (-o DIR)")
+        if any(out.iterdir()) and not (out / "manifest.json").is_file():
+            raise ArtifactError(f"output {out} exists and is not a lineguard model; choose an empty or new "
+                                "directory (-o DIR) so nothing of yours is overwritten")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
+    try:
+        yield scratch
+        if out.exists():
+            old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+            out.rename(old)
+            scratch.rename(out)
+            shutil.rmtree(old)
+        else:
+            scratch.rename(out)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
 
 
 def _upgrade_v1(manifest: dict) -> dict:

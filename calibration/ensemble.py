@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.artifact import load_manifest, write_manifest
+from calibration.artifact import load_manifest, new_model_dir, write_manifest
 from calibration.kinds import Detector, Kind
-from engines.errors import ConfigError, LineguardError
+from engines.errors import ConfigError
 from engines.runtimes import Deployment
 
 FUSIONS = ("mean", "max")
@@ -111,35 +111,33 @@ def fuse(models: list[str | Path], out: str | Path, options: EnsembleOptions = E
         if m["maps"]["stride"] != first["maps"]["stride"]:
             raise ConfigError(f"{path} has map stride {m['maps']['stride']}, {models[0]} {first['maps']['stride']}: "
                               "fused models must map on the same grid")
-    if out.exists():
-        if any(out.iterdir()) and not (out / "manifest.json").is_file():
-            raise LineguardError(f"output {out} exists and is not a lineguard model; choose a new directory (-o DIR)")
-        shutil.rmtree(out)
-    members = []
-    for i, model in enumerate(models):
-        name = f"members/{i}"
-        shutil.copytree(model, out / name, ignore=shutil.ignore_patterns("engines"))
-        members.append(name)
-    if first["geometry"].get("roi"):
-        shutil.copy(Path(models[0]) / first["geometry"]["roi"], out / first["geometry"]["roi"])
-    pixel_units = []
-    for model in models:
-        t = json.loads((Path(model) / "thresholds.json").read_text())
-        lo, scale = _units(t)
-        pixel_units.append((t["pixel"]["threshold"] - lo) / scale)
-    pixel = min(pixel_units) if options.fusion == "max" else float(np.mean(pixel_units))
-    thresholds = {"method": f"members' maps in their own image-threshold units (1 = threshold), fused by "
-                            f"{options.fusion}", "image": {"threshold": 1.0, "min": 0.0},
-                  "pixel": {"threshold": float(pixel), "min": 0.0}, "members": members}
-    (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-    maps = {**first["maps"], "border_rings": 0, "border": []}  # the fused map: members' borders not evened
-    return write_manifest(out, {
-        "kind": "ensemble", "input": first["input"], "geometry": first["geometry"], "maps": maps,
-        "ensemble": {"fusion": options.fusion, "members": members,
-                     "kinds": [m["kind"] for m in manifests], "sources": [str(Path(m).resolve()) for m in models]},
-        "categories": first.get("categories", []),
-        "fit": {"fused_from": [str(m) for m in models]},
-    })
+    with new_model_dir(out) as out:  # written beside it, put in its place once whole
+        members = []
+        for i, model in enumerate(models):
+            name = f"members/{i}"
+            shutil.copytree(model, out / name, ignore=shutil.ignore_patterns("engines"))
+            members.append(name)
+        if first["geometry"].get("roi"):
+            shutil.copy(Path(models[0]) / first["geometry"]["roi"], out / first["geometry"]["roi"])
+        pixel_units = []
+        for model in models:
+            t = json.loads((Path(model) / "thresholds.json").read_text())
+            lo, scale = _units(t)
+            pixel_units.append((t["pixel"]["threshold"] - lo) / scale)
+        pixel = min(pixel_units) if options.fusion == "max" else float(np.mean(pixel_units))
+        thresholds = {"method": f"members' maps in their own image-threshold units (1 = threshold), fused by "
+                                f"{options.fusion}", "image": {"threshold": 1.0, "min": 0.0},
+                      "pixel": {"threshold": float(pixel), "min": 0.0}, "members": members}
+        (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+        maps = {**first["maps"], "border_rings": 0, "border": []}  # the fused map: members' borders not evened
+        manifest = write_manifest(out, {
+            "kind": "ensemble", "input": first["input"], "geometry": first["geometry"], "maps": maps,
+            "ensemble": {"fusion": options.fusion, "members": members,
+                         "kinds": [m["kind"] for m in manifests], "sources": [str(Path(m).resolve()) for m in models]},
+            "categories": first.get("categories", []),
+            "fit": {"fused_from": [str(m) for m in models]},
+        })
+    return manifest
 
 
 KIND = Kind("ensemble", _files, EnsembleOptions, _fit, None, EnsembleDetector, lambda options: _fit(None), parts)

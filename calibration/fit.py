@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,13 +18,13 @@ from typing import Any, Callable, Iterator
 import cv2
 import numpy as np
 
-from calibration.artifact import write_manifest
+from calibration.artifact import new_model_dir, write_manifest
 from calibration.dataset import image_size, read_frames, train_images
 from calibration.geometry import Geometer, Geometry, InputSpec, Layout, input_for_frames
 from calibration.kinds import get_kind
 from calibration.maps import MapConfig, even_border, fit_border
 from calibration.thresholds import calibrate
-from engines.errors import ConfigError, LineguardError
+from engines.errors import ConfigError
 from engines.runtimes import Deployment
 
 Progress = Callable[..., None]  # (stage, done, total, note="") -> None
@@ -153,17 +152,6 @@ class FitContext:
         return np.stack([cells[y // s:y // s + h, x // s:x // s + w] for y, x in layout.origins])
 
 
-def _prepare_output(out: Path) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise LineguardError(f"output {out} is a file; choose a directory for the model (-o DIR)")
-        if any(out.iterdir()) and not (out / "manifest.json").is_file():
-            raise LineguardError(f"output {out} exists and is not a lineguard model; choose an empty or new "
-                                 "directory (-o DIR) so nothing of yours is overwritten")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-
-
 def frame_sizes(paths: list[Path], sample: int = 200) -> list[tuple[int, int]]:
     """(H, W) of a spread sample of the training images: headers only, cheap."""
     return [image_size(p) for p in paths[::max(1, len(paths) // sample)]]
@@ -204,42 +192,42 @@ def fit(datas: list[str | Path] | str | Path, out: str | Path, config: FitConfig
     spec = config.input or input_for_frames(sizes)
     kind = get_kind(config.kind)
     maps = dataclasses.replace(config.maps, stride=kind.stride(config.options))
-    _prepare_output(out)
-    geometry, roi = config.geometry, None
-    if config.roi:
-        from calibration.geometry import read_roi
+    with new_model_dir(out) as out:  # written beside it, put in its place once whole
+        geometry, roi = config.geometry, None
+        if config.roi:
+            from calibration.geometry import read_roi
 
-        roi = read_roi(config.roi, frame)
-        cv2.imwrite(str(out / "roi.png"), roi)
-        geometry = dataclasses.replace(geometry, roi="roi.png")
-    geometer = Geometer(spec, geometry, maps.stride, roi)
-    ctx = FitContext(paths, categories, out, spec, geometer, maps, config.options, config.weights,
-                     config.deployment, config.batch_size, config.calib_images, config.seed, progress)
-    result = kind.fit(ctx)
-    s = maps.stride
-    insides = [geometer.roi_cells(Layout((0, 0), (m.shape[0] * s, m.shape[1] * s), (), s)) if roi is not None else None
-               for m in result.canvas_maps]
-    maps = dataclasses.replace(maps, border=fit_border(result.canvas_maps, maps.border_rings, insides))
-    canvas_maps = [even_border(m, maps, inside) for m, inside in zip(result.canvas_maps, insides)]
-    thresholds = calibrate(canvas_maps, maps, config.max_false_reject, result.held_out, result.names)
-    thresholds["data"] = [str(d) for d in datas]
-    (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
-    summary = {"kind": config.kind, "train_images": len(paths), "input": [spec.height, spec.width],
-               "tiling": geometry.tiling, **result.summary, **resolution(geometer, frame),
-               "fit_seconds": round(time.perf_counter() - start, 2)}
-    write_manifest(out, {
-        "kind": config.kind,
-        "input": dataclasses.asdict(spec),
-        "frame": list(frame),
-        "geometry": dataclasses.asdict(geometry),
-        "maps": dataclasses.asdict(maps),
-        config.kind: result.section,
-        "weights": config.weights,
-        "normalisation": result.normalisation,
-        "categories": [d.name for d in datas],
-        "fit": {"deployment": dataclasses.asdict(config.deployment), "batch_size": config.batch_size,
-                "seed": config.seed, "calib_images": config.calib_images,
-                "max_false_reject": config.max_false_reject, **summary,
-                "data": [str(d.resolve()) for d in datas]},
-    })
+            roi = read_roi(config.roi, frame)
+            cv2.imwrite(str(out / "roi.png"), roi)
+            geometry = dataclasses.replace(geometry, roi="roi.png")
+        geometer = Geometer(spec, geometry, maps.stride, roi)
+        ctx = FitContext(paths, categories, out, spec, geometer, maps, config.options, config.weights,
+                         config.deployment, config.batch_size, config.calib_images, config.seed, progress)
+        result = kind.fit(ctx)
+        s = maps.stride
+        insides = [geometer.roi_cells(Layout((0, 0), (m.shape[0] * s, m.shape[1] * s), (), s))
+                   if roi is not None else None for m in result.canvas_maps]
+        maps = dataclasses.replace(maps, border=fit_border(result.canvas_maps, maps.border_rings, insides))
+        canvas_maps = [even_border(m, maps, inside) for m, inside in zip(result.canvas_maps, insides)]
+        thresholds = calibrate(canvas_maps, maps, config.max_false_reject, result.held_out, result.names)
+        thresholds["data"] = [str(d) for d in datas]
+        (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
+        summary = {"kind": config.kind, "train_images": len(paths), "input": [spec.height, spec.width],
+                   "tiling": geometry.tiling, **result.summary, **resolution(geometer, frame),
+                   "fit_seconds": round(time.perf_counter() - start, 2)}
+        write_manifest(out, {
+            "kind": config.kind,
+            "input": dataclasses.asdict(spec),
+            "frame": list(frame),
+            "geometry": dataclasses.asdict(geometry),
+            "maps": dataclasses.asdict(maps),
+            config.kind: result.section,
+            "weights": config.weights,
+            "normalisation": result.normalisation,
+            "categories": [d.name for d in datas],
+            "fit": {"deployment": dataclasses.asdict(config.deployment), "batch_size": config.batch_size,
+                    "seed": config.seed, "calib_images": config.calib_images,
+                    "max_false_reject": config.max_false_reject, **summary,
+                    "data": [str(d.resolve()) for d in datas]},
+        })
     return summary

@@ -299,3 +299,44 @@ def test_an_output_path_the_system_refuses_is_one_line_before_the_work(fitted_mo
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"lineguard: error: {blocker}") and "Not a directory" in err[0]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, MemoryError])
+def test_a_fit_that_stops_midway_leaves_the_earlier_model_whole(fitted_model, synthetic_data, tmp_path, monkeypatch,
+                                                                failure):
+    """A fit is written beside its output and put in place once whole: interrupted (Ctrl-C) or failed
+    after the network and the bank were written, the earlier model is untouched and nothing is left
+    behind; a finished fit then replaces it, with no file of the earlier one left over."""
+    model = tmp_path / "model"
+    shutil.copytree(fitted_model, model)
+    (model / "engines").mkdir(exist_ok=True)
+    (model / "engines" / "stale.json").write_text("{}")
+    before = {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()}
+
+    def fail(*args, **kwargs):
+        raise failure()
+
+    with monkeypatch.context() as patch:
+        patch.setattr("calibration.fit.calibrate", fail)
+        argv = ["fit", str(synthetic_data), "-o", str(model), "--input-size", "64", "--coreset-ratio", "0.5"]
+        if failure is KeyboardInterrupt:
+            assert main(argv) == 130  # "lineguard: interrupted"
+        else:
+            with pytest.raises(failure):
+                main(argv)
+    assert {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert main(["fit", str(synthetic_data), "-o", str(model), "--input-size", "64", "--coreset-ratio", "0.5"]) == 0
+    assert json.loads((model / "manifest.json").read_text())["input"]["height"] == 64
+    assert not (model / "engines").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_fuse_may_write_over_one_of_its_members(fitted_model, tmp_path):
+    """The fused model is written beside its output: a member's own folder can be the output."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(fitted_model, a)
+    shutil.copytree(fitted_model, b)
+    assert main(["fuse", str(a), str(b), "-o", str(a)]) == 0
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert manifest["kind"] == "ensemble" and (a / "members" / "0" / "bank.faiss").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
