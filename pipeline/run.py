@@ -492,6 +492,8 @@ def run_pipeline(config: RunConfig | Line, status: Callable[[dict], None] | None
         check_source(stream.source)
     if line.out is not None:
         line.out.mkdir(parents=True, exist_ok=True)
+        for earlier in ("maps", "overlays"):  # an earlier run's: its defect frames are not this run's
+            shutil.rmtree(line.out / earlier, ignore_errors=True)
     supervisor = Supervisor(line, sizes, status)
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -103,6 +103,14 @@ def test_synthetic_run_accounts_for_every_frame_and_finds_planted_defects(fitted
             assert (out / "maps" / f"cam0-{r['seq']:08d}.png").is_file()
     assert "results" in proc.stdout and "fps" in proc.stdout
 
+    # the same --out again, fewer frames: its maps and overlays are this run's defect frames, none older
+    again = subprocess.run(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "12", "--out",
+                                      str(out), "--batch-size", "4"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    defects = {f"cam0-{r['seq']:08d}" for r in _lines(out / "results.jsonl") if r["verdict"] == "defect"}
+    assert len(_lines(out / "results.jsonl")) == 12 and defects
+    assert {p.stem for p in (out / "maps").iterdir()} == defects == {p.stem for p in (out / "overlays").iterdir()}
+
 
 def test_folder_source_names_each_file(fitted_model, synthetic_data, tmp_path):
     out = tmp_path / "out"
