@@ -473,6 +473,46 @@ def test_stop_ends_produce_promptly(net):
     assert [f.seq for f in received] == list(range(len(received)))
 
 
+@pytest.mark.parametrize("live", [False, True])
+def test_end_takes_no_more_frames_and_ends_the_stream_with_those_sent(net, live):
+    """Ctrl-C on a camera (`end`): the producer takes no new frame, its eos counts the frames it sent, and
+    every one of them arrives; a live source's capture thread stops asking the camera for frames."""
+
+    class Camera(Source):
+        def __init__(self):
+            self.live, self.yielded = live, 0
+
+        def __iter__(self):
+            while True:
+                time.sleep(0.005)  # a camera's frame rate
+                self.yielded += 1
+                yield SourceFrame(pixels=np.full((8, 8, 3), self.yielded % 256, np.uint8))
+
+    source = Camera()
+    frames_ep, sink_ep = net.endpoint("frames"), net.endpoint("sink")
+    sink = net.socket(zmq.PULL, bind=sink_ep)
+    stop, end = threading.Event(), threading.Event()
+    run = Background(produce, source, frames_ep, sink_ep, stop=stop, end=end, hold=0)
+    try:
+        pull = net.socket(zmq.PULL, connect=frames_ep)
+        first = [wire.decode(pull.recv_multipart(copy=False)) for _ in range(5)]
+        end.set()
+        assert sink.poll(int(TIMEOUT_S * 1000))
+        eos = wire.decode(sink.recv_multipart())
+        frames = []
+        while len(first) + len(frames) < eos.count:
+            assert pull.poll(int(TIMEOUT_S * 1000)), f"{len(first) + len(frames)} of {eos.count} frames came"
+            frames.append(wire.decode(pull.recv_multipart(copy=False)))
+        stats = run.finish()
+        taken = source.yielded
+        time.sleep(0.1)
+        assert source.yielded <= taken + 1  # nothing more asked of the camera (a capture in progress may finish)
+    finally:
+        stop_producer(run, stop, net)
+    assert eos == wire.Eos("cam0", stats.sent, stats.dropped) and stats.sent >= 5
+    assert [f.seq for f in first + frames] == list(range(stats.sent))
+
+
 def test_stop_ends_produce_promptly_while_its_consumer_stalls(net):
     source = endless((256, 256, 3))
     frames_ep, sink_ep = net.endpoint("frames"), net.endpoint("sink")
