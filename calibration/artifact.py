@@ -17,6 +17,7 @@ memory banks) are read as the version-2 manifest they are equivalent to.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -77,6 +78,18 @@ def write_manifest(model_dir: Path, manifest: dict) -> dict:
     return full
 
 
+def writable_folder(folder: Path) -> Path:
+    """Make `folder` (and its parents) and check it can be written; OSError naming the path otherwise
+    (a file where a folder must be, read-only, no permission), for `lineguard` to say in one line."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "not writable", str(folder))
+    return folder
+
+
 @contextlib.contextmanager
 def new_model_dir(out: Path) -> Iterator[Path]:
     """A fresh folder beside `out` to write a model into, put in its place only when the writing has
@@ -90,7 +103,7 @@ def new_model_dir(out: Path) -> Iterator[Path]:
         if any(out.iterdir()) and not (out / "manifest.json").is_file():
             raise ArtifactError(f"output {out} exists and is not a lineguard model; choose an empty or new "
                                 "directory (-o DIR) so nothing of yours is overwritten")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writable_folder(out.parent)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
     try:
         yield scratch

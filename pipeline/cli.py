@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,12 +48,10 @@ class ProgressBar:
 def ready_to_write(files=(), folders=()) -> None:
     """Make the folders of the output files and the output folders now, and check they can be written,
     so that a path the system refuses fails before the work, not after it (OSError: one line, `main`)."""
+    from calibration.artifact import writable_folder
+
     for folder in [Path(f).parent for f in files if f is not None] + [Path(d) for d in folders if d is not None]:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable", str(folder))
+        writable_folder(folder)
 
 
 def write_json(path: Path, data: dict) -> None:
