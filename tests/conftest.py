@@ -21,6 +21,27 @@ def net(tmp_path):
     n.close()
 
 
+@pytest.fixture
+def slow_index(monkeypatch):
+    """slow_index(kind): from then on every search of a bank of that index kind takes 20 ms more, so
+    index auto's timing (at fit or where a model is served) finds the other kind faster."""
+    import time
+
+    from engines.banks import MemoryBank
+
+    search = MemoryBank.search
+
+    def slow(kind: str) -> None:
+        def slowed(self, q, k=1, exclude=None):
+            if self.config.index == kind:
+                time.sleep(0.02)
+            return search(self, q, k, exclude)
+
+        monkeypatch.setattr(MemoryBank, "search", slowed)
+
+    return slow
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "product", n_train=12, n_good=4, n_defect=3, size=128)

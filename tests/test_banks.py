@@ -191,20 +191,12 @@ def test_bank_config_unknown_kind_lists_kinds():
 
 
 @pytest.mark.parametrize("slow", TIMED_KINDS)
-def test_auto_keeps_whichever_index_searches_faster(slow, clustered, monkeypatch):
+def test_auto_keeps_whichever_index_searches_faster(slow, clustered, slow_index):
     """Index auto times each candidate on the queries it is given and keeps the faster: made slower
     by 20 ms a search, a kind loses, and the bank kept is that other kind's, searching as it would."""
-    import time
-
     bank, queries, _ = clustered
     search = MemoryBank.search
-
-    def slowed(self, q, k=1, exclude=None):
-        if self.config.index == slow:
-            time.sleep(0.02)
-        return search(self, q, k, exclude)
-
-    monkeypatch.setattr(MemoryBank, "search", slowed)
+    slow_index(slow)
     picked = MemoryBank.build(bank, BankConfig(), [(queries, None)])
     fast = next(kind for kind in TIMED_KINDS if kind != slow)
     tuned = {"nprobe": picked.timing["ivf"]["nprobe"]} if fast == "ivf" else {}

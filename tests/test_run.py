@@ -72,6 +72,21 @@ class Subscriber:
         self.ctx.term()
 
 
+def _gone(pids: list[int]) -> bool:
+    """Whether none of these processes runs any more (reaped, or a zombie)."""
+    return all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+               for pid in pids)
+
+
+def _endless_run(fitted_model, tmp_path, *args: str) -> tuple[subprocess.Popen, Subscriber]:
+    """`lineguard run` of 100000 synthetic frames (longer than any test waits), results on a PUB the test reads."""
+    pub = f"ipc://{tmp_path}/pub"
+    sub = Subscriber(pub)
+    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
+                                       "--pub", pub, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, sub
+
+
 def _lines(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -165,10 +180,7 @@ def test_any_stage_killed_mid_run_loses_nothing(fitted_model, tmp_path, stage):
 
 
 def test_sigterm_stops_every_process(fitted_model, tmp_path):
-    pub = f"ipc://{tmp_path}/pub"
-    sub = Subscriber(pub)
-    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
-                                       "--pub", pub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, sub = _endless_run(fitted_model, tmp_path)
     try:
         sub.wait_for(5, 120, proc)
         children = [pid for pid, _ in _children(proc.pid)]
@@ -179,9 +191,7 @@ def test_sigterm_stops_every_process(fitted_model, tmp_path):
         sub.close()
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130
-    for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    assert proc.returncode == 130 and _gone(children)
 
 
 def test_ctrl_c_ends_the_streams_and_finishes_every_frame_sent(fitted_model, tmp_path):
@@ -189,11 +199,7 @@ def test_ctrl_c_ends_the_streams_and_finishes_every_frame_sent(fitted_model, tmp
     scored and logged, the summary says so and the command exits 0 (a live source's end:
     tests/test_producers.py)."""
     out = tmp_path / "out"
-    pub = f"ipc://{tmp_path}/pub"
-    sub = Subscriber(pub)
-    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
-                                       "--out", str(out), "--json", str(tmp_path / "summary.json"),
-                                       "--pub", pub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, sub = _endless_run(fitted_model, tmp_path, "--out", str(out), "--json", str(tmp_path / "summary.json"))
     try:
         sub.wait_for(20, 120, proc)
         children = [pid for pid, _ in _children(proc.pid)]
@@ -210,17 +216,13 @@ def test_ctrl_c_ends_the_streams_and_finishes_every_frame_sent(fitted_model, tmp
     assert 20 <= summary["frames_in"] == summary["results"] < 100000
     seqs = Counter(r["seq"] for r in _lines(out / "results.jsonl"))
     assert sorted(seqs) == list(range(summary["results"])) and max(seqs.values()) == 1
-    for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    assert _gone(children)
 
 
 def test_a_second_ctrl_c_stops_at_once(fitted_model, tmp_path):
     """The postprocess worker is paused, so the frames in flight cannot finish: the first Ctrl-C waits for
     them, the second stops every process."""
-    pub = f"ipc://{tmp_path}/pub"
-    sub = Subscriber(pub)
-    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
-                                       "--pub", pub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, sub = _endless_run(fitted_model, tmp_path)
     try:
         sub.wait_for(5, 120, proc)
         children = [pid for pid, _ in _children(proc.pid)]
@@ -236,9 +238,7 @@ def test_a_second_ctrl_c_stops_at_once(fitted_model, tmp_path):
         sub.close()
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130 and "lineguard: interrupted" in stderr
-    for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    assert proc.returncode == 130 and "lineguard: interrupted" in stderr and _gone(children)
 
 
 @pytest.mark.parametrize("case", ["missing_model", "bad_source"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 
 import faiss
 import numpy as np
@@ -31,18 +30,6 @@ def _fitted_elsewhere(fitted_model, tmp_path):
     manifest["memory_bank"]["index_candidates"]["timed_on"] = FOREIGN
     (model / "manifest.json").write_text(json.dumps(manifest))
     return model, Model(model).manifest
-
-
-def _slowed(monkeypatch, slow: str) -> None:
-    """Every search of a `slow` bank takes 20 ms more."""
-    search = MemoryBank.search
-
-    def slowed(self, q, k=1, exclude=None):
-        if self.config.index == slow:
-            time.sleep(0.02)
-        return search(self, q, k, exclude)
-
-    monkeypatch.setattr(MemoryBank, "search", slowed)
 
 
 def _no_timing(monkeypatch) -> None:
@@ -82,10 +69,10 @@ def test_the_fitting_cpu_serves_its_choice_without_timing(fitted_model, monkeypa
 
 @pytest.mark.parametrize("slow", TIMED_KINDS)
 def test_a_cpu_of_another_kind_times_the_candidates_once_and_serves_the_faster(
-        slow, fitted_model, tmp_path, monkeypatch, caplog):
+        slow, fitted_model, tmp_path, monkeypatch, caplog, slow_index):
     model, manifest = _fitted_elsewhere(fitted_model, tmp_path)
     section = manifest["memory_bank"]
-    _slowed(monkeypatch, slow)
+    slow_index(slow)
     fast = next(kind for kind in TIMED_KINDS if kind != slow)
     with caplog.at_level(logging.WARNING, "lineguard.bank"):
         bank = served_bank(model, manifest)
@@ -107,9 +94,9 @@ def test_a_cpu_of_another_kind_times_the_candidates_once_and_serves_the_faster(
     assert served_bank(model, manifest).config == bank.config
 
 
-def test_a_stale_or_unreadable_record_is_timed_again(fitted_model, tmp_path, monkeypatch):
+def test_a_stale_or_unreadable_record_is_timed_again(fitted_model, tmp_path, slow_index):
     model, manifest = _fitted_elsewhere(fitted_model, tmp_path)
-    _slowed(monkeypatch, "hnsw")
+    slow_index("hnsw")
     served_bank(model, manifest)
     (path,) = model.glob("engines/index-*.json")
     path.write_text("{not json")
@@ -125,10 +112,10 @@ def test_a_stale_or_unreadable_record_is_timed_again(fitted_model, tmp_path, mon
         name: sha256(model / name) for name in manifest["memory_bank"]["index_candidates"]["banks"].values()}
 
 
-def test_a_model_folder_that_cannot_be_written_is_still_served(fitted_model, tmp_path, monkeypatch, caplog):
+def test_a_model_folder_that_cannot_be_written_is_still_served(fitted_model, tmp_path, caplog, slow_index):
     model, manifest = _fitted_elsewhere(fitted_model, tmp_path)
     (model / "engines").write_text("a file where the engines folder would be")
-    _slowed(monkeypatch, "ivf")
+    slow_index("ivf")
     with caplog.at_level(logging.WARNING, "lineguard.bank"):
         assert served_bank(model, manifest).config.index == "hnsw"
     assert "serving hnsw, not recorded" in caplog.text and "timed at every start" in caplog.text
@@ -143,12 +130,12 @@ def test_a_model_without_candidates_serves_its_one_bank(fitted_model, tmp_path, 
     assert served_bank(model, manifest).config.index == section["bank"]["index"]
 
 
-def test_the_detector_of_a_model_fitted_elsewhere_scores_with_the_bank_served(fitted_model, tmp_path, monkeypatch):
+def test_the_detector_of_a_model_fitted_elsewhere_scores_with_the_bank_served(fitted_model, tmp_path, slow_index):
     from engines.runtimes import Deployment
 
     model, manifest = _fitted_elsewhere(fitted_model, tmp_path)
     slow = manifest["memory_bank"]["bank"]["index"]  # the fitting CPU's choice is the slower one here
-    _slowed(monkeypatch, slow)
+    slow_index(slow)
     size = manifest["input"]
     with Model(model).detector(Deployment(threads=1)) as detector:
         assert detector.bank.config.index != slow
