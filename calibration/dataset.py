@@ -46,8 +46,14 @@ def train_images(root: str | Path) -> list[Path]:
     """Sorted image paths of <root>/train/good."""
     folder = Path(root) / "train" / "good"
     if not folder.is_dir():
+        inside = sorted(d.name for d in Path(root).iterdir() if (d / "train" / "good").is_dir()) \
+            if Path(root).is_dir() else []
+        more = " ..." if len(inside) > 4 else ""
+        hint = (f"; the datasets inside it: {', '.join(str(Path(root) / n) for n in inside[:4])}{more}: give one "
+                "or more of them" if inside else "")
         raise DataError(f"{folder} not found; a dataset folder needs train/good/ with normal images "
-                        "(MVTec AD layout: <dataset>/train/good, <dataset>/test/<type>, <dataset>/ground_truth/<type>)")
+                        "(MVTec AD layout: <dataset>/train/good, <dataset>/test/<type>, <dataset>/ground_truth/<type>)"
+                        + hint)
     paths = _images_in(folder)
     if not paths:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the normal images there")

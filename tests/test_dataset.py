@@ -256,3 +256,13 @@ def test_read_frame_names_a_jpeg_without_a_frame_header(tmp_path):
     bad.write_bytes(b"\xff\xd8 and nothing else")
     with pytest.raises(DataError, match="cut.jpg.*replace or remove"):
         read_frame(bad, Geometer(InputSpec(64, 64), Geometry(), stride=8))
+
+
+def test_a_folder_of_datasets_given_for_one_names_them(tmp_path):
+    """MVTec AD itself, or a folder of categories, given where one dataset is expected: the error names them."""
+    from calibration.dataset import train_images
+
+    for name in ("bottle", "cable"):
+        (tmp_path / name / "train" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match="the datasets inside it: .*bottle, .*cable: give one or more of them"):
+        train_images(tmp_path)
