@@ -81,7 +81,11 @@ def measure(scored: dict, curves: bool = False) -> dict:
     labels = np.array([s.label for s in samples])
     types = np.array([s.rel.split("/")[0] for s in samples])
     image = metrics.image_metrics(scores, labels, curves=curves)
-    pixel = pixels.metrics(curves=curves)
+    good = types == "good"
+    kinds = sorted(set(types) - {"good"})
+    selections = [good | (types == t) for t in kinds]
+    pixel, *per_kind = pixels.metrics_of([range(len(samples))] + [np.flatnonzero(sel) for sel in selections],
+                                         curves=curves)  # one walk over every pixel for all of them
     defect = np.array([v == "defect" for v in scored["verdicts"]])
     out = {f"image_{k}": image[k] for k in IMAGE_KEYS}
     out.update({f"pixel_{k}": pixel[k] for k in PIXEL_KEYS})
@@ -92,10 +96,7 @@ def measure(scored: dict, curves: bool = False) -> dict:
         "n_defective": int(labels.sum()), "pixel_metrics_resolution": "original mask size",
     })
     per_type = {}
-    good = types == "good"
-    for t in sorted(set(types) - {"good"}):
-        sel = good | (types == t)
-        px = pixels.metrics(np.flatnonzero(sel))
+    for t, sel, px in zip(kinds, selections, per_kind):
         per_type[t] = {"image_auroc": metrics.roc_auc(scores[sel], labels[sel]), "pixel_auroc": px["auroc"],
                        "pixel_aupro": px["aupro"], "n_images": int((types == t).sum()),
                        "miss": _rate(int((~defect & (types == t)).sum()), int((types == t).sum()))}

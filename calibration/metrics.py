@@ -233,23 +233,33 @@ class PixelSet:
         (indices; None: all), exactly as one sort of all their pixels would give them.
         curves: also "roc" {"fpr", "tpr"} and "pro" {"fpr", "pro"} (to fpr_limit), at most about 512
         points each, for plots."""
+        return self.metrics_of([range(len(self.images)) if images is None else images], fpr_limit, curves)[0]
+
+    def metrics_of(self, subsets: Sequence[Sequence[int]], fpr_limit: float = 0.3, curves: bool = False) -> list[dict]:
+        """`metrics` of each subset of the images (eval: all, and good + each defect type), in one walk
+        over the key range: a map not cached is made again once a chunk for every subset, not once a
+        chunk for each."""
         fpr_limit = _check_fpr_limit(fpr_limit)
-        images = range(len(self.images)) if images is None else list(images)
-        if not len(images):
-            raise ValueError(f"{self.name}: need equally many maps and masks (at least one), got none")
-        n = sum(self.images[i].size for i in images)
-        n_regions = sum(len(self.images[i].sizes) for i in images)
-        n_pos = sum(len(self.images[i].defects) for i in images)
-        if n_pos == 0:
-            raise ValueError(f"{self.name}: masks contain no defect pixels ({len(images)} masks, {n} pixels, "
-                             "0 defect regions)")
-        if n_pos == n:
-            raise ValueError(f"{self.name}: masks contain no normal pixels ({len(images)} masks, all {n} "
-                             "pixels are defect)")
-        curve = _Curve(n_pos, n - n_pos, fpr_limit)
-        for lo, hi in self._plan(images):
-            self._fold(curve, images, lo, hi, n_regions)
-        return curve.result(curves)
+        subsets = [list(images) for images in subsets]
+        sums = []  # per subset: its running curve and its number of defect regions
+        for images in subsets:
+            if not len(images):
+                raise ValueError(f"{self.name}: need equally many maps and masks (at least one), got none")
+            n = sum(self.images[i].size for i in images)
+            n_pos = sum(len(self.images[i].defects) for i in images)
+            if n_pos == 0:
+                raise ValueError(f"{self.name}: masks contain no defect pixels ({len(images)} masks, {n} pixels, "
+                                 "0 defect regions)")
+            if n_pos == n:
+                raise ValueError(f"{self.name}: masks contain no normal pixels ({len(images)} masks, all {n} "
+                                 "pixels are defect)")
+            sums.append((_Curve(n_pos, n - n_pos, fpr_limit), sum(len(self.images[i].sizes) for i in images)))
+        union = sorted(set().union(*subsets))
+        for lo, hi in self._plan(union):
+            parts = {i: self._part(i, lo, hi) for i in union}
+            for images, (curve, n_regions) in zip(subsets, sums):
+                self._fold(curve, [parts[i] for i in images], lo, hi, n_regions)
+        return [curve.result(curves) for curve, _ in sums]
 
     def _plan(self, images: Sequence[int]) -> list[tuple[int, int]]:
         """Key ranges [lo, hi), highest first, covering every key of `images`, each of at most
@@ -283,29 +293,31 @@ class PixelSet:
                 chunks.append([lo, hi, count])
         return [(lo, hi) for lo, hi, _ in chunks]
 
-    def _fold(self, curve: "_Curve", images: Sequence[int], lo: int, hi: int, n_regions: int) -> None:
-        """Fold the pixels of `images` with keys in [lo, hi) into `curve`, highest key first: gathered
-        and sorted, then counted at each distinct key a block of about BLOCK pixels at a time (a single
-        key value: counted in place). A defect pixel's PRO weight: 1 / (its region's size x n_regions)."""
-        whole, single = (lo, hi) == (0, _ALL_KEYS), hi - lo == 1
-        every, defect, weight = [], [], []
-        total = 0
-        for i in images:
-            keys, image = self._keys(i), self.images[i]
-            dk = keys[image.defects]
-            inside = slice(None) if whole else _within(dk, lo, hi)
-            defect.append(dk[inside])
-            weight.append(1.0 / (image.sizes[image.regions[inside]] * n_regions))
-            if single:
-                total += int(np.count_nonzero(keys == lo))
-            else:
-                every.append(keys if whole else keys[_within(keys, lo, hi)])
-        defect_keys, defect_weights = np.concatenate(defect), np.concatenate(weight)
-        if single:
-            pos = len(defect_keys)
-            curve.add(np.array([total - pos]), np.array([pos]), np.array([defect_weights.sum()]))
+    def _part(self, i: int, lo: int, hi: int) -> tuple:
+        """Image i's pixels with keys in [lo, hi): (its keys, or for a single key value how many pixels
+        hold it; its defect pixels' keys; the sizes of their regions)."""
+        keys, image = self._keys(i), self.images[i]
+        dk = keys[image.defects]
+        if (lo, hi) == (0, _ALL_KEYS):
+            return keys, dk, image.sizes[image.regions]
+        inside = _within(dk, lo, hi)
+        held = int(np.count_nonzero(keys == lo)) if hi - lo == 1 else keys[_within(keys, lo, hi)]
+        return held, dk[inside], image.sizes[image.regions[inside]]
+
+    def _fold(self, curve: "_Curve", parts: list[tuple], lo: int, hi: int, n_regions: int) -> None:
+        """Fold the pixels of `parts` (`_part` of each image, keys in [lo, hi)) into `curve`, highest key
+        first: gathered and sorted, then counted at each distinct key a block of about BLOCK pixels at a
+        time (a single key value: counted in place). A defect pixel's PRO weight: 1 / (its region's size x
+        n_regions)."""
+        defect_keys = np.concatenate([dk for _, dk, _ in parts])
+        defect_weights = 1.0 / (np.concatenate([sizes for _, _, sizes in parts]) * n_regions)
+        if hi - lo == 1:
+            held = sum(held for held, _, _ in parts)
+            if held:  # a key of the union's chunk that none of these images holds adds no point
+                pos = len(defect_keys)
+                curve.add(np.array([held - pos]), np.array([pos]), np.array([defect_weights.sum()]))
             return
-        every = np.concatenate(every) if len(every) > 1 else every[0].copy()
+        every = np.concatenate([held for held, _, _ in parts]) if len(parts) > 1 else parts[0][0].copy()
         every.sort()
         order = np.argsort(defect_keys, kind="stable")
         defect_keys, defect_weights = defect_keys[order], defect_weights[order]

@@ -337,6 +337,36 @@ def test_pixel_set_subsets_are_their_own_metrics():
         assert pixels.metrics(subset) == pytest.approx(expected, rel=RTOL)
 
 
+def test_subsets_in_one_walk_equal_their_own_metrics_and_make_each_map_once_a_chunk():
+    """Several subsets at once (eval: all, and good + each type) over chunks of the union: a subset
+    whose images hold no key of a chunk (its scores lie elsewhere) or none of a tied key gets no point
+    there, and every subset's metrics equal its own; an uncached map is made once a chunk, not once a
+    chunk for each subset."""
+    rng = np.random.default_rng(23)
+    maps, masks = random_images(rng, SHAPES * 2, decimals=1)
+    maps = [m + np.float32(5.0) * (i % 2) for i, m in enumerate(maps)]  # odd images score far above even ones
+    subsets = [list(range(len(maps))), [0, 2, 4], [1, 3], [0, 1, 5], [2]]
+    subsets = [s for s in subsets if any(masks[i].any() for i in s) and not all(masks[i].all() for i in s)]
+    made = []
+    pixels = PixelSet(chunk_pixels=9, cache_pixels=0)
+    for i, (m, k) in enumerate(zip(maps, masks)):
+        pixels.add(m, k, remake=lambda i=i: made.append(i) or maps[i])
+    chunks = len(pixels._plan(range(len(maps))))
+    made.clear()
+    together = pixels.metrics_of(subsets, curves=True)
+    assert chunks > 10 and len(made) <= len(maps) * (chunks + 1)  # the + 1: the plan's pass over split bins
+    in_one_walk = len(made)
+    made.clear()
+    for subset in subsets:
+        pixels.metrics(subset)
+    assert len(made) > 1.5 * in_one_walk  # one subset after another makes them again for each
+    for subset, out in zip(subsets, together):
+        alone = pixel_metrics([maps[i] for i in subset], [masks[i] for i in subset], curves=True)
+        assert {k: out[k] for k in ("auroc", "f1max", "iou_max")} == {k: alone[k] for k in ("auroc", "f1max", "iou_max")}
+        assert out["ap"] == pytest.approx(alone["ap"], rel=RTOL) and out["aupro"] == pytest.approx(alone["aupro"], rel=RTOL)
+        assert out["roc"] == alone["roc"] and out["pro"]["fpr"] == alone["pro"]["fpr"]
+
+
 def test_pixel_set_memory_is_bounded():
     """12 maps of a million pixels, made on demand: the metrics hold a few chunks' worth of keys, not
     every pixel (one sort of all of them took 328 MB here), and equal the one-sort result."""
