@@ -696,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
+    from pipeline.run import follow_supervisor
+
+    follow_supervisor()
     try:
         return args.func(args)
     except LineguardError as exc:

@@ -210,6 +210,25 @@ class Stage:
     index: int = 0
 
 
+SUPERVISOR_ENV = "LINEGUARD_SUPERVISOR"  # set by `lineguard run` for its stages: the supervisor's pid
+
+
+def follow_supervisor() -> None:
+    """In a stage `lineguard run` started: ask Linux for SIGTERM when the supervisor dies, however it dies
+    (SIGKILL, the OOM killer), so no orphaned stage keeps a camera open, a port bound or a GPU's memory.
+    A stage whose supervisor is already gone stops now. Elsewhere (not Linux, or a stage started alone)
+    it does nothing."""
+    supervisor = os.environ.pop(SUPERVISOR_ENV, None)  # for this process, not for any it starts
+    if not supervisor or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(supervisor):  # it died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 IPC_NAME_MAX = 16  # the longest endpoint name a Supervisor makes ("post-12-345" and the like)
 
 
@@ -284,8 +303,10 @@ class Supervisor:
         with open(log, "wb") as f:
             # a process group of its own: a terminal's Ctrl-C reaches the supervisor alone, which ends the
             # streams and lets every stage finish what was accepted (`end_streams`)
+            # and it ends with the supervisor, however that ends (`pipeline.workers.follow_supervisor`)
             self.procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=f,
-                                                stdin=subprocess.DEVNULL, process_group=0)
+                                                stdin=subprocess.DEVNULL, process_group=0,
+                                                env={**os.environ, SUPERVISOR_ENV: str(os.getpid())})
 
     def log_tail(self, name: str) -> str:
         lines = self.logs[name].read_text(errors="replace").strip().splitlines()

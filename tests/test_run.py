@@ -241,6 +241,27 @@ def test_a_second_ctrl_c_stops_at_once(fitted_model, tmp_path):
     assert proc.returncode == 130 and "lineguard: interrupted" in stderr and _gone(children)
 
 
+def test_the_stages_end_with_a_supervisor_killed_outright(fitted_model, tmp_path):
+    """kill -9 of `lineguard run` itself (or the OOM killer): its stages get SIGTERM from Linux and end,
+    so none is left holding a camera, a port or a GPU."""
+    proc, sub = _endless_run(fitted_model, tmp_path)
+    try:
+        sub.wait_for(5, 120, proc)
+        children = [pid for pid, _ in _children(proc.pid)]
+        assert len(children) >= 4
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while not _gone(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        sub.close()
+        left = [pid for pid in children if not _gone([pid])]
+        for pid in left:  # reparented away from the test by now: ended by pid
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} stages outlived their supervisor"
+
+
 @pytest.mark.parametrize("case", ["missing_model", "bad_source"])
 def test_run_errors_are_one_line(fitted_model, tmp_path, case, capsys):
     from pipeline.cli import main
