@@ -317,10 +317,8 @@ class Supervisor:
         n = self.spawned.get(product.name, 0)
         self.spawned[product.name] = n + 1
         name = self.name("infer", product.name, n)
-        d = product.deployment
-        workers = sum(p.workers for p in self.line.products)
-        threads = d.threads or max(1, usable_cores() // workers)
-        deployment = dataclasses.replace(d, threads=threads).to_json()  # crosses the process boundary as JSON
+        deployment = dataclasses.replace(product.deployment, threads=self.worker_threads(product)).to_json()
+        # the deployment crosses the process boundary as its JSON
         args = ["worker", str(product.model), "--deployment", deployment, "--batch-size", str(product.batch),
                 "--batch-ms", str(product.batch_ms), "--control", self.endpoint("control"), "--name", name,
                 *self.port(Stage("infer", product.name, slot))]
@@ -330,6 +328,22 @@ class Supervisor:
         for i in range(product.post_workers):
             args += ["--out", self.post_endpoint(product, i)]
         self.spawn(name, Stage("infer", product.name, slot), args)
+
+    def worker_threads(self, product: Product) -> int:
+        """Each inference worker's threads: its deployment's, or the usable cores shared among every
+        inference worker of the line."""
+        workers = sum(p.workers for p in self.line.products)
+        return product.deployment.threads or max(1, usable_cores() // workers)
+
+    def plan(self) -> str:
+        """One line for the user: what runs where, as chosen (worker counts and threads, runtime)."""
+        parts = []
+        for p in self.line.products:
+            d = p.deployment
+            parts.append(f"{'' if self.single else p.name + ': '}{p.workers} inference worker{'s' * (p.workers > 1)} "
+                         f"of {self.worker_threads(p)} thread{'s' * (self.worker_threads(p) > 1)} ({d.runtime} "
+                         f"{d.precision} on {d.device}), {p.post_workers} postprocess")
+        return f"lineguard run: {'; '.join(parts)}; {usable_cores()} usable CPU cores"
 
     def sink_args(self, resume: bool = False) -> list[str]:
         c = self.line
@@ -375,6 +389,7 @@ class Supervisor:
         ctx = zmq.Context()
         control = ctx.socket(zmq.PULL)
         control.bind(self.endpoint("control"))
+        print(self.plan(), file=sys.stderr, flush=True)
         try:
             self.spawn("sink", Stage("sink"), self.sink_args())
             for product in self.line.products:

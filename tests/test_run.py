@@ -117,6 +117,8 @@ def test_synthetic_run_accounts_for_every_frame_and_finds_planted_defects(fitted
             assert r["regions"] and (out / "overlays" / f"cam0-{r['seq']:08d}.jpg").is_file()
             assert (out / "maps" / f"cam0-{r['seq']:08d}.png").is_file()
     assert "results" in proc.stdout and "fps" in proc.stdout
+    workers = auto_workers(Deployment(), 1)  # the run says what it chose, before it starts
+    assert f"lineguard run: {workers} inference worker{'s' * (workers > 1)} of 1 thread (onnxruntime fp32" in proc.stderr
 
     # the same --out again, fewer frames: its maps and overlays are this run's defect frames, none older
     again = subprocess.run(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "12", "--out",
