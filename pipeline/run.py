@@ -31,7 +31,7 @@ import zmq
 
 from calibration.artifact import load_manifest
 from engines.errors import ConfigError, LineguardError
-from engines.runtimes import Deployment, usable_cores
+from engines.runtimes import Deployment, runtime, usable_cores
 from pipeline import wire
 from pipeline.metrics import stage_metrics
 
@@ -517,13 +517,19 @@ class Supervisor:
 
 def run_pipeline(config: RunConfig | Line, status: Callable[[dict], None] | None = None) -> dict:
     """Run a line (or one stream of one model) until every source ends (or Ctrl-C / SIGTERM); the sink's summary."""
+    from calibration.kinds import get_kind
+    from engines.compiled import engine_file
     from pipeline.producers import check_source
 
     line = config.line() if isinstance(config, RunConfig) else config
     sizes = {}
-    for product in line.products:  # a bad model or source: one clear error here, not a dead stage later
+    for product in line.products:  # a bad model, engine or source: one clear error here, not a dead stage later
         manifest = load_manifest(product.model)
         sizes[product.name] = manifest.get("frame", [manifest["input"]["height"]])[0]
+        d = product.deployment
+        if d.precision in runtime(d.runtime).compiled:  # an engine `lineguard export` builds: there and valid here
+            for part in get_kind(manifest["kind"]).parts(product.model, manifest):
+                engine_file(part, d)
     for stream in line.streams:
         check_source(stream.source)
     if line.out is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,16 +265,22 @@ def test_the_stages_end_with_a_supervisor_killed_outright(fitted_model, tmp_path
     assert not left, f"{len(left)} stages outlived their supervisor"
 
 
-@pytest.mark.parametrize("case", ["missing_model", "bad_source"])
+@pytest.mark.parametrize("case", ["missing_model", "bad_source", "engine_not_exported"])
 def test_run_errors_are_one_line(fitted_model, tmp_path, case, capsys):
+    """Before any stage starts (no "exited while starting" from a stage), one line naming the problem."""
     from pipeline.cli import main
 
     if case == "missing_model":
         code = main(["run", str(tmp_path / "nope"), "--frames", "5"])
         expected = "nope"
+    elif case == "engine_not_exported":
+        model = tmp_path / "model"
+        shutil.copytree(fitted_model, model, ignore=shutil.ignore_patterns("engines"))
+        code = main(["run", str(model), "--frames", "5", "--precision", "int8"])
+        expected = f"build it first with: lineguard export {model} --runtime onnxruntime --precision int8"
     else:
         code = main(["run", str(fitted_model), "--source", str(tmp_path / "missing.mp4"), "--frames", "5"])
         expected = "missing.mp4"
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and expected in err[0]
+    assert len(err) == 1 and expected in err[0] and "while starting" not in err[0]
