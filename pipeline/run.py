@@ -103,6 +103,9 @@ class Stream:
     def __post_init__(self):
         if not self.name:
             raise ConfigError("a stream needs a name")
+        if "=" in self.name:  # the sink takes its model as STREAM=MODEL
+            raise ConfigError(f"stream name {self.name!r} contains '='; name it without one (e.g. "
+                              f"{self.name.replace('=', '-')!r})")
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; valid modes: lossless, live")
         if self.frames < 0:

@@ -166,3 +166,9 @@ def test_a_run_with_a_deep_tmpdir_and_names_no_path_allows(fitted_model, tmp_pat
     summary = run_pipeline(line)
     assert (summary["results"], summary["lost"], summary["error"]) == (12, 0, 0)
     assert not list(deep.iterdir())  # nothing was made under the deep folder
+
+
+def test_a_stream_name_with_an_equals_sign_is_refused_with_a_name_that_works(fitted_model):
+    """The sink is given each stream's model as STREAM=MODEL: a name with '=' would be split there."""
+    with pytest.raises(ConfigError, match="stream name 'line=3' contains '='; name it without one .*'line-3'"):
+        Stream("line=3", "synthetic", "a")
