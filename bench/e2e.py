@@ -225,7 +225,8 @@ def main() -> None:
     ratios = {f"{a} / {keys[0]}": [ra["fps"] / r0["fps"] for ra, r0 in zip(runs[a], runs[keys[0]])] for a in keys[1:]}
     batch = args.batch_size[0] if len(args.batch_size) == 1 else args.batch_size
     result = {"dataset": args.dataset, "enlarged": args.enlarge, "test_files": files, "batch": batch, "models": specs,
-              "workers": args.workers, "threads": args.threads, "written": "nothing" if args.no_out else "results.jsonl, maps, overlays",
+              "workers": args.workers, "threads": args.threads,
+              "written": "nothing" if args.no_out else "results.jsonl, maps, overlays",
               "fit_args": args.fit_args, "runs": runs, "int8_refused": refused,
               "median_fps": {k: float(np.median([r["fps"] for r in v])) for k, v in runs.items()},
               "median_wall_s": {k: float(np.median([r["wall_s"] for r in v])) for k, v in runs.items()},

@@ -257,6 +257,7 @@ class Supervisor:
         self.frame_sizes = frame_sizes  # product -> the side of its synthetic frames (its typical training frame)
         self.status = status
         self.tmp = ipc_folder()
+        self.cores = usable_cores()  # what the inference workers' threads share (`worker_threads`)
         self.procs: dict[str, subprocess.Popen] = {}
         self.stages: dict[str, Stage] = {}
         self.logs: dict[str, Path] = {}
@@ -306,7 +307,7 @@ class Supervisor:
         with open(log, "wb") as f:
             # a process group of its own: a terminal's Ctrl-C reaches the supervisor alone, which ends the
             # streams and lets every stage finish what was accepted (`end_streams`)
-            # and it ends with the supervisor, however that ends (`pipeline.workers.follow_supervisor`)
+            # and it ends with the supervisor, however that ends (`follow_supervisor`)
             self.procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=f,
                                                 stdin=subprocess.DEVNULL, process_group=0,
                                                 env={**os.environ, SUPERVISOR_ENV: str(os.getpid())})
@@ -336,17 +337,17 @@ class Supervisor:
         """Each inference worker's threads: its deployment's, or the usable cores shared among every
         inference worker of the line."""
         workers = sum(p.workers for p in self.line.products)
-        return product.deployment.threads or max(1, usable_cores() // workers)
+        return product.deployment.threads or max(1, self.cores // workers)
 
     def plan(self) -> str:
         """One line for the user: what runs where, as chosen (worker counts and threads, runtime)."""
         parts = []
         for p in self.line.products:
-            d = p.deployment
+            d, threads = p.deployment, self.worker_threads(p)
             parts.append(f"{'' if self.single else p.name + ': '}{p.workers} inference worker{'s' * (p.workers > 1)} "
-                         f"of {self.worker_threads(p)} thread{'s' * (self.worker_threads(p) > 1)} ({d.runtime} "
-                         f"{d.precision} on {d.device}), {p.post_workers} postprocess")
-        return f"lineguard run: {'; '.join(parts)}; {usable_cores()} usable CPU cores"
+                         f"of {threads} thread{'s' * (threads > 1)} ({d.runtime} {d.precision} on {d.device}), "
+                         f"{p.post_workers} postprocess")
+        return f"lineguard run: {'; '.join(parts)}; {self.cores} usable CPU cores"
 
     def sink_args(self, resume: bool = False) -> list[str]:
         c = self.line
