@@ -28,6 +28,7 @@ from calibration.synthetic import DEFECT_TYPES, normal_frame, plant_defect
 from engines.errors import ConfigError, LineguardError
 from pipeline import wire
 from pipeline.metrics import NoMetrics
+from pipeline.workers import send
 
 MODES = ("lossless", "live")
 
@@ -434,7 +435,7 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
                 tend()
                 stop.wait(0.01)
             message = _message(stream, seq, item)
-            if not taking() or not _send(out, message, stop, tend if redispatch else None):
+            if not taking() or not send(out, message, stop, tend if redispatch else None):
                 break
             stats.sent += 1
             report()
@@ -443,7 +444,7 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
                 tend()
         stats.missed = source.missed
         end = wire.encode_eos(stream, stats.sent, stats.dropped + stats.missed)
-        eos.send_multipart(end)
+        eos.send_multipart(end)  # even after a stop: the sink learns how many frames were sent
         if redispatch is not None:  # until the sink has a verdict for every frame
             last_eos = time.monotonic()
             while not stop.is_set() and not (redispatch.done and not redispatch.waiting):
@@ -452,7 +453,7 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
                 # lost. Once the sink holds all that is left (behind frames abandoned), it stops, so the
                 # sink's drain timeout declares the abandoned ones lost and logs the rest.
                 if redispatch.sending and time.monotonic() - last_eos > 1.0:
-                    eos.send_multipart(end)
+                    send(eos, end, stop)
                     last_eos = time.monotonic()
                 if not redispatch.waiting and redispatch.done:
                     break
@@ -485,19 +486,6 @@ def _message(stream: str, seq: int, item: SourceFrame) -> list:
     # unreadable source frame: still sent, so it ends as an error result
     return wire.encode_frame(stream, seq, np.zeros((1, 1, 1), np.uint8), meta=meta,
                              error=item.error or "the source could not read this frame")
-
-
-def _send(sock: zmq.Socket, message: list, stop: threading.Event, idle=None) -> bool:
-    """Send one message, blocking on backpressure (calling `idle` while it waits); False if stopped first."""
-    while not stop.is_set():  # block on backpressure, but wake up to notice a stop request
-        try:
-            sock.send_multipart(message, copy=False, flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            sock.poll(100, zmq.POLLOUT)
-            if idle is not None:
-                idle()
-    return False
 
 
 def _live_frames(source: Source, ring: int, stats: ProducerStats, taking: Callable[[], bool]) -> Iterator[SourceFrame]:

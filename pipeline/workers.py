@@ -47,6 +47,21 @@ class WorkerStats:
         self.metrics.count("errors", "frames answered with an error result")
 
 
+def send(sock: zmq.Socket, message: list, stop: threading.Event, idle=None) -> bool:
+    """Send one message, waiting on backpressure (calling `idle` while it waits) but never past `stop`:
+    False if stopped first. A plain blocking send to a receiver that is gone (a full pipe, a PUSH with no
+    peer) would never return, and a SIGTERM only sets `stop`."""
+    while not stop.is_set():
+        try:
+            sock.send_multipart(message, copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            sock.poll(100, zmq.POLLOUT)
+            if idle is not None:
+                idle()
+    return False
+
+
 def stop_on_signals(stop: threading.Event, end: threading.Event | None = None) -> None:
     """Set `stop` on SIGTERM / SIGINT (main thread only). With `end`: the first SIGINT sets `end` (finish
     what was accepted, take nothing new), a second one `stop`."""
@@ -67,8 +82,13 @@ class Control:
             self.sock.connect(endpoint)
 
     def send(self, kind: str, **fields) -> None:
+        """Never waits: a supervisor that stopped reading (or died) misses a message, whose counts the next
+        stats message carries again."""
         if self.sock is not None:
-            self.sock.send_multipart(wire.encode_control(kind, self.role, self.name, fields))
+            try:
+                self.sock.send_multipart(wire.encode_control(kind, self.role, self.name, fields), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
     def close(self) -> None:
         if self.sock is not None:
@@ -93,12 +113,12 @@ def _error_result(stream: str, seq: int, t_ns: int, message: str, meta: dict | N
     return wire.encode_result(wire.Result(stream, seq, t_ns, "error", error=message, meta=meta or {}))
 
 
-def _reject(out: zmq.Socket, stats: WorkerStats, reason: str, stream: str | None, seq: int | None, t_ns: int,
-            message: str) -> None:
+def _reject(out: zmq.Socket, stop: threading.Event, stats: WorkerStats, reason: str, stream: str | None,
+            seq: int | None, t_ns: int, message: str) -> None:
     """Count a rejected message; answer it with an error result when it named its stream and seq."""
     stats.reject(reason)
-    if stream is not None and seq is not None:
-        out.send_multipart(_error_result(stream, seq, t_ns, f"rejected: {message}"))
+    if stream is not None and seq is not None and send(out, _error_result(stream, seq, t_ns, f"rejected: {message}"),
+                                                       stop):
         stats.error()
 
 
@@ -147,7 +167,7 @@ def inference_worker(model_dir: str | Path, frames_endpoints: list[str], out_end
             while not stop.is_set():
                 messages = _collect(inp, batch, batch_ms, stop)
                 if messages:
-                    _score_batch(inspector, messages, out, stats)
+                    _score_batch(inspector, messages, out, stats, stop)
                     ctl.send("stats", **stats.counts())
     finally:
         _shut(ctx, ctl, stats, inp, out, curve)
@@ -175,7 +195,8 @@ def _collect(sock: zmq.Socket, batch: int, batch_ms: float, stop: threading.Even
     return messages
 
 
-def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats) -> None:
+def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats, stop: threading.Event) -> None:
+    """Decode, score and send on a batch of frame messages; a stop while the receiver holds back drops the rest."""
     from calibration.images import ImageError, to_rgb
 
     t_recv = time.time_ns()
@@ -188,18 +209,19 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
             if not isinstance(frame, wire.Frame):
                 raise wire.WireError("bad_kind", f"inference worker expects frames, got a {frame.kind} message")
         except wire.WireError as exc:
-            _reject(out, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or t_recv, str(exc))
+            _reject(out, stop, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or t_recv, str(exc))
             continue
         if frame.error is not None:  # the source could not read it; account for it as an error
-            out.send_multipart(_error_result(frame.stream, frame.seq, frame.t_ns, frame.error, frame.meta))
-            stats.error()
+            if send(out, _error_result(frame.stream, frame.seq, frame.t_ns, frame.error, frame.meta), stop):
+                stats.error()
             continue
         layout = geometer.layout(frame.shape[:2])  # the frame's own size, whatever size it is decoded at
         try:
             images.append(to_rgb(frame.image(geometer.decode_shrink(layout)), f"{frame.stream} frame {frame.seq}",
                                  keep_grey=True))  # widened to RGB after resizing: Geometer.prepare
         except (wire.WireError, ImageError) as exc:
-            _reject(out, stats, getattr(exc, "reason", "bad_payload"), frame.stream, frame.seq, frame.t_ns, str(exc))
+            _reject(out, stop, stats, getattr(exc, "reason", "bad_payload"), frame.stream, frame.seq, frame.t_ns,
+                    str(exc))
             continue
         frames.append(frame)
         layouts.append(layout)
@@ -223,8 +245,9 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats)
         metrics.count("frames_scored", "frames scored", stream=frame.stream)
         # defective frames carry the canvas (the frame as the model saw it) for overlays; the rest need none
         canvas = model.geometer.canvas_image(image, r.layout) if model.is_defect(r.score) else None
-        out.send_multipart(wire.encode_scored(frame, r.score, r.canvas_map, canvas, {"queue": queued, **timing},
-                                              r.heat), copy=False)
+        if not send(out, wire.encode_scored(frame, r.score, r.canvas_map, canvas, {"queue": queued, **timing},
+                                            r.heat), stop):
+            return
     stats.frames += n
     stats.batches += 1
 
@@ -271,11 +294,11 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
             try:
                 item = wire.decode(message)
             except wire.WireError as exc:
-                _reject(out, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or time.time_ns(), str(exc))
+                _reject(out, stop, stats, exc.reason, exc.stream, exc.seq, exc.t_ns or time.time_ns(), str(exc))
                 continue
             if isinstance(item, wire.Result):  # an error result from an inference worker: pass it on
-                out.send_multipart(wire.encode_result(item), copy=False)
-                stats.error()
+                if send(out, wire.encode_result(item), stop):
+                    stats.error()
                 continue
             if not isinstance(item, wire.Scored):
                 stats.reject("bad_kind")
@@ -295,7 +318,8 @@ def postprocess_worker(model_dir: str | Path, in_endpoint: str, sink_endpoint: s
             timing["post"] = 1000 * (time.perf_counter() - start)
             result = wire.Result(item.stream, item.seq, item.t_ns, decision.verdict, decision.score,
                                  tuple(regions), timing, None, defect_map, item.meta)
-            out.send_multipart(wire.encode_result(result), copy=False)
+            if not send(out, wire.encode_result(result), stop):
+                break
             stats.frames += 1
             stats.metrics.count("frames_decided", "frames decided, by verdict", verdict=decision.verdict)
             stats.metrics.observe("step_seconds", "seconds per frame in a step", time.perf_counter() - start,

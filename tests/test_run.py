@@ -246,14 +246,19 @@ def test_a_second_ctrl_c_stops_at_once(fitted_model, tmp_path):
 
 def test_the_stages_end_with_a_supervisor_killed_outright(fitted_model, tmp_path):
     """kill -9 of `lineguard run` itself (or the OOM killer): its stages get SIGTERM from Linux and end,
-    so none is left holding a camera, a port or a GPU."""
+    so none is left holding a camera, a port or a GPU. The postprocess worker is held up first, so the
+    inference workers are waiting to send into full queues when the signal comes."""
     proc, sub = _endless_run(fitted_model, tmp_path)
     try:
         sub.wait_for(5, 120, proc)
         children = [pid for pid, _ in _children(proc.pid)]
         assert len(children) >= 4
+        post = next(pid for pid, cmd in _children(proc.pid) if "pipeline.cli postprocess " in cmd)
+        os.kill(post, signal.SIGSTOP)
+        time.sleep(2.0)
         proc.kill()
         proc.wait(timeout=10)
+        os.kill(post, signal.SIGCONT)  # a stopped process takes its SIGTERM when it runs again
         deadline = time.monotonic() + 20
         while not _gone(children) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -271,6 +271,37 @@ def test_inference_worker_runs_full_batches_before_it_is_ready(fitted_model, net
     run.finish(0)
 
 
+def test_inference_worker_held_back_by_a_receiver_that_is_gone_still_ends_on_stop(fitted_model, net):
+    """Its postprocess worker died with full queues (the supervisor killed outright, every stage told to
+    stop): a worker waiting to send ends on stop, as SIGTERM sets it, instead of waiting forever."""
+    from engines.runtimes import Deployment
+
+    stop = threading.Event()
+    frames_ep, control_ep = net.endpoint("frames"), net.endpoint("control")
+    push = net.socket(zmq.PUSH, bind=frames_ep)
+    control = net.socket(zmq.PULL, bind=control_ep)
+    batch = 2  # results queue up to 4 * batch for a receiver nobody runs: the fifth batch cannot be sent
+    run = Background(inference_worker, fitted_model, [frames_ep], [net.endpoint("nobody")],
+                     deployment=Deployment(runtime="onnxruntime", threads=1), batch=batch, batch_ms=5.0,
+                     control=control_ep, stop=stop)
+    try:
+        wait_ready(control, run)
+        frame = normal_frame(np.random.default_rng(0), 128)
+        for seq in range(8 * batch):
+            push.send_multipart(wire.encode_frame("cam0", seq, frame))
+        counts, deadline = [], time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline and not (counts and counts[-1] == 4 * batch and not control.poll(1000)):
+            if control.poll(100):
+                counts.append(wire.decode(control.recv_multipart()).data["frames"])
+        assert counts[-1] == 4 * batch, f"the worker sent stats {counts}, not stuck at {4 * batch} frames"
+        assert run.thread.is_alive()  # waiting to send the fifth batch
+    finally:
+        stop.set()
+        run.thread.join(TIMEOUT_S)
+        assert not run.thread.is_alive(), "a worker waiting on a receiver that is gone did not end on stop"
+    assert run.finish(0).frames == 4 * batch
+
+
 # ---- postprocess worker ----
 
 @pytest.fixture
