@@ -63,8 +63,8 @@ def main() -> None:
                 print(f"{name:<20} peak {run['peak_rss_gb']:.2f} GB  {run['wall_s']:.0f} s  "
                       + "  ".join(f"{k} {v:.4f}" for k, v in run["metrics"].items()), flush=True)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", "*.py",
+                            "pyproject.toml", "constraints.txt"], capture_output=True, text=True).stdout.strip()  # code, not docs
     result = {"dataset": args.dataset, "enlarge": args.enlarge, "test_images": len(images), "test_pixels": pixels,
               "fitted_by": names[0], "codes": {c: c.rstrip("=").split("@")[1] if "@" in c else head + ("+changes" if dirty else "")
                                               for c in args.codes},
