@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
+import logging
 import os
 import platform
 import shutil
@@ -28,6 +30,8 @@ from pathlib import Path
 
 from engines.compiled import sha256
 from engines.errors import ArtifactError
+
+log = logging.getLogger("lineguard.artifact")
 
 FORMAT = "lineguard-model"
 FORMAT_VERSION = 2
@@ -94,29 +98,64 @@ def writable_folder(folder: Path) -> Path:
 def new_model_dir(out: Path) -> Iterator[Path]:
     """A fresh folder beside `out` to write a model into, put in its place only when the writing has
     finished: a fit that fails or is interrupted leaves `out` as it was (the earlier model, or nothing),
-    never half a model. `out` may be absent, an empty folder or a lineguard model (replaced); anything
-    else is refused, so nothing of the user's is overwritten."""
-    out = Path(out)
+    never half a model. `out` may be absent, an empty folder or a lineguard model (replaced); a symbolic
+    link is followed (the model it points to is replaced); anything else is refused before any work,
+    so nothing of the user's is overwritten. The model folder gets the usual permissions (umask), and
+    what a killed fit left beside `out` is removed."""
+    out = Path(os.path.realpath(out))  # "." and ".." named, a link followed: the folder that is replaced
     if out.exists():
         if not out.is_dir():
             raise ArtifactError(f"output {out} is a file; choose a directory for the model (-o DIR)")
         if any(out.iterdir()) and not (out / "manifest.json").is_file():
             raise ArtifactError(f"output {out} exists and is not a lineguard model; choose an empty or new "
                                 "directory (-o DIR) so nothing of yours is overwritten")
+        if Path.cwd().is_relative_to(out):
+            raise ArtifactError(f"output {out} is the current folder or holds it, which a model cannot replace; "
+                                "give a folder beside it or below it (-o DIR)")
+        if os.path.ismount(out):
+            raise ArtifactError(f"output {out} is a mount point, which cannot be replaced whole; give a folder "
+                                f"inside it (-o {out / 'model'})")
     writable_folder(out.parent)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
+    _remove_leftovers(out)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-{os.getpid()}-", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        scratch.chmod(0o777 & ~umask)  # mkdtemp's folder is its owner's alone; a model is read by its servers
         yield scratch
         if out.exists():
-            old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-            out.rename(old)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-{os.getpid()}-", dir=out.parent))
+            out.rename(old)  # onto the empty folder: a name no other fit holds
             scratch.rename(out)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
+            if old.exists():  # files of another user under engines/, say: the new model is in place all the same
+                log.warning("the earlier model was replaced but not all of it could be removed: %s", old)
         else:
             scratch.rename(out)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove what fits killed outright (kill -9, a power cut) left beside `out`: folders named
+    .<name>.writing-<pid>-* or .<name>.replaced-<pid>-* whose process no longer runs (or is this one,
+    a pid reused)."""
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
+        kind, _, rest = leftover.name[len(out.name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if kind in ("writing", "replaced") and pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _upgrade_v1(manifest: dict) -> dict:

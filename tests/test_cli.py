@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import cv2
@@ -329,6 +330,46 @@ def test_a_fit_that_stops_midway_leaves_the_earlier_model_whole(fitted_model, sy
     assert main(["fit", str(synthetic_data), "-o", str(model), "--input-size", "64", "--coreset-ratio", "0.5"]) == 0
     assert json.loads((model / "manifest.json").read_text())["input"]["height"] == 64
     assert not (model / "engines").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_fit_output_is_for_every_reader_follows_a_link_and_clears_what_killed_fits_left(synthetic_data, tmp_path):
+    """The model folder gets the umask's permissions (the service that serves it is often another user);
+    -o through a symbolic link replaces the model it points to and keeps the link; folders a fit killed
+    outright left beside -o are removed, those of a fit still running are not."""
+    import subprocess
+
+    models = tmp_path / "models"
+    models.mkdir()
+    link = tmp_path / "current"
+    link.symlink_to(models / "v1")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process holds now
+    left = [models / f".v1.writing-{gone.pid}-abc", models / f".v1.replaced-{gone.pid}-def"]
+    running = models / f".v1.writing-{os.getppid()}-ghi"
+    for folder in (*left, running):
+        (folder / "engines").mkdir(parents=True)
+    argv = ["fit", str(synthetic_data), "-o", str(link), "--input-size", "64", "--coreset-ratio", "0.5"]
+    umask = os.umask(0o022)
+    try:
+        assert main(argv) == 0
+        assert main(argv) == 0  # and again, replacing the model it wrote
+    finally:
+        os.umask(umask)
+    assert link.is_symlink() and (models / "v1" / "manifest.json").is_file()
+    assert (models / "v1").stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in models.iterdir()) == sorted(["v1", running.name])
+
+
+def test_a_fit_refuses_the_current_folder_as_its_output(synthetic_data, tmp_path, monkeypatch, capsys):
+    """The current folder (a model cannot replace the folder a shell stands in) is refused in one line
+    naming the fix, and nothing is written."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["fit", str(synthetic_data), "-o", "."]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"output {here} is the current folder" in err[0] and "-o DIR" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any(here.iterdir())
 
 
 def test_fuse_may_write_over_one_of_its_members(fitted_model, tmp_path):
