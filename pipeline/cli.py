@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -706,9 +707,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lineguard: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a path the system refused (missing folder, no permission, read-only, full disk)
-        if args.debug or exc.filename is None:
+    except OSError as exc:  # what the system refused: a path (missing folder, no permission, read-only), a full disk
+        if args.debug:
             raise
+        if exc.filename is None:  # a write to a full disk or a failing device names no file
+            fix = {errno.ENOSPC: "free space on the disk and run again; ", errno.EDQUOT: "free space within your "
+                   "quota and run again; ", errno.EIO: "check the disk and run again; "}.get(exc.errno, "")
+            print(f"lineguard: error: {exc.strerror or exc}; {fix}--debug shows where", file=sys.stderr)
+            return 2
         paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
         print(f"lineguard: error: {paths}: {exc.strerror or exc}; check the path and its permissions, or give "
               "another (--debug shows where)", file=sys.stderr)

@@ -443,8 +443,8 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
                 redispatch.add(seq, message)
                 tend()
         stats.missed = source.missed
-        end = wire.encode_eos(stream, stats.sent, stats.dropped + stats.missed)
-        eos.send_multipart(end)  # even after a stop: the sink learns how many frames were sent
+        last = wire.encode_eos(stream, stats.sent, stats.dropped + stats.missed)  # `end` is the Ctrl-C event
+        eos.send_multipart(last)  # even after a stop: the sink learns how many frames were sent
         if redispatch is not None:  # until the sink has a verdict for every frame
             last_eos = time.monotonic()
             while not stop.is_set() and not (redispatch.done and not redispatch.waiting):
@@ -453,7 +453,7 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
                 # lost. Once the sink holds all that is left (behind frames abandoned), it stops, so the
                 # sink's drain timeout declares the abandoned ones lost and logs the rest.
                 if redispatch.sending and time.monotonic() - last_eos > 1.0:
-                    send(eos, end, stop)
+                    send(eos, last, stop)
                     last_eos = time.monotonic()
                 if not redispatch.waiting and redispatch.done:
                     break
@@ -515,10 +515,10 @@ def _live_frames(source: Source, ring: int, stats: ProducerStats, taking: Callab
     thread.start()
     while True:
         with cond:
-            while not frames and not done.is_set():
+            while not frames and not done.is_set() and taking():
                 cond.wait(0.1)
-            if not frames and done.is_set():
-                break
+            if not frames and (done.is_set() or not taking()):  # ended while the source sends nothing (a
+                break  # stalled camera, one waiting for its trigger): the stream ends now all the same
             item = frames.popleft()
         yield item
     thread.join(timeout=1.0)

@@ -308,9 +308,15 @@ class Supervisor:
             # a process group of its own: a terminal's Ctrl-C reaches the supervisor alone, which ends the
             # streams and lets every stage finish what was accepted (`end_streams`)
             # and it ends with the supervisor, however that ends (`follow_supervisor`)
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=f,
-                                                stdin=subprocess.DEVNULL, process_group=0,
-                                                env={**os.environ, SUPERVISOR_ENV: str(os.getpid())})
+            # SIGINT blocked until the stage's own handler is in place (`stop_on_signals` unblocks it): a
+            # Ctrl-C's ending that reaches a producer still starting is kept for it, not its death
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                self.procs[name] = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=f, stderr=f,
+                                                    stdin=subprocess.DEVNULL, process_group=0,
+                                                    env={**os.environ, SUPERVISOR_ENV: str(os.getpid())})
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def log_tail(self, name: str) -> str:
         lines = self.logs[name].read_text(errors="replace").strip().splitlines()
@@ -414,11 +420,14 @@ class Supervisor:
         """Ctrl-C: the producers take no more frames and end their streams; every frame already sent is
         still scored, postprocessed and logged, and the run ends with its summary. A second Ctrl-C, or
         one before any frame was sent, stops at once."""
-        producers = [p for n, p in self.procs.items() if self.stages[n].role == "producer" and p.poll() is None]
-        if self.ending or not producers:
+        if self.ending:
             self.stop.set()
             return
-        self.ending = True
+        self.ending = True  # first: a second SIGINT arriving while this one is handled stops
+        producers = [p for n, p in self.procs.items() if self.stages[n].role == "producer" and p.poll() is None]
+        if not producers:
+            self.stop.set()
+            return
         for proc in producers:
             proc.send_signal(signal.SIGINT)
         print("\nlineguard: ending: no new frames; the frames in flight are being finished (Ctrl-C again stops now)",
@@ -545,7 +554,8 @@ def run_pipeline(config: RunConfig | Line, status: Callable[[dict], None] | None
     if threading.current_thread() is threading.main_thread():
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: supervisor.end_streams())
         for sig in (signal.SIGTERM, signal.SIGHUP):  # the stages are in their own process groups: a closed
-            previous[sig] = signal.signal(sig, lambda *_: supervisor.stop.set())  # terminal must stop them too
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # terminal must stop them too, unless under nohup
+                previous[sig] = signal.signal(sig, lambda *_: supervisor.stop.set())
     try:
         return supervisor.run()
     finally:

@@ -68,6 +68,7 @@ def stop_on_signals(stop: threading.Event, end: threading.Event | None = None) -
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: (stop if end is None or end.is_set() else end).set())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # `lineguard run` starts its stages with it blocked
 
 
 class Control:

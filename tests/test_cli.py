@@ -302,6 +302,20 @@ def test_an_output_path_the_system_refuses_is_one_line_before_the_work(fitted_mo
         assert len(err) == 1 and err[0].startswith(f"lineguard: error: {blocker}") and "Not a directory" in err[0]
 
 
+def test_a_full_disk_is_one_line_saying_so(fitted_model, synthetic_data, tmp_path, capsys, monkeypatch):
+    """A write the disk refuses names no file (ENOSPC): still one line, with what to do, not a traceback."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("calibration.evaluate.evaluate", full)
+    assert main(["eval", str(fitted_model), str(synthetic_data), "--json", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lineguard: error: {os.strerror(errno.ENOSPC)}; free space on the disk and run again; "
+                   "--debug shows where"]
+
+
 @pytest.mark.parametrize("failure", [KeyboardInterrupt, MemoryError])
 def test_a_fit_that_stops_midway_leaves_the_earlier_model_whole(fitted_model, synthetic_data, tmp_path, monkeypatch,
                                                                 failure):

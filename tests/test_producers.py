@@ -513,6 +513,43 @@ def test_end_takes_no_more_frames_and_ends_the_stream_with_those_sent(net, live)
     assert [f.seq for f in first + frames] == list(range(stats.sent))
 
 
+def test_end_ends_a_live_stream_whose_camera_sends_nothing(net, monkeypatch):
+    """Ctrl-C while the camera sends nothing (stalled, or waiting for a trigger that does not come): the
+    stream ends at once with the frames sent; a frame the camera delivers after that is left, no error."""
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    trigger = threading.Event()
+
+    class Camera(Source):
+        live = True
+
+        def __iter__(self):
+            for i in range(3):
+                yield SourceFrame(pixels=np.full((8, 8, 3), i, np.uint8))
+            trigger.wait(TIMEOUT_S)
+            yield SourceFrame(pixels=np.zeros((8, 8, 3), np.uint8))
+
+    frames_ep, sink_ep = net.endpoint("frames"), net.endpoint("sink")
+    sink = net.socket(zmq.PULL, bind=sink_ep)
+    stop, end = threading.Event(), threading.Event()
+    run = Background(produce, Camera(), frames_ep, sink_ep, stop=stop, end=end, hold=0)
+    try:
+        pull = net.socket(zmq.PULL, connect=frames_ep)
+        frames = [wire.decode(pull.recv_multipart(copy=False)) for _ in range(3)]
+        (capture,) = [t for t in threading.enumerate() if t.name == "capture"]
+        end.set()
+        assert sink.poll(5000), "the stream did not end while its camera sent nothing"
+        eos = wire.decode(sink.recv_multipart())
+        trigger.set()  # the camera delivers one more frame: the capture thread sees the end and stops
+        capture.join(TIMEOUT_S)
+        stats = run.finish()
+    finally:
+        trigger.set()
+        stop_producer(run, stop, net)
+    assert eos == wire.Eos("cam0", 3, 0) and stats.sent == 3 and [f.seq for f in frames] == [0, 1, 2]
+    assert not capture.is_alive() and errors == []
+
+
 def test_stop_ends_produce_promptly_while_its_consumer_stalls(net):
     source = endless((256, 256, 3))
     frames_ep, sink_ep = net.endpoint("frames"), net.endpoint("sink")

@@ -222,6 +222,47 @@ def test_ctrl_c_ends_the_streams_and_finishes_every_frame_sent(fitted_model, tmp
     assert _gone(children)
 
 
+def test_ctrl_c_as_the_producer_starts_still_ends_the_run_cleanly(fitted_model, tmp_path):
+    """Ctrl-C the moment the producer process exists, before its Python has set its handler: the ending
+    waits for it (stages start with SIGINT blocked) instead of killing it and failing the run."""
+    proc, sub = _endless_run(fitted_model, tmp_path, "--json", str(tmp_path / "summary.json"))
+    try:
+        deadline = time.monotonic() + 120
+        while not any("pipeline.cli produce " in cmd for _, cmd in _children(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no producer started"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        sub.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ended_on_request"] and summary["frames_in"] == summary["results"] and summary["lost"] == 0
+
+
+def test_a_run_under_nohup_goes_on_after_a_hangup(fitted_model, tmp_path):
+    """`nohup lineguard run ... &`: SIGHUP ignored when the run starts stays ignored (a closed terminal
+    or an ssh logout does not stop the line); Ctrl-C still ends it."""
+    pub = f"ipc://{tmp_path}/pub"
+    sub = Subscriber(pub)
+    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
+                                       "--pub", pub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        sub.wait_for(5, 120, proc)
+        proc.send_signal(signal.SIGHUP)
+        sub.wait_for(sub.received + 10, 60, proc)  # still scoring
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        sub.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "ended on request (Ctrl-C)" in stdout, stderr
+
+
 def test_a_second_ctrl_c_stops_at_once(fitted_model, tmp_path):
     """The postprocess worker is paused, so the frames in flight cannot finish: the first Ctrl-C waits for
     them, the second stops every process."""
