@@ -13,12 +13,15 @@ Few-shot (`shots` K): the bank holds every patch of K normal images and of their
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -134,27 +137,53 @@ def served_bank(model_dir: Path, manifest: dict, device: str = "cpu", precision:
 
     files = {name: manifest["files"][name] for name in candidates["banks"].values()}
     path = Path(model_dir) / "engines" / f"index-{hashlib.sha256(here.encode()).hexdigest()[:12]}.json"
-    try:
-        record = json.loads(path.read_text())
-        if record["cpu"] == here and record["banks"] == files and record["index"] in candidates["banks"]:
-            return load(record["index"])
-    except (OSError, ValueError, TypeError, KeyError):
-        pass  # none yet, or unreadable: time them
-    banks = {kind: load(kind) for kind in candidates["banks"]}
-    speeds = time_searches(banks, np.load(Path(model_dir) / candidates["queries"]))
-    kind = min(speeds, key=speeds.get)
-    record = {"cpu": here, "fitted_on": candidates["timed_on"], "ms_per_1024": speeds, "index": kind, "banks": files}
-    try:
-        path.parent.mkdir(exist_ok=True)
-        scratch = path.with_suffix(f".{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(scratch, path)  # workers starting together each write a whole record
-        saved = f"recorded in {path}"
-    except OSError as exc:
-        saved = f"not recorded ({exc.strerror}: {path.parent}), so timed at every start"
+
+    def recorded() -> str | None:
+        try:
+            record = json.loads(path.read_text())
+            if record["cpu"] == here and record["banks"] == files and record["index"] in candidates["banks"]:
+                return record["index"]
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # none yet, or unreadable: time them
+        return None
+
+    if kind := recorded():
+        return load(kind)
+    with _one_at_a_time(path.with_suffix(".lock")):  # workers starting together: one times, the rest read
+        if kind := recorded():
+            return load(kind)
+        banks = {kind: load(kind) for kind in candidates["banks"]}
+        speeds = time_searches(banks, np.load(Path(model_dir) / candidates["queries"]))
+        kind = min(speeds, key=speeds.get)
+        record = {"cpu": here, "fitted_on": candidates["timed_on"], "ms_per_1024": speeds, "index": kind,
+                  "banks": files}
+        try:
+            scratch = path.with_suffix(f".{os.getpid()}.tmp")
+            scratch.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(scratch, path)  # a reader sees no record or a whole one
+            saved = f"recorded in {path}"
+        except OSError as exc:
+            saved = f"not recorded ({exc.strerror}: {path.parent}), so timed at every start"
     log.warning("bank index timed on this CPU (the model was fitted on %s): %s; serving %s, %s", candidates["timed_on"],
                 ", ".join(f"{k} {ms:.1f} ms per 1024 queries" for k, ms in speeds.items()), kind, saved)
     return banks[kind]
+
+
+@contextlib.contextmanager
+def _one_at_a_time(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (made with its folder); where it cannot be made (a
+    read-only model folder), go on without one."""
+    try:
+        lock.parent.mkdir(exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 class MemoryBankDetector(Detector):

@@ -94,6 +94,32 @@ def test_a_cpu_of_another_kind_times_the_candidates_once_and_serves_the_faster(
     assert served_bank(model, manifest).config == bank.config
 
 
+def test_workers_starting_together_time_the_candidates_once(fitted_model, tmp_path, monkeypatch, slow_index):
+    """Two workers of one run starting at once: one times the candidates (the other is not timing beside
+    it and skewing the figures), the other waits and serves the choice it recorded."""
+    import threading
+
+    from engines.banks import time_searches
+
+    model, manifest = _fitted_elsewhere(fitted_model, tmp_path)
+    slow_index("hnsw")
+    timings = []
+
+    def counted(*args, **kwargs):
+        timings.append(threading.current_thread().name)
+        return time_searches(*args, **kwargs)
+
+    monkeypatch.setattr("calibration.memory_bank.time_searches", counted)
+    served = {}
+    workers = [threading.Thread(target=lambda n=n: served.update({n: served_bank(model, manifest).config.index}),
+                                name=f"worker{n}") for n in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert len(timings) == 1 and served == {0: "ivf", 1: "ivf"}
+
+
 def test_a_stale_or_unreadable_record_is_timed_again(fitted_model, tmp_path, slow_index):
     model, manifest = _fitted_elsewhere(fitted_model, tmp_path)
     slow_index("hnsw")
