@@ -170,7 +170,7 @@ def resolution(geometer: Geometer, frame: tuple[int, int]) -> dict:
     if geometer.geometry.tiling == "resize" and cell > FINE_CELL:
         scale = round(2 * geometer.stride / cell, 3)
         tiles = Geometer(geometer.spec, dataclasses.replace(geometer.geometry, tiling="tiles", scale=scale),
-                         geometer.stride)
+                         geometer.stride, geometer.roi)  # tiles wholly outside the ROI are not inputs
         out["finer"] = {"tile_scale": scale, "inputs_per_frame": tiles.layout(frame).count}
     return out
 

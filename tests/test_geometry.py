@@ -270,3 +270,7 @@ def test_fit_reports_what_a_map_cell_covers_and_the_tiles_that_halve_it():
     assert finer["inputs_per_frame"] == layout.count > 1
     assert resolution(resize, (256, 320)) == {"cell_pixels": 8.0, "inputs_per_frame": 1}
     assert "finer" not in resolution(tiles, (2048, 2448))  # already tiled: the user chose the scale
+    roi = np.zeros((2048, 2448), np.uint8)
+    roi[:512, :612] = 255  # a region in one corner: the tiles that cover it are all the inputs
+    inside = resolution(Geometer(InputSpec(256, 320), Geometry(), 8, roi), (2048, 2448))["finer"]
+    assert inside["tile_scale"] == finer["tile_scale"] and 1 <= inside["inputs_per_frame"] < finer["inputs_per_frame"]
