@@ -8,6 +8,7 @@ own, `png_gray`, for the defect maps it writes at line rate.
 from __future__ import annotations
 
 import struct
+import urllib.parse
 import zlib
 
 import cv2
@@ -38,9 +39,15 @@ OVERLAY_SUFFIX = ".jpg"
 OVERLAY_JPEG = [cv2.IMWRITE_JPEG_QUALITY, 90]
 
 
+def frame_file(stream: str, seq: int, suffix: str) -> str:
+    """A streamed frame's file name (its defect map, its overlay): the stream name percent-encoded, so a
+    name from the wire ("../x", "a/b") stays one file in its folder and two names never share a file."""
+    return f"{urllib.parse.quote(stream, safe='')}-{seq:08d}{suffix}"
+
+
 def overlay_file(stream: str, seq: int) -> str:
     """The file name of a streamed frame's overlay: what the postprocess worker writes and the view reads."""
-    return f"{stream}-{seq:08d}{OVERLAY_SUFFIX}"
+    return frame_file(stream, seq, OVERLAY_SUFFIX)
 
 # camera pixel formats (GenICam PFNC) this module converts: name -> (bits per sample, bayer pattern, channels)
 PIXEL_FORMATS = {

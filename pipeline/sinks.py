@@ -19,12 +19,17 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from calibration.images import png_gray
+from calibration.images import frame_file, png_gray
 from pipeline import wire
 from pipeline.drift import DriftWatch, drift_reference
 from pipeline.metrics import LATENCY_BUCKETS
 
 log = logging.getLogger("lineguard.sink")
+
+
+def _json_value(value) -> str:
+    """A frame's meta value JSON has no type for (bytes, a msgpack extension): bytes as hex, the rest as text."""
+    return bytes(value).hex() if isinstance(value, (bytes, bytearray, memoryview)) else str(value)
 
 
 class Reservoir:
@@ -57,6 +62,10 @@ class Reservoir:
         return float(np.percentile(self.values[:n], q)) if n else 0.0
 
 
+LOST_SKIPPED = (f"lost: no result arrived while more than {wire.MAX_ACK_MISSING} later frames of its stream "
+                "were missing; its producer has given it up")
+
+
 @dataclasses.dataclass
 class Ledger:
     """One stream's accounting. Results are released in seq order; a gap is skipped (and recorded)
@@ -73,11 +82,17 @@ class Ledger:
     duplicates: int = 0
     gaps: int = 0
     late: int = 0
+    beyond_end: int = 0
     lost_seqs: list = dataclasses.field(default_factory=list)
 
     def accept(self, result: wire.Result) -> list[tuple[wire.Result, bool]]:
-        """Add a result; returns [(result, late)] now releasable, in order."""
+        """Add a result; returns [(result, late)] now releasable, in order. More skipped seqs than an
+        ack may list (wire.MAX_ACK_MISSING): the oldest are declared lost, long since abandoned by
+        their producer, so the acks go on covering what is logged."""
         seq = result.seq
+        if self.expected is not None and seq >= self.expected:
+            self.beyond_end += 1  # its stream said it sent fewer frames: not a frame of this stream
+            return []
         if seq < self.next_seq:
             if seq in self.skipped:
                 self.skipped.discard(seq)
@@ -96,6 +111,11 @@ class Ledger:
             self.gaps += first - self.next_seq
             self.next_seq = first
             out += self._release()
+        while len(self.skipped) > wire.MAX_ACK_MISSING:
+            oldest = min(self.skipped)
+            self.skipped.discard(oldest)
+            self.lost_seqs.append(oldest)
+            out.append((wire.Result(self.stream, oldest, 0, "error", error=LOST_SKIPPED), True))
         return out
 
     def _release(self) -> list[tuple[wire.Result, bool]]:
@@ -173,9 +193,13 @@ class Sink:
         self.window = window
         self.resumed = 0
         self.jsonl = None
+        self.ends = None
         if jsonl:
+            self.ends = Path(jsonl).with_suffix(".ends.json")  # each stream's eos, which the log has no line for
             if resume and Path(jsonl).is_file():
                 self._resume(Path(jsonl))
+            elif not resume:
+                self.ends.unlink(missing_ok=True)  # an earlier run's
             self.jsonl = open(jsonl, "a" if resume else "w")
         self.fsync_s = fsync_s
         self.last_fsync = time.monotonic()
@@ -198,10 +222,30 @@ class Sink:
             record = json.loads(line)
             released.setdefault(record["stream"], set()).add(record["seq"])
             self.counts[record["verdict"]] += 1
+            self.stream_counts.setdefault(record["stream"], {"ok": 0, "defect": 0, "error": 0})[record["verdict"]] += 1
             self.lost += bool(record.get("error") and record["error"].startswith("lost"))
             self.resumed += 1
         for stream, seqs in released.items():
             self.ledger(stream).resume(seqs)
+        try:  # streams that had ended: a producer that got every verdict sends its eos no more
+            ends = json.loads(self.ends.read_text())
+        except FileNotFoundError:
+            ends = {}
+        for stream, (count, dropped) in ends.items():
+            ledger = self.ledger(stream)
+            ledger.expected, ledger.dropped = count, dropped
+
+    def _record_end(self, ledger: Ledger) -> None:
+        """Keep the stream ends beside the log, written through before any ack can say a stream is done."""
+        if self.ends is None:
+            return
+        ends = {l.stream: [l.expected, l.dropped] for l in self.streams.values() if l.expected is not None}
+        scratch = self.ends.with_suffix(f".{os.getpid()}.tmp")
+        with open(scratch, "w") as f:
+            json.dump(ends, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(scratch, self.ends)
 
     def ledger(self, stream: str) -> Ledger:
         if stream not in self.streams:
@@ -217,7 +261,9 @@ class Sink:
             return
         if isinstance(item, wire.Eos):
             ledger = self.ledger(item.stream)
-            ledger.expected, ledger.dropped = item.count, item.dropped
+            if (ledger.expected, ledger.dropped) != (item.count, item.dropped):  # not a repeat
+                ledger.expected, ledger.dropped = item.count, item.dropped
+                self._record_end(ledger)
             self.metrics.set("dropped_frames", "frames the producer dropped (live sources)", item.dropped,
                              stream=item.stream)
         elif isinstance(item, wire.Result):
@@ -268,9 +314,9 @@ class Sink:
                     record["meta"] = result.meta
                 if late:
                     record["late"] = True
-                self.jsonl.write(json.dumps(record) + "\n")
+                self.jsonl.write(json.dumps(record, default=_json_value) + "\n")
             if self.maps_dir is not None and result.defect_map is not None:
-                path = self.maps_dir / f"{result.stream}-{result.seq:08d}.png"
+                path = self.maps_dir / frame_file(result.stream, result.seq, ".png")
                 try:
                     self.maps_dir.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(png_gray(result.defect_map))
@@ -340,6 +386,7 @@ class Sink:
             "dropped": sum(l.dropped for l in self.streams.values()),
             "rejected": dict(self.rejected),
             "duplicates": sum(l.duplicates for l in self.streams.values()),
+            "beyond_end": sum(l.beyond_end for l in self.streams.values()),
             "out_of_order_gaps": sum(l.gaps for l in self.streams.values()),
             "fps": self.results / span if span > 0 else 0.0,
             "latency_ms": {"p50": lat.percentile(50), "p99": lat.percentile(99)},

@@ -276,6 +276,76 @@ def test_sink_complete_counts_ended_streams_not_eos_messages():
     assert not sink.complete(2)
 
 
+def test_a_resumed_sink_knows_which_streams_had_ended(tmp_path):
+    """Stream a ended (its producer, acknowledged done, sends its eos no more), b had not, when the sink
+    was killed: the restarted sink still counts a as ended, so the run can finish; its per-stream counts
+    are the log's. A sink that does not resume starts with no stream ended."""
+    jsonl = tmp_path / "results.jsonl"
+    sink = Sink(jsonl=jsonl)
+    sink.handle(wire.encode_result(res(0, stream="a")))
+    sink.handle(wire.encode_result(res(1, "defect", stream="a", score=0.9)))
+    sink.handle(wire.encode_eos("a", 2, 3))
+    sink.handle(wire.encode_result(res(0, stream="b")))
+    assert sink.streams["a"].complete  # an ack now says a is done
+    del sink  # killed: nothing closed
+    again = Sink(jsonl=jsonl, resume=True)
+    assert again.ended == 1 and again.streams["a"].complete and again.streams["a"].dropped == 3
+    again.handle(wire.encode_result(res(1, stream="b")))
+    again.handle(wire.encode_eos("b", 2))
+    assert again.complete(2)
+    summary = again.summary()
+    assert summary["frames_in"] == summary["results"] == 4 and summary["dropped"] == 3
+    assert summary["streams"]["a"]["defect"] == 1 and summary["streams"]["b"]["ok"] == 2
+    again.close()
+    assert Sink(jsonl=jsonl).ended == 0
+
+
+def test_sink_logs_meta_json_has_no_type_for_and_keeps_stream_files_in_their_folder(tmp_path):
+    """A frame's meta may hold bytes (msgpack has them): logged as hex, not a crash that restarts the sink.
+    A stream named like a path ("../x") gets its defect maps inside the maps folder, one file each."""
+    jsonl, maps = tmp_path / "log" / "results.jsonl", tmp_path / "log" / "maps"
+    jsonl.parent.mkdir()
+    sink = Sink(jsonl=jsonl, maps_dir=maps)
+    sink.handle(wire.encode_result(res(0, meta={"raw": b"\x00\xff", "id": 7})))
+    for stream in ("../x", "..%2Fx"):
+        sink.handle(wire.encode_result(res(0, "defect", stream=stream, score=0.9,
+                                           defect_map=np.full((4, 4), 200, np.uint8))))
+    sink.close()
+    assert json.loads(jsonl.read_text().splitlines()[0])["meta"] == {"raw": "00ff", "id": 7}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
+    assert sorted(p.name for p in maps.iterdir()) == ["..%252Fx-00000000.png", "..%2Fx-00000000.png"]
+
+
+def test_ledger_gives_up_the_oldest_skipped_seqs_beyond_what_an_ack_lists():
+    """A line that runs for months loses a frame now and then: past wire.MAX_ACK_MISSING skipped seqs,
+    the oldest is declared lost, so the acknowledgement goes on covering every seq logged."""
+    ledger = Ledger("cam0", window=1)
+    released = []
+    for seq in range(1, 2 * (wire.MAX_ACK_MISSING + 2), 2):  # every even seq missing
+        released += ledger.accept(res(seq))
+    assert len(ledger.skipped) == wire.MAX_ACK_MISSING
+    lost = [r.seq for r, late in released if r.verdict == "error"]
+    assert lost and lost == list(range(0, 2 * len(lost), 2))  # the oldest gaps, in order
+    assert all(r.error.startswith("lost") for r, _ in released if r.seq in lost)
+    assert ledger.lost_seqs == lost
+    ack = wire.decode(ledger.ack())
+    assert ack.next == ledger.next_seq and len(ack.missing) == wire.MAX_ACK_MISSING
+    assert ledger.accept(res(0)) == []  # the result of a frame declared lost comes too late: a duplicate
+
+
+def test_results_beyond_a_streams_end_are_counted_not_declared_lost(tmp_path):
+    """A stray seq past the count a stream's eos gave (a foreign producer numbering by its own rule) is
+    no frame of that stream: counted, and no fabricated lost results for the seqs in between."""
+    sink = Sink()
+    sink.handle(wire.encode_eos("cam0", 3))
+    for seq in (0, 1, 2, 50):
+        sink.handle(wire.encode_result(res(seq)))
+    assert sink.complete(1)
+    sink.drain("test")
+    summary = sink.summary()
+    assert summary["results"] == 3 and summary["lost"] == 0 and summary["beyond_end"] == 1
+
+
 # ---- run_sink ----
 
 def test_run_sink_returns_the_summary_once_every_result_is_in(net, tmp_path):

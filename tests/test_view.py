@@ -4,6 +4,9 @@ counts match the sink's; its JSON and image endpoints without a browser."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,7 +19,6 @@ import zmq
 
 from bench.view import chromium, free_port, latest_image, listening, missing, page_counts, wait_for
 from pipeline import wire
-from pipeline.run import RunConfig, run_pipeline
 from pipeline.sinks import run_sink
 
 BROWSER = missing()
@@ -109,21 +111,30 @@ def test_the_page_updates_itself_and_matches_the_sink(live_sink):
 
 @pytest.mark.skipif(BROWSER is not None, reason=f"no browser to drive: {BROWSER}")
 def test_the_page_follows_a_running_line(fitted_model, tmp_path):
+    """`lineguard run --view-port`: the page's counts rise while the line runs (a line without an end,
+    so a slow browser start cannot miss it) and never run ahead of the sink's; Ctrl-C ends it."""
     port = free_port()
-    summary = {}
-    run = threading.Thread(target=lambda: summary.update(run_pipeline(RunConfig(
-        model=fitted_model, frames=1500, out=tmp_path / "out", view_port=port))), daemon=True)
-    run.start()
-    with chromium() as driver:
-        wait_for(lambda: listening(port), timeout=120)
-        driver.get(f"http://127.0.0.1:{port}/")
-        seen = [wait_for(lambda: (c := page_counts(driver, "cam0")) and c["results"] > 0 and c, timeout=120)]
-        seen.append(wait_for(lambda: (c := page_counts(driver, "cam0")) and c["results"] > seen[0]["results"] and c,
-                             timeout=60))
-        assert driver.find_elements("css selector", "#stream-cam0 .fps")
-        driver.save_screenshot(str(tmp_path / "view.png"))
-    run.join(timeout=600)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(fitted_model), "--source", "synthetic",
+                             "--frames", "100000", "--out", str(tmp_path / "out"), "--view-port", str(port),
+                             "--json", str(tmp_path / "summary.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with chromium() as driver:
+            wait_for(lambda: listening(port), timeout=120)
+            driver.get(f"http://127.0.0.1:{port}/")
+            seen = [wait_for(lambda: (c := page_counts(driver, "cam0")) and c["results"] > 0 and c, timeout=120)]
+            seen.append(wait_for(lambda: (c := page_counts(driver, "cam0")) and c["results"] > seen[0]["results"] and c,
+                                 timeout=60))
+            assert driver.find_elements("css selector", "#stream-cam0 .fps")
+            driver.save_screenshot(str(tmp_path / "view.png"))
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
     assert (tmp_path / "view.png").read_bytes()[:4] == b"\x89PNG"
-    assert summary["results"] == 1500
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ended_on_request"] and summary["results"] == summary["frames_in"] > 0
     for counts in seen:  # what the page showed never ran ahead of the sink
         assert counts["results"] <= summary["results"] and counts["defect"] <= summary["defect"]
