@@ -111,6 +111,11 @@ class Ledger:
             self.gaps += first - self.next_seq
             self.next_seq = first
             out += self._release()
+        return out + self.give_up()
+
+    def give_up(self) -> list[tuple[wire.Result, bool]]:
+        """A lost result for each of the oldest skipped seqs beyond what an ack may list."""
+        out = []
         while len(self.skipped) > wire.MAX_ACK_MISSING:
             oldest = min(self.skipped)
             self.skipped.discard(oldest)
@@ -133,14 +138,9 @@ class Ledger:
         """The cumulative acknowledgement message of this stream (wire.encode_ack). It covers exactly
         the seqs released (logged), not skipped ones, nor the results only waiting in memory behind
         a gap, which a killed sink loses: those it names as held, so the producer keeps them without
-        sending them again. With more skipped seqs than an ack may list, it ends at the first one it
-        leaves out."""
-        missing = sorted(self.skipped)
-        upto = self.next_seq
-        if len(missing) > wire.MAX_ACK_MISSING:
-            upto, missing = missing[wire.MAX_ACK_MISSING], missing[:wire.MAX_ACK_MISSING]
-        held = sorted(s for s in self.pending if s >= upto)[:wire.MAX_ACK_MISSING]
-        return wire.encode_ack(self.stream, upto, missing, self.complete, held)
+        sending them again. `accept` keeps the skipped seqs within what an ack may list."""
+        held = sorted(self.pending)[:wire.MAX_ACK_MISSING]
+        return wire.encode_ack(self.stream, self.next_seq, sorted(self.skipped), self.complete, held)
 
     def resume(self, released: set[int]) -> None:
         """Continue after a restart from the seqs already released (logged): those below the highest
@@ -210,6 +210,8 @@ class Sink:
         self.timing: dict[str, Reservoir] = {}
         self.first_t_ns: int | None = None
         self.last_ns: int | None = None
+        for ledger in list(self.streams.values()):  # a resumed log with more gaps than an ack may list
+            self._emit(ledger.give_up())
 
     def _resume(self, path: Path) -> None:
         data = path.read_bytes()

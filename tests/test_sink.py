@@ -333,6 +333,19 @@ def test_ledger_gives_up_the_oldest_skipped_seqs_beyond_what_an_ack_lists():
     assert ledger.accept(res(0)) == []  # the result of a frame declared lost comes too late: a duplicate
 
 
+def test_a_resumed_log_with_more_gaps_than_an_ack_lists_gives_up_the_oldest(tmp_path):
+    jsonl = tmp_path / "results.jsonl"
+    jsonl.write_text("".join(json.dumps({"stream": "cam0", "seq": seq, "verdict": "ok"}) + "\n"
+                             for seq in range(1, 2 * (wire.MAX_ACK_MISSING + 3), 2)))
+    sink = Sink(jsonl=jsonl, resume=True)
+    ledger = sink.streams["cam0"]
+    assert len(ledger.skipped) == wire.MAX_ACK_MISSING and ledger.lost_seqs == [0, 2, 4]  # M + 3 gaps
+    assert wire.decode(ledger.ack()).next == ledger.next_seq  # an ack it can send
+    sink.close()
+    lost = [json.loads(line) for line in jsonl.read_text().splitlines()][-3:]
+    assert [(r["seq"], r["verdict"], r["late"]) for r in lost] == [(s, "error", True) for s in (0, 2, 4)]
+
+
 def test_results_beyond_a_streams_end_are_counted_not_declared_lost(tmp_path):
     """A stray seq past the count a stream's eos gave (a foreign producer numbering by its own rule) is
     no frame of that stream: counted, and no fabricated lost results for the seqs in between."""
