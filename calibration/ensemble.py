@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.artifact import load_manifest, new_model_dir, write_manifest
+from calibration.artifact import load_manifest, new_model_dir, sha256, write_manifest
 from calibration.kinds import Detector, Kind
+from calibration.maps import even_border, even_border_torch
 from engines.errors import ConfigError
 from engines.runtimes import Deployment
 
@@ -51,7 +52,9 @@ def _fuse(stack: np.ndarray, fusion: str) -> np.ndarray:
 
 
 class EnsembleDetector(Detector):
-    """Every member's detector on the same inputs; their maps in threshold units, fused."""
+    """Every member's detector on the same inputs; their maps border-evened as the member's own (its
+    thresholds were set on those), in threshold units, fused. One input is one frame's canvas (`fuse`
+    refuses tiled members with an evened border), so a member's rings are its input's rings."""
 
     def __init__(self, model_dir: Path, manifest: dict, deployment: Deployment):
         from calibration.model import Model
@@ -61,25 +64,27 @@ class EnsembleDetector(Detector):
         self.members = []
         for name in manifest["ensemble"]["members"]:
             member = Model(Path(model_dir) / name)
-            self.members.append((member.detector(deployment), _units(member.thresholds)))
+            self.members.append((member.detector(deployment), _units(member.thresholds), member.maps))
 
     def __enter__(self) -> "EnsembleDetector":
-        for detector, _ in self.members:
+        for detector, *_ in self.members:
             detector.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for detector, _ in self.members:
+        for detector, *_ in self.members:
             detector.__exit__(*exc)
 
     def maps(self, inputs: np.ndarray) -> np.ndarray:
-        stack = np.stack([(d.maps(inputs) - lo) / scale for d, (lo, scale) in self.members])
+        stack = np.stack([(np.stack([even_border(m, config) for m in d.maps(inputs)]) - lo) / scale
+                          for d, (lo, scale), config in self.members])
         return _fuse(stack, self.fusion).astype(np.float32)
 
     def maps_device(self, inputs: np.ndarray):
         import torch
 
-        stack = torch.stack([(d.maps_device(inputs) - lo) / scale for d, (lo, scale) in self.members])
+        stack = torch.stack([(even_border_torch(d.maps_device(inputs), config) - lo) / scale
+                             for d, (lo, scale), config in self.members])
         return stack.amax(0) if self.fusion == "max" else stack.mean(0)
 
 
@@ -111,6 +116,16 @@ def fuse(models: list[str | Path], out: str | Path, options: EnsembleOptions = E
         if m["maps"]["stride"] != first["maps"]["stride"]:
             raise ConfigError(f"{path} has map stride {m['maps']['stride']}, {models[0]} {first['maps']['stride']}: "
                               "fused models must map on the same grid")
+    for path, m in zip(models, manifests):
+        if m["geometry"]["tiling"] != "resize" and m["maps"].get("border"):
+            raise ConfigError(f"{path} covers its frames with tiles and evens its map's border: a fused model "
+                              "evens each member's border per input, which is a tile there; refit the tiled "
+                              "members with --border-rings 0")
+    rois = {sha256(Path(path) / m["geometry"]["roi"]) if m["geometry"].get("roi") else None
+            for path, m in zip(models, manifests)}
+    if len(rois) > 1:
+        raise ConfigError(f"{', '.join(map(str, models))} score different regions (their ROI files differ): "
+                          "fused models must share their ROI; refit one with the other's --roi")
     with new_model_dir(out) as out:  # written beside it, put in its place once whole
         members = []
         for i, model in enumerate(models):
@@ -119,15 +134,17 @@ def fuse(models: list[str | Path], out: str | Path, options: EnsembleOptions = E
             members.append(name)
         if first["geometry"].get("roi"):
             shutil.copy(Path(models[0]) / first["geometry"]["roi"], out / first["geometry"]["roi"])
-        pixel_units = []
+        pixel_units, normal_images = [], []
         for model in models:
             t = json.loads((Path(model) / "thresholds.json").read_text())
             lo, scale = _units(t)
             pixel_units.append((t["pixel"]["threshold"] - lo) / scale)
+            normal_images.append(t.get("n_images", 0))
         pixel = min(pixel_units) if options.fusion == "max" else float(np.mean(pixel_units))
         thresholds = {"method": f"members' maps in their own image-threshold units (1 = threshold), fused by "
                                 f"{options.fusion}", "image": {"threshold": 1.0, "min": 0.0},
-                      "pixel": {"threshold": float(pixel), "min": 0.0}, "members": members}
+                      "pixel": {"threshold": float(pixel), "min": 0.0}, "members": members,
+                      "n_images": min(normal_images)}  # the fewest normal images a member was calibrated on
         (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
         maps = {**first["maps"], "border_rings": 0, "border": []}  # the fused map: members' borders not evened
         manifest = write_manifest(out, {

@@ -154,7 +154,7 @@ def _model_info(models: dict[str, Path] | Path | None) -> dict:
         out[stream] = {"model": str(model), "kind": manifest["kind"],
                        "input": [manifest["input"]["height"], manifest["input"]["width"]],
                        "image_threshold": thresholds["image"]["threshold"], "pixel_threshold":
-                       thresholds["pixel"]["threshold"], "normal_images": thresholds["n_images"],
+                       thresholds["pixel"]["threshold"], "normal_images": thresholds.get("n_images"),
                        "rule": thresholds["method"]}
     return out
 

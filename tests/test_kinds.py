@@ -12,6 +12,7 @@ import pytest
 
 from calibration.geometry import Geometry
 from calibration.int8 import Int8Config, quantize_onnxruntime
+from calibration.maps import even_border
 from calibration.model import Model
 from calibration.synthetic import make_dataset
 from engines.head_config import EmbeddingConfig
@@ -150,14 +151,15 @@ def test_ensemble_serves_as_one_model(models, wide_data, tmp_path):
     assert model.kind.name == "ensemble" and len(model.kind.parts(model.dir, model.manifest)) == 2
     result = _eval(out, wide_data, tmp_path)
     assert result["image_auroc"] >= 0.9 and result["pixel_auroc"] >= 0.85
-    # its maps are the members' maps in their own threshold units, averaged
+    # its maps are the members' maps, border evened as their own, in their own threshold units, averaged
     inputs = _inputs(model, wide_data)
     units = []
     for name in ("memory_bank", "reconstruction"):
         member = Model(models[name])
         with member.detector(Deployment()) as d:
             t = member.thresholds["image"]
-            units.append((d.maps(inputs) - t["min"]) / (t["threshold"] - t["min"]))
+            evened = np.stack([even_border(m, member.maps) for m in d.maps(inputs)])
+            units.append((evened - t["min"]) / (t["threshold"] - t["min"]))
     with model.detector(Deployment()) as d:
         np.testing.assert_allclose(d.maps(inputs), np.mean(units, axis=0), rtol=1e-4, atol=1e-5)
     # int8 export reaches every member; run serves it like any model
@@ -168,6 +170,21 @@ def test_ensemble_serves_as_one_model(models, wide_data, tmp_path):
                  "--json", str(summary)]) == 0
     s = json.loads(summary.read_text())
     assert s["results"] == s["frames_in"] == 13 and s["error"] == 0
+
+
+def test_a_model_fused_with_itself_decides_as_it_does(models, wide_data, tmp_path):
+    """The members' thresholds were set on border-evened maps: the fused map evens each member's border
+    too, so a model fused with itself rejects the same good images and misses the same defects."""
+    alone = _eval(models["memory_bank"], wide_data, tmp_path)
+    out = tmp_path / "self"
+    assert main(["fuse", str(models["memory_bank"]), str(models["memory_bank"]), "-o", str(out)]) == 0
+    assert Model(models["memory_bank"]).maps.border  # there is a border to even
+    fused = _eval(out, wide_data, tmp_path)
+    assert fused["false_reject"] == alone["false_reject"] and fused["miss"] == alone["miss"]
+    assert fused["image_auroc"] == pytest.approx(alone["image_auroc"])
+    from pipeline.view import _model_info  # the live view describes it as it does any model
+
+    assert _model_info(out)["*"]["normal_images"] == Model(models["memory_bank"]).thresholds["n_images"] > 0
 
 
 def test_multi_class_model_reports_each_category_and_the_mean(tmp_path):
@@ -306,3 +323,14 @@ def test_user_errors_are_one_line_naming_the_fix(models, wide_data, synthetic_da
     assert "input" in line and "--input-size" in line
     assert main(["fuse", str(square), "-o", str(tmp_path / "g")]) == 2
     assert "at least two" in _error_line(capsys)
+    # fusing models of different ROIs (each keeps its mask as roi.png), or tiled ones with an evened border
+    for name, roi in (("left", "0,0,64,128"), ("right", "64,0,64,128")):
+        assert main(["fit", str(synthetic_data), "-o", str(tmp_path / name), "--input-size", "64", "--roi", roi]) == 0
+    capsys.readouterr()
+    assert main(["fuse", str(tmp_path / "left"), str(tmp_path / "right"), "-o", str(tmp_path / "h")]) == 2
+    assert "ROI files differ" in _error_line(capsys)
+    tiled = tmp_path / "tiled"
+    assert main(["fit", str(synthetic_data), "-o", str(tiled), "--input-size", "64", "--tiles", "--tile-scale", "1"]) == 0
+    capsys.readouterr()
+    assert main(["fuse", str(tiled), str(tiled), "-o", str(tmp_path / "i")]) == 2
+    assert "--border-rings 0" in _error_line(capsys)
