@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,15 +55,18 @@ LEVERS: dict[str, list[str]] = {
 EVAL = ["--threads", "2"]
 
 
-def ensemble(dataset: str, fusion: str = "mean") -> dict:
-    """The default bank and reconstruction models fused (`fusion`: mean | max), evaluated as one model."""
+def ensemble(dataset: str, fusion: str, members: Path) -> dict:
+    """The default bank and reconstruction models fused (`fusion`: mean | max), evaluated as one model;
+    the two are fitted once per dataset under `members`, for every fusion."""
+    data = DATA / dataset
+    folder = members / dataset.replace("/", "-")
+    for name, args in (("bank", []), ("rec", ["--kind", "reconstruction"])):
+        if not (folder / name).is_dir() and lineguard(["fit", str(data), "-o", str(folder / name), "--threads", "2",
+                                                       *args]) != 0:
+            raise SystemExit(f"fit {name} failed on {dataset}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = DATA / dataset
-        for name, args in (("bank", []), ("rec", ["--kind", "reconstruction"])):
-            if lineguard(["fit", str(data), "-o", str(tmp / name), "--threads", "2", *args]) != 0:
-                raise SystemExit(f"fit {name} failed on {dataset}")
-        if lineguard(["fuse", str(tmp / "bank"), str(tmp / "rec"), "-o", str(tmp / "ens"), "--fusion", fusion]) != 0:
+        if lineguard(["fuse", str(folder / "bank"), str(folder / "rec"), "-o", str(tmp / "ens"), "--fusion", fusion]):
             raise SystemExit("fuse failed")
         if lineguard(["eval", str(tmp / "ens"), str(data), "--json", str(tmp / "m.json"), *EVAL]) != 0:
             raise SystemExit("eval failed")
@@ -78,10 +82,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "levers.json")
     args = parser.parse_args()
     rows = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
+    members = Path(tempfile.mkdtemp(prefix="levers-members-"))
     for lever in args.levers:
         for dataset in args.datasets:
             if lever.startswith("ensemble"):
-                result = ensemble(dataset, "max" if lever == "ensemble-max" else "mean")
+                result = ensemble(dataset, "max" if lever == "ensemble-max" else "mean", members)
             else:
                 result = run(dataset, [*LEVERS[lever], "--threads", "2"], EVAL)
             m = result["metrics"]
@@ -97,6 +102,7 @@ def main() -> None:
             args.out.write_text(json.dumps({"rows": rows, "machine": machine_info()}, indent=2) + "\n")
             print(f"{lever:<28} {dataset:<24} image {row['image_auroc']:.4f} pixel {row['pixel_auroc']:.4f} "
                   f"AU-PRO {row['pixel_aupro']:.4f} fit {row['fit_seconds']} s", flush=True)
+    shutil.rmtree(members, ignore_errors=True)
 
 
 if __name__ == "__main__":
