@@ -154,9 +154,11 @@ def read_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     """bool [H, W] defect mask (all False for None); DataError if missing or of another size."""
     if path is None:
         return np.zeros(shape, bool)
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # as stored: a 16-bit mask's 1s and labels kept
     if mask is None:
-        raise DataError(f"{path}: mask not readable; masks are 8-bit PNGs, 0 normal and 255 defect")
+        raise DataError(f"{path}: mask not readable; masks are PNGs, 0 normal and nonzero defect")
+    if mask.ndim == 3:
+        mask = mask[:, :, :3].max(axis=2)  # a colour mask: any colour is defect
     if mask.shape != shape:
         raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}; "
                         "masks must match their images' size")

@@ -196,6 +196,18 @@ def test_read_mask(tmp_path):
     assert none.dtype == bool and none.shape == (3, 4) and not none.any()
 
 
+def test_read_mask_keeps_16_bit_and_colour_masks(tmp_path):
+    """A 16-bit mask of 0 / 1 (or of instance labels) and a colour mask: every nonzero pixel is defect
+    (read as 8-bit grey, the 16-bit one came out all normal, and its defects counted as normal pixels)."""
+    labels = np.zeros((10, 12), np.uint16)
+    labels[2:5, 3:9] = 1
+    labels[7, 1] = 300
+    np.testing.assert_array_equal(read_mask(_write(tmp_path / "m16.png", labels), (10, 12)), labels > 0)
+    colour = np.zeros((10, 12, 3), np.uint8)
+    colour[1:3, 1:3, 2] = 200  # red, in OpenCV's channel order
+    np.testing.assert_array_equal(read_mask(_write(tmp_path / "rgb.png", colour), (10, 12)), colour.max(axis=2) > 0)
+
+
 def test_read_mask_wrong_size(tmp_path):
     path = _write(tmp_path / "m.png", np.zeros((10, 12), np.uint8))
     with pytest.raises(DataError) as err:
