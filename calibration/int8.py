@@ -204,7 +204,7 @@ def _quantize_part(model_dir: Path, config: Int8Config, data: str | Path | None,
     if bar is not None:
         try:
             validation = validate_int8(model_dir, bar, data, exclude=set(paths))
-        except Exception:
+        except BaseException:  # Ctrl-C too: an engine never validated must not stay to be served
             _remove(out)
             raise
         if not validation["passed"]:

@@ -121,6 +121,22 @@ def test_int8_that_fails_validation_is_refused_and_removed(fitted_model, tmp_pat
         Model(model).detector(Deployment(precision="int8"))
 
 
+def test_int8_export_interrupted_while_validating_leaves_no_engine(fitted_model, tmp_path, monkeypatch):
+    """Ctrl-C during the (long) validation: the engine written for it is removed, so no engine that was
+    never validated is served."""
+    model = tmp_path / "model"
+    shutil.copytree(fitted_model, model)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("calibration.int8.validate_int8", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_onnxruntime(model, Int8Config(images=4))
+    assert not engine_path(model, "onnxruntime", "int8").exists()
+    assert not engine_path(model, "onnxruntime", "int8").with_suffix(".json").exists()
+
+
 def test_validation_measures_int8_against_fp32(int8_model):
     model, _ = int8_model
     v = validate_int8(model, ValidationBar(images=4))
