@@ -80,15 +80,21 @@ def measure(scored: dict, curves: bool = False) -> dict:
     samples, scores, pixels = scored["samples"], scored["scores"], scored["pixels"]
     labels = np.array([s.label for s in samples])
     types = np.array([s.rel.split("/")[0] for s in samples])
-    image = metrics.image_metrics(scores, labels, curves=curves)
+    both = 0 < labels.sum() < len(labels)  # image metrics need good and defective images
+    image = metrics.image_metrics(scores, labels, curves=curves) if both else None
     good = types == "good"
     kinds = sorted(set(types) - {"good"})
     selections = [good | (types == t) for t in kinds]
-    pixel, *per_kind = pixels.metrics_of([range(len(samples))] + [np.flatnonzero(sel) for sel in selections],
-                                         curves=curves)  # one walk over every pixel for all of them
+    subsets = [range(len(samples))] + [np.flatnonzero(sel) for sel in selections]
+    defined = [pixels.has_both(s) for s in subsets]  # pixel metrics need defect and normal pixels
+    found = iter(pixels.metrics_of([s for s, d in zip(subsets, defined) if d], curves=curves))  # one walk
+    pixel, *per_kind = [next(found) if d else None for d in defined]
     defect = np.array([v == "defect" for v in scored["verdicts"]])
-    out = {f"image_{k}": image[k] for k in IMAGE_KEYS}
-    out.update({f"pixel_{k}": pixel[k] for k in PIXEL_KEYS})
+    out = {f"image_{k}": image[k] if image else None for k in IMAGE_KEYS}
+    out.update({f"pixel_{k}": pixel[k] if pixel else None for k in PIXEL_KEYS})
+    out["undefined"] = [why for why, missing in (
+        ("image metrics: the test set needs good and defective images (test/good and a defect folder)", not image),
+        ("pixel metrics: the masks need defect pixels (and normal ones)", not pixel)) if missing]
     out.update({
         "false_reject": _rate(int((defect & (labels == 0)).sum()), int((labels == 0).sum())),
         "miss": _rate(int((~defect & (labels == 1)).sum()), int((labels == 1).sum())),
@@ -97,12 +103,15 @@ def measure(scored: dict, curves: bool = False) -> dict:
     })
     per_type = {}
     for t, sel, px in zip(kinds, selections, per_kind):
-        per_type[t] = {"image_auroc": metrics.roc_auc(scores[sel], labels[sel]), "pixel_auroc": px["auroc"],
-                       "pixel_aupro": px["aupro"], "n_images": int((types == t).sum()),
+        both = 0 < labels[sel].sum() < sel.sum()
+        per_type[t] = {"image_auroc": metrics.roc_auc(scores[sel], labels[sel]) if both else None,
+                       "pixel_auroc": px["auroc"] if px else None, "pixel_aupro": px["aupro"] if px else None,
+                       "n_images": int((types == t).sum()),
                        "miss": _rate(int((~defect & (types == t)).sum()), int((types == t).sum()))}
     out["per_type"] = per_type
     if curves:
-        out["curves"] = {"image_roc": image["roc"], "pixel_roc": pixel["roc"], "pro": pixel["pro"]}
+        out["curves"] = {"image_roc": image["roc"] if image else None, "pixel_roc": pixel["roc"] if pixel else None,
+                         "pro": pixel["pro"] if pixel else None}
     return out
 
 
@@ -123,10 +132,16 @@ def evaluate(model: Model, datas: list[str | Path] | str | Path, deployment: Dep
             scored = score_dataset(inspector, data, batch_size, maps_dir, scores_dir, progress, "" if single else name)
             result["categories"][name] = measure(scored, curves)
     cats = list(result["categories"].values())
-    result["mean"] = {k: float(np.mean([c[k] for c in cats])) for k in MEAN_KEYS + ("images_per_s",)}
+    result["mean"] = {k: _mean([c[k] for c in cats]) for k in MEAN_KEYS + ("images_per_s",)}
     if single:
         result.update(cats[0])
     return result
+
+
+def _mean(values: list) -> float | None:
+    """The mean of the categories where a metric is defined (None where it is nowhere)."""
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None
 
 
 def plot_curves(result: dict, path: Path) -> list[Path]:
@@ -140,11 +155,15 @@ def plot_curves(result: dict, path: Path) -> list[Path]:
     for name, m in result["categories"].items():
         c = m["curves"]
         fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-        panels = [("image ROC", c["image_roc"]["fpr"], c["image_roc"]["tpr"], "true positive rate", m["image_auroc"], 1),
-                  ("pixel ROC", c["pixel_roc"]["fpr"], c["pixel_roc"]["tpr"], "true positive rate", m["pixel_auroc"], 1),
-                  ("PRO", c["pro"]["fpr"], c["pro"]["pro"], "per-region overlap", m["pixel_aupro"], 0.3)]
-        for ax, (title, x, y, ylabel, area, xmax) in zip(axes, panels):
-            ax.plot(x, y, lw=1.5)
+        panels = [("image ROC", c["image_roc"], "tpr", "true positive rate", m["image_auroc"], 1),
+                  ("pixel ROC", c["pixel_roc"], "tpr", "true positive rate", m["pixel_auroc"], 1),
+                  ("PRO", c["pro"], "pro", "per-region overlap", m["pixel_aupro"], 0.3)]
+        for ax, (title, curve, y, ylabel, area, xmax) in zip(axes, panels):
+            if curve is None:  # undefined on this test set
+                ax.set_title(f"{title}: n/a")
+                ax.axis("off")
+                continue
+            ax.plot(curve["fpr"], curve[y], lw=1.5)
             ax.set_xlim(0, xmax)
             ax.set_ylim(0, 1.01)
             ax.set_xlabel("false positive rate")

@@ -235,6 +235,12 @@ class PixelSet:
         points each, for plots."""
         return self.metrics_of([range(len(self.images)) if images is None else images], fpr_limit, curves)[0]
 
+    def has_both(self, images: Sequence[int]) -> bool:
+        """Whether these images' masks hold defect and normal pixels, which every pixel metric needs."""
+        n = sum(self.images[i].size for i in images)
+        n_pos = sum(len(self.images[i].defects) for i in images)
+        return 0 < n_pos < n
+
     def metrics_of(self, subsets: Sequence[Sequence[int]], fpr_limit: float = 0.3, curves: bool = False) -> list[dict]:
         """`metrics` of each subset of the images (eval: all, and good + each defect type), in one walk
         over the key range: a map not cached is made again once a chunk for every subset, not once a

@@ -151,16 +151,23 @@ def print_metrics(result: dict) -> None:
     for key in METRIC_KEYS + ("images_per_s",):
         values = [cats[n][key] for n in cats] + ([result["mean"][key]] if len(cats) > 1 else [])
         fmt = ".1f" if key == "images_per_s" else ".4f"
-        print(f"{key:<16}" + "".join(f"{v:>{width}{fmt}}" for v in values))
+        print(f"{key:<16}" + "".join(f"{_cell(v, fmt):>{width}}" for v in values))
     for key, what in (("false_reject", "good"), ("miss", "defective")):
         cells = [f"{cats[n][key]['count']}/{cats[n][key]['of']}" for n in cats]
         print(f"{key:<16}" + "".join(f"{c:>{width}}" for c in cells) + f"   ({what} test images, at the calibrated threshold)")
     for name, m in cats.items():
         print(f"\n{name}: {m['n_images']} images, {m['n_defective']} defective")
+        for why in m["undefined"]:
+            print(f"  n/a: {why}")
         print(f"  {'defect type':<16}{'image_auroc':>12}{'pixel_auroc':>12}{'pixel_aupro':>12}{'missed':>10}")
         for t, pt in m["per_type"].items():
             missed = f"{pt['miss']['count']}/{pt['miss']['of']}"
-            print(f"  {t:<16}{pt['image_auroc']:>12.4f}{pt['pixel_auroc']:>12.4f}{pt['pixel_aupro']:>12.4f}{missed:>10}")
+            print(f"  {t:<16}" + "".join(f"{_cell(pt[k], '.4f'):>12}" for k in ("image_auroc", "pixel_auroc", "pixel_aupro"))
+                  + f"{missed:>10}")
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 def cmd_eval(args) -> int:

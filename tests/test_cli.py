@@ -302,6 +302,35 @@ def test_an_output_path_the_system_refuses_is_one_line_before_the_work(fitted_mo
         assert len(err) == 1 and err[0].startswith(f"lineguard: error: {blocker}") and "Not a directory" in err[0]
 
 
+def test_eval_of_a_test_set_a_metric_is_undefined_on_reports_the_rest(fitted_model, synthetic_data, tmp_path, capsys):
+    """Test sets a real line has: no defect yet (only test/good: its false rejects are the point), no good
+    images, or a defect type labelled by image only (empty masks). What cannot be measured is n/a, with
+    why; the rest is measured, not a traceback."""
+    cases = {"only-good": lambda d: [shutil.rmtree(p) for p in (d / "test").iterdir() if p.name != "good"],
+             "no-good": lambda d: shutil.rmtree(d / "test" / "good"),
+             "empty-masks": lambda d: [cv2.imwrite(str(m), np.zeros_like(cv2.imread(str(m), cv2.IMREAD_UNCHANGED)))
+                                       for m in (d / "ground_truth").rglob("*.png")]}
+    results = {}
+    for name, change in cases.items():
+        data = tmp_path / name / "product"
+        shutil.copytree(synthetic_data, data)
+        change(data)
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", str(fitted_model), str(data), "--json", str(out)]) == 0, name
+        assert "n/a" in capsys.readouterr().out
+        results[name] = json.loads(out.read_text())
+    good = results["only-good"]
+    assert good["image_auroc"] is None and good["pixel_auroc"] is None and len(good["undefined"]) == 2
+    assert good["false_reject"]["of"] == good["n_images"] > 0 and good["per_type"] == {}
+    no_good = results["no-good"]
+    assert no_good["image_auroc"] is None and no_good["false_reject"]["of"] == 0
+    assert 0.5 < no_good["pixel_auroc"] <= 1 and all(t["image_auroc"] is None for t in no_good["per_type"].values())
+    empty = results["empty-masks"]
+    assert empty["image_auroc"] > 0.5 and empty["pixel_auroc"] is None and empty["undefined"] == [
+        "pixel metrics: the masks need defect pixels (and normal ones)"]
+    assert all(t["pixel_auroc"] is None and t["image_auroc"] is not None for t in empty["per_type"].values())
+
+
 def test_a_full_disk_is_one_line_saying_so(fitted_model, synthetic_data, tmp_path, capsys, monkeypatch):
     """A write the disk refuses names no file (ENOSPC): still one line, with what to do, not a traceback."""
     import errno
