@@ -63,7 +63,8 @@ def score_dataset(inspector: Inspector, data: Path, batch_size: int, maps_dir: P
             sample = samples[start + k]
             scores[start + k] = r.score
             verdicts.append(d.verdict)
-            pixels.add(fm, read_mask(sample.mask_path, fm.shape), functools.partial(model.frame_map, r.canvas_map, r.layout))
+            pixels.add(fm, read_mask(sample.mask_path, fm.shape), functools.partial(model.frame_map, r.canvas_map, r.layout),
+                       model.geometer.roi_frame(fm.shape))  # with an ROI, its pixels alone are scored
             if maps_dir is not None:
                 heat = normalise(fm, model.thresholds["pixel"])
                 _write(maps_dir / category / Path(sample.rel).with_suffix(OVERLAY_SUFFIX), overlay(image, heat),

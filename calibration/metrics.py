@@ -161,14 +161,15 @@ def _ordered_bits(m: np.ndarray) -> np.ndarray:
 class _Image:
     """One image of a PixelSet: its keys (or how to make them), defect pixels and key histogram."""
 
-    __slots__ = ("shape", "size", "keys", "source", "defects", "regions", "sizes", "bins", "counts")
+    __slots__ = ("shape", "inside", "size", "keys", "source", "defects", "regions", "sizes", "bins", "counts")
 
-    def __init__(self, shape, keys, source, defects, regions, sizes, bins, counts):
+    def __init__(self, shape, inside, keys, source, defects, regions, sizes, bins, counts):
         self.shape = shape  # (H, W)
-        self.size = shape[0] * shape[1]
-        self.keys = keys  # uint32 [H * W] or None (not cached: `source` makes the map again)
+        self.inside = inside  # flat indices of the pixels that count, int [n] ascending, or None: all
+        self.size = shape[0] * shape[1] if inside is None else len(inside)
+        self.keys = keys  # uint32 [size] or None (not cached: `source` makes the map again)
         self.source = source  # () -> float [H, W], or None when the keys are cached
-        self.defects = defects  # flat indices of the defect pixels, int32 [p] (int64 past 2 ** 31 pixels)
+        self.defects = defects  # indices into the keys of the defect pixels, int32 [p] (int64 past 2 ** 31)
         self.regions = regions  # their 8-connected region, 0-based within the image, int32 [p]
         self.sizes = sizes  # pixels per region, int64 [c]
         self.bins = bins  # the top-16-bit values of its keys present, int64 [b], ascending
@@ -188,20 +189,29 @@ class PixelSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def add(self, score_map, mask, remake: Callable[[], np.ndarray] | None = None) -> None:
+    def add(self, score_map, mask, remake: Callable[[], np.ndarray] | None = None,
+            inside: np.ndarray | None = None) -> None:
         """score_map: float [H, W] (scored as float32), higher = more anomalous; mask: [H, W], nonzero =
         defect pixel (8-connected regions). remake: () -> the same map, called where the image's keys do
-        not fit the cache (None: the set keeps a reference to `score_map` instead)."""
+        not fit the cache (None: the set keeps a reference to `score_map` instead). inside: bool [H, W],
+        the pixels that count (a region of interest; None: all); a defect region is its part inside."""
         i = len(self.images)
-        if np.ndim(score_map) != 2 or np.shape(score_map) != np.shape(mask):
-            raise ValueError(f"{self.name}: map {i} and mask {i} must be 2-D with equal shapes, "
-                             f"got {np.shape(score_map)} and {np.shape(mask)}")
+        if np.ndim(score_map) != 2 or np.shape(score_map) != np.shape(mask) or (
+                inside is not None and np.shape(inside) != np.shape(mask)):
+            raise ValueError(f"{self.name}: map {i}, mask {i} (and inside) must be 2-D with equal shapes, "
+                             f"got {np.shape(score_map)}, {np.shape(mask)} and {np.shape(inside)}")
         shape = tuple(np.shape(score_map))
-        keys = self._keys_of(score_map, i)
-        count, labels = cv2.connectedComponents((np.asarray(mask) != 0).astype(np.uint8), connectivity=8)
+        defect = np.asarray(mask) != 0
+        if inside is not None:
+            defect &= np.asarray(inside, bool)
+            inside = np.flatnonzero(inside)
+        keys = self._keys_of(score_map, i, inside)
+        count, labels = cv2.connectedComponents(defect.astype(np.uint8), connectivity=8)
         labels = labels.ravel()
         defects = np.flatnonzero(labels)
         regions = labels[defects] - 1
+        if inside is not None:  # into the keys of the pixels inside
+            defects = np.searchsorted(inside, defects)
         defects = defects.astype(np.int32 if labels.size < 1 << 31 else np.int64)
         sizes = np.bincount(regions, minlength=count - 1).astype(np.int64)
         hist = np.bincount(keys >> 16, minlength=1 << 16)
@@ -210,11 +220,13 @@ class PixelSet:
         if cached:
             self._cached += keys.size
         source = None if cached else (remake or (lambda m=score_map: m))
-        self.images.append(_Image(shape, keys if cached else None, source, defects, regions, sizes, bins,
+        self.images.append(_Image(shape, inside, keys if cached else None, source, defects, regions, sizes, bins,
                                   hist[bins].astype(np.int64)))
 
-    def _keys_of(self, score_map, i: int) -> np.ndarray:
+    def _keys_of(self, score_map, i: int, inside: np.ndarray | None = None) -> np.ndarray:
         m = np.asarray(score_map, dtype=np.float32).ravel()
+        if inside is not None:
+            m = m[inside]
         if np.isnan(m).any():
             raise ValueError(f"{self.name}: map {i} contains NaN")
         return _ordered_bits(m)
@@ -226,7 +238,7 @@ class PixelSet:
         m = image.source()
         if np.shape(m) != image.shape:
             raise ValueError(f"{self.name}: map {i} was {image.shape} when added and is {np.shape(m)} when made again")
-        return self._keys_of(m, i)
+        return self._keys_of(m, i, image.inside)
 
     def metrics(self, images: Sequence[int] | None = None, fpr_limit: float = 0.3, curves: bool = False) -> dict:
         """Pixel AUROC, AP, F1-max, IoU-max and AU-PRO (to `fpr_limit`) over all pixels of `images`

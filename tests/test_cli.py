@@ -64,6 +64,26 @@ def test_fit_eval_round_trip_finds_planted_defects(fitted_model, synthetic_data,
     assert pixel == pytest.approx(result["pixel_auroc"], abs=1e-6)
 
 
+def test_eval_of_an_roi_model_scores_the_pixels_inside_it(synthetic_data, tmp_path):
+    """--roi restricts scoring and reporting: eval's pixel AUROC is that of the written score maps and
+    the masks over the region's pixels alone (outside, the map is 0 and would count as easy normal
+    pixels, or defect pixels as misses)."""
+    model = tmp_path / "left"
+    assert main(["fit", str(synthetic_data), "-o", str(model), "--input-size", "64", "--roi", "0,0,64,128"]) == 0
+    assert main(["eval", str(model), str(synthetic_data), "--json", str(tmp_path / "m.json"),
+                 "--scores", str(tmp_path / "scores")]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    samples = evaluation_samples(synthetic_data)
+    maps = [cv2.imread(str(tmp_path / "scores" / s.rel.replace(".png", ".tiff")), cv2.IMREAD_UNCHANGED) for s in samples]
+    masks = [np.zeros((128, 128), bool) if s.mask_path is None else cv2.imread(str(s.mask_path), 0) > 0 for s in samples]
+    inside = np.zeros((128, 128), bool)
+    inside[:, :64] = True
+    pixel = roc_auc(np.concatenate([m[inside] for m in maps]), np.concatenate([k[inside] for k in masks]))
+    assert pixel == pytest.approx(result["pixel_auroc"], abs=1e-6)
+    whole = roc_auc(np.concatenate([m.ravel() for m in maps]), np.concatenate([k.ravel() for k in masks]))
+    assert whole != pytest.approx(pixel, abs=1e-3)  # the check tells the two apart
+
+
 def test_eval_pixel_metrics_from_maps_made_again(fitted_model, synthetic_data, monkeypatch):
     """A test set too large to keep: eval's PixelSet keeps no keys and ranks in chunks of 500 pixels,
     making each frame map again from its canvas map for every chunk; the metrics, per type too, are

@@ -28,18 +28,20 @@ def sk_f1_max(scores, labels):
     return f1.max()
 
 
-def ref_au_pro(maps, masks, fpr_limit):
-    """Slow, direct AU-PRO: loop over every distinct threshold."""
-    scores = np.concatenate([m.ravel() for m in maps]).astype(np.float32)
-    normal = np.concatenate([(k == 0).ravel() for k in masks])
+def ref_au_pro(maps, masks, fpr_limit, insides=None):
+    """Slow, direct AU-PRO: loop over every distinct threshold (over the pixels `insides`, bool [H, W]
+    each, when given: a region is its part inside)."""
+    insides = insides or [np.ones(k.shape, bool) for k in masks]
+    scores = np.concatenate([m[ins] for m, ins in zip(maps, insides)]).astype(np.float32)
+    normal = np.concatenate([(k == 0)[ins] for k, ins in zip(masks, insides)])
     regions, offset = [], 0
-    for k in masks:
-        lab, n = ndi.label(k != 0, structure=np.ones((3, 3)))
+    for k, ins in zip(masks, insides):
+        lab, n = ndi.label((k != 0) & ins, structure=np.ones((3, 3)))
         for i in range(1, n + 1):
             region = np.zeros(scores.size, bool)
-            region[offset : offset + k.size] = (lab == i).ravel()
+            region[offset : offset + ins.sum()] = (lab == i)[ins]
             regions.append(region)
-        offset += k.size
+        offset += ins.sum()
 
     fprs, pros = [0.0], [0.0]
     for t in np.unique(scores)[::-1]:
@@ -324,6 +326,28 @@ def test_chunked_ranking_equals_one_sort():
     np.testing.assert_allclose(out["auroc"], roc_auc_score(labels, scores), rtol=RTOL)
     np.testing.assert_allclose(out["ap"], average_precision_score(labels, scores), rtol=RTOL)
     np.testing.assert_allclose(out["aupro"], ref_au_pro(maps, masks, 0.3), rtol=RTOL)
+
+
+def test_pixels_outside_a_region_of_interest_do_not_count():
+    """eval of an ROI model scores the pixels inside alone: the same metrics as sklearn and the reference
+    AU-PRO on those pixels (a region cut by the ROI is its part inside), cached or made again."""
+    rng = np.random.default_rng(23)
+    maps, masks = random_images(rng, SHAPES, decimals=2)
+    insides = [np.zeros(m.shape, bool) for m in maps]
+    for ins in insides:
+        ins[:, : ins.shape[1] * 2 // 3] = True  # the left two thirds
+    for chunk, cache in [(1 << 26, 10**9), (9, 0)]:
+        pixels = PixelSet(chunk_pixels=chunk, cache_pixels=cache)
+        for m, k, ins in zip(maps, masks, insides):
+            pixels.add(m, k, remake=lambda m=m: m, inside=ins)
+        out = pixels.metrics()
+        scores = np.concatenate([m[ins] for m, ins in zip(maps, insides)])
+        labels = np.concatenate([k[ins] != 0 for k, ins in zip(masks, insides)])
+        np.testing.assert_allclose(out["auroc"], roc_auc_score(labels, scores), rtol=RTOL)
+        np.testing.assert_allclose(out["ap"], average_precision_score(labels, scores), rtol=RTOL)
+        np.testing.assert_allclose(out["aupro"], ref_au_pro(maps, masks, 0.3, insides), rtol=RTOL)
+    whole = pixel_metrics(maps, masks)
+    assert whole["auroc"] != pytest.approx(out["auroc"], rel=1e-6)  # the outside would have counted
 
 
 def test_pixel_set_subsets_are_their_own_metrics():
