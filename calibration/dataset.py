@@ -89,13 +89,29 @@ def _file_bytes(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot be read ({exc.strerror}); check the path and permissions") from None
 
 
-def read_image(path: Path) -> np.ndarray:
-    """uint8 RGB [H, W, 3] from a file; DataError naming the file if it cannot be read."""
+def read_image(path: Path, bits: int = 16) -> np.ndarray:
+    """uint8 RGB [H, W, 3] from a file (a 16-bit one scaled by `bits` significant bits); DataError naming
+    the file if it cannot be read."""
     data = _file_bytes(path)
     try:
-        return images.decode(data, str(path))
+        return images.decode(data, str(path), bits=bits)
     except images.ImageError as exc:
         raise DataError(str(exc)) from None
+
+
+def sample_bits(paths: Sequence[Path], sample: int = 32) -> int:
+    """The significant bits of the 16-bit images among `paths` (evenly spread, at most `sample` of them
+    decoded): from their largest sample value; 16 where none is 16-bit."""
+    picks = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(sample, len(paths))).round().astype(int))]
+    high = -1
+    for path in picks:
+        data = _file_bytes(path)
+        if images.is_jpeg(data):
+            continue
+        pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if pixels is not None and pixels.dtype == np.uint16:
+            high = max(high, int(pixels.max()))
+    return images.significant_bits(high) if high >= 0 else 16
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -116,7 +132,7 @@ def read_frame(path: Path, geometer: "Geometer") -> tuple["Layout", np.ndarray]:
     data = _file_bytes(path)
     try:
         if not images.is_jpeg(data):
-            image = images.decode(data, str(path))
+            image = images.decode(data, str(path), bits=geometer.geometry.bits)
             return geometer.layout(image.shape[:2]), image
         size = images.file_size(memoryview(data), "jpeg")
         if size is None:
@@ -139,9 +155,10 @@ def _prefetched(read, paths: Sequence[Path], prefetch: int) -> Iterator:
             yield item
 
 
-def read_images(paths: Sequence[Path], prefetch: int = 4) -> Iterator[np.ndarray]:
-    """uint8 RGB images of `paths` in order, whole, decoded on a background thread `prefetch` ahead."""
-    return _prefetched(read_image, paths, prefetch)
+def read_images(paths: Sequence[Path], prefetch: int = 4, bits: int = 16) -> Iterator[np.ndarray]:
+    """uint8 RGB images of `paths` in order, whole (16-bit ones scaled by `bits`), decoded on a background
+    thread `prefetch` ahead."""
+    return _prefetched(lambda p: read_image(p, bits), paths, prefetch)
 
 
 def read_frames(paths: Sequence[Path], geometer: "Geometer", prefetch: int = 4) -> Iterator[tuple["Layout", np.ndarray]]:

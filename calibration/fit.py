@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from calibration.artifact import new_model_dir, write_manifest
-from calibration.dataset import image_size, read_frames, train_images
+from calibration.dataset import image_size, read_frames, sample_bits, train_images
 from calibration.geometry import Geometer, Geometry, InputSpec, Layout, input_for_frames
 from calibration.kinds import get_kind
 from calibration.maps import MapConfig, even_border, fit_border
@@ -193,7 +193,7 @@ def fit(datas: list[str | Path] | str | Path, out: str | Path, config: FitConfig
     kind = get_kind(config.kind)
     maps = dataclasses.replace(config.maps, stride=kind.stride(config.options))
     with new_model_dir(out) as out:  # written beside it, put in its place once whole
-        geometry, roi = config.geometry, None
+        geometry, roi = dataclasses.replace(config.geometry, bits=sample_bits(paths)), None
         if config.roi:
             from calibration.geometry import read_roi
 

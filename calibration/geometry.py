@@ -78,7 +78,8 @@ class Geometry:
     region-of-interest mask (None: the whole frame); photometric: "frame" standardises each canvas's
     brightness and contrast (`standardise`), "none" leaves the pixels as they come; jpeg_decode: "scaled"
     decodes a large JPEG frame at a reduced scale that still covers the canvas (`Geometer.decode_shrink`),
-    "full" at its own size."""
+    "full" at its own size; bits: the significant bits of 16-bit frames (fit reads it from the training
+    images: 12-bit data in 16-bit files is scaled by 12, `images.significant_bits`)."""
 
     tiling: str = "resize"
     scale: float = 1.0
@@ -86,6 +87,7 @@ class Geometry:
     roi: str | None = None
     photometric: str = "frame"
     jpeg_decode: str = "scaled"
+    bits: int = 16
 
     def __post_init__(self):
         if self.tiling not in TILINGS:
@@ -99,6 +101,8 @@ class Geometry:
                               f"valid: {', '.join(PHOTOMETRICS)}")
         if self.jpeg_decode not in JPEG_DECODES:
             raise ConfigError(f"unknown JPEG decoding {self.jpeg_decode!r}; valid: {', '.join(JPEG_DECODES)}")
+        if not 8 <= self.bits <= 16:
+            raise ConfigError(f"{self.bits} significant bits of 16-bit frames; expected 8 to 16")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,21 +58,29 @@ PIXEL_FORMATS = {
 
 
 def to_uint8(pixels: np.ndarray, bits: int = 16, name: str = "image") -> np.ndarray:
-    """uint8 or uint16 array -> uint8, scaling uint16 by its real bit depth (10 / 12 / 16 significant bits)."""
+    """uint8 or uint16 array -> uint8, scaling uint16 by its real bit depth (8 to 16 significant bits;
+    a sample above the depth saturates)."""
     if pixels.dtype == np.uint8:
         return pixels
     if pixels.dtype != np.uint16:
         raise ImageError(f"{name}: pixel type {pixels.dtype} is not supported; use 8-, 10-, 12- or 16-bit images")
-    if not 9 <= bits <= 16:
-        raise ImageError(f"{name}: {bits} significant bits for 16-bit samples; expected 10, 12 or 16")
-    return (pixels >> (bits - 8)).astype(np.uint8)
+    if not 8 <= bits <= 16:
+        raise ImageError(f"{name}: {bits} significant bits for 16-bit samples; expected 8 to 16")
+    return np.minimum(pixels >> (bits - 8), 255).astype(np.uint8)
 
 
-def to_rgb(pixels: np.ndarray, name: str = "image", *, order: str = "RGB", bits: int = 16,
+def significant_bits(high: int) -> int:
+    """The bit depth (8 to 16) of 16-bit samples whose largest value is `high`: 12-bit camera data
+    stored in 16-bit files reads 12, and is scaled by it rather than crushed to its top 4 bits."""
+    return min(16, max(8, int(high).bit_length()))
+
+
+def to_rgb(pixels: np.ndarray, name: str = "image", *, order: str = "RGB", bits: int | None = 16,
            bayer: str | None = None, keep_grey: bool = False) -> np.ndarray:
     """Any decoded array -> uint8 RGB [H, W, 3] (a new array, or `pixels` itself when it already is one).
 
-    pixels: [H, W] or [H, W, 1 | 3 | 4], uint8 or uint16 (`bits` significant bits); order: "RGB" or
+    pixels: [H, W] or [H, W, 1 | 3 | 4], uint8 or uint16 (`bits` significant bits; None keeps 16-bit
+    samples as they are, uint16 RGB, for the model that knows their depth); order: "RGB" or
     "BGR" (what OpenCV decodes to) for 3 and 4 channels; bayer: "RG" | "BG" | "GR" | "GB" for a
     single-channel mosaic (demosaiced after scaling to 8 bits). Grey is repeated, alpha dropped.
     keep_grey: grey stays uint8 [H, W, 1]; `Geometer.prepare` widens it after resizing (the same pixels
@@ -80,7 +88,9 @@ def to_rgb(pixels: np.ndarray, name: str = "image", *, order: str = "RGB", bits:
     """
     if order not in ("RGB", "BGR"):
         raise ImageError(f"{name}: channel order {order!r}; expected RGB or BGR")
-    image = to_uint8(np.asarray(pixels), bits, name)
+    image = np.asarray(pixels)
+    if bits is not None or image.dtype != np.uint16:
+        image = to_uint8(image, bits or 16, name)
     if image.ndim == 2:
         image = image[:, :, None]
     channels = image.shape[2] if image.ndim == 3 else 0
@@ -130,10 +140,11 @@ def imdecode_flags(data: bytes | memoryview | np.ndarray, shrink: int = 1) -> tu
 
 
 def decode(data: bytes | memoryview | np.ndarray, name: str = "image", shrink: int = 1,
-           keep_grey: bool = False) -> np.ndarray:
-    """An encoded file (png, jpeg, bmp, tiff ...) -> uint8 RGB [H, W, 3]; 16-bit files use all 16 bits.
+           keep_grey: bool = False, bits: int | None = 16) -> np.ndarray:
+    """An encoded file (png, jpeg, bmp, tiff ...) -> uint8 RGB [H, W, 3]; a 16-bit file is scaled by
+    `bits` significant bits (the model's, `Geometry.bits`; None: kept 16-bit, `to_rgb`).
     shrink: a JPEG is decoded at 1/shrink of its size (`shrunk`); other files ignore it. keep_grey: a grey
-    file comes as uint8 [H, W, 1] (`to_rgb`)."""
+    file comes as [H, W, 1] (`to_rgb`)."""
     buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
     try:
         image = cv2.imdecode(buf, imdecode_flags(buf, shrink)[0]) if buf.size else None
@@ -141,7 +152,7 @@ def decode(data: bytes | memoryview | np.ndarray, name: str = "image", shrink: i
         image = None
     if image is None:
         raise ImageError(f"{name}: not a readable image (corrupt or unsupported format); replace or remove it")
-    return to_rgb(image, name, order="BGR", keep_grey=keep_grey)
+    return to_rgb(image, name, order="BGR", keep_grey=keep_grey, bits=bits)
 
 
 def from_pixel_format(buffer: np.ndarray, height: int, width: int, pixel_format: str,

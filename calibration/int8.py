@@ -235,7 +235,7 @@ def validate_int8(model_dir: Path, bar: ValidationBar = ValidationBar(), data: s
     picks = np.unique(np.linspace(0, len(paths) - 1, num=min(bar.images, len(paths))).round().astype(int))
     rng = np.random.default_rng(0)
     frames, masks, labels = [], [], []
-    for k, image in enumerate(read_images([paths[i] for i in picks])):
+    for k, image in enumerate(read_images([paths[i] for i in picks], bits=model.geometry.bits)):
         normal = resize(image, max(h, w), max(h, w))  # square for plant_defect; resized back by the geometry
         planted, mask = plant_defect(normal, rng, DEFECT_TYPES[k % len(DEFECT_TYPES)])
         frames += [normal, planted]

@@ -91,9 +91,10 @@ class FolderSource(Source):
         eight_bit = encoding == "jpeg" or (len(data) > 24 and data[24] == 8)  # png bit depth in IHDR
         if shape is not None and eight_bit:  # sent as the file; the worker decodes it once, grey or RGB
             return SourceFrame(encoded=data, encoding=encoding, shape=shape, meta={"file": rel})
-        # other formats, 16-bit files and files whose header we cannot read: decode here, send raw (grey as grey)
+        # other formats, 16-bit files and files whose header we cannot read: decode here, send raw (grey as
+        # grey, 16-bit as 16-bit: the worker scales it by its model's bit depth)
         try:
-            return SourceFrame(pixels=images.decode(data, str(path), keep_grey=True), meta={"file": rel})
+            return SourceFrame(pixels=images.decode(data, str(path), keep_grey=True, bits=None), meta={"file": rel})
         except images.ImageError as exc:
             return SourceFrame(meta={"file": rel}, error=str(exc))
 

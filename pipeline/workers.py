@@ -219,7 +219,7 @@ def _score_batch(inspector, messages: list, out: zmq.Socket, stats: WorkerStats,
         layout = geometer.layout(frame.shape[:2])  # the frame's own size, whatever size it is decoded at
         try:
             images.append(to_rgb(frame.image(geometer.decode_shrink(layout)), f"{frame.stream} frame {frame.seq}",
-                                 keep_grey=True))  # widened to RGB after resizing: Geometer.prepare
+                                 keep_grey=True, bits=geometer.geometry.bits))  # widened to RGB after resizing: Geometer.prepare
         except (wire.WireError, ImageError) as exc:
             _reject(out, stop, stats, getattr(exc, "reason", "bad_payload"), frame.stream, frame.seq, frame.t_ns,
                     str(exc))

@@ -146,7 +146,7 @@ def test_folder_source_sends_jpeg_and_png_files_as_they_are(mixed_folder):
     np.testing.assert_array_equal(frame.image(), mixed_folder["c_grey.png"][:, :, None])
 
 
-def test_folder_source_decodes_bmp_and_16_bit_png_and_sends_them_raw(mixed_folder):
+def test_folder_source_decodes_bmp_and_16_bit_png_and_sends_them_raw_as_they_are(mixed_folder):
     items = {item.meta["file"]: item for item in FolderSource(mixed_folder["folder"])}
     bmp = items["d.bmp"]
     assert bmp.encoding == "raw" and bmp.encoded is None and bmp.meta == {"file": "d.bmp"}
@@ -154,8 +154,8 @@ def test_folder_source_decodes_bmp_and_16_bit_png_and_sends_them_raw(mixed_folde
     np.testing.assert_array_equal(bmp.pixels, mixed_folder["d.bmp"])  # RGB order, lossless
     deep = items["e16.png"]
     assert deep.encoding == "raw" and deep.encoded is None
-    assert deep.pixels.dtype == np.uint8 and deep.pixels.shape == (8, 9, 3)
-    np.testing.assert_array_equal(deep.pixels, (mixed_folder["e16.png"] >> 8).astype(np.uint8))
+    assert deep.pixels.dtype == np.uint16 and deep.pixels.shape == (8, 9, 3)  # the worker scales it by the
+    np.testing.assert_array_equal(deep.pixels, mixed_folder["e16.png"])  # model's bit depth
 
 
 def test_folder_source_reports_a_corrupt_file_as_an_error_frame(mixed_folder):

@@ -143,6 +143,46 @@ def test_folder_source_names_each_file(fitted_model, synthetic_data, tmp_path):
     assert sum(verdicts[f] == "defect" for f in defective) >= 0.8 * len(defective)
 
 
+def test_twelve_bit_frames_in_16_bit_files_are_scaled_by_their_depth(synthetic_data, tmp_path):
+    """A camera's 12-bit frames saved as 16-bit PNG files (0 to 4095): fit reads their depth (12 bits),
+    so the model sees the frames' full range rather than their top 4 bits; eval reads them so, and
+    `run` (its producer sends the 16-bit pixels, the worker scales them) scores each file as eval does."""
+    import cv2
+    import numpy as np
+
+    from calibration.dataset import evaluation_samples, read_frame
+    from calibration.evaluate import evaluate
+    from calibration.maps import normalise
+    from calibration.model import Inspector, Model
+    from pipeline.cli import main
+
+    data = tmp_path / "product"
+    shutil.copytree(synthetic_data, data)
+    for path in [*(data / "train").rglob("*.png"), *(data / "test").rglob("*.png")]:
+        eight = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert cv2.imwrite(str(path), eight.astype(np.uint16) << 4)  # 8-bit pixels as 12-bit samples
+    model = tmp_path / "model"
+    assert main(["fit", str(data), "-o", str(model), "--input-size", "64", "--coreset-ratio", "0.5"]) == 0
+    fitted = Model(model)
+    assert fitted.geometry.bits == 12
+    sample = next((data / "test" / "good").iterdir())
+    original = cv2.cvtColor(cv2.imread(str(synthetic_data / "test" / "good" / sample.name)), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(read_frame(sample, fitted.geometer)[1], original)  # not 16 grey levels
+    scored = evaluate(fitted, data)
+    assert scored["image_auroc"] >= 0.9
+    out = tmp_path / "out"
+    proc = subprocess.run(_lineguard("run", str(model), "--source", str(data / "test"), "--out", str(out)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run_scores = {r["meta"]["file"]: r["score"] for r in _lines(out / "results.jsonl")}
+    with Inspector(fitted, Deployment(), batch=8) as inspector:
+        for s in evaluation_samples(data):
+            layout, pixels = read_frame(s.path, fitted.geometer)
+            (want,) = inspector.inspect([pixels], [layout])
+            assert run_scores[s.rel] == pytest.approx(float(normalise(want.score, fitted.thresholds["image"])),
+                                                      abs=1e-4)
+
+
 @pytest.mark.parametrize("stage", ["worker", "postprocess", "sink"])
 def test_any_stage_killed_mid_run_loses_nothing(fitted_model, tmp_path, stage):
     """kill -9 of an inference worker, a postprocess worker or the sink: it is restarted, the producer
