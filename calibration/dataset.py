@@ -69,13 +69,19 @@ def evaluation_samples(root: str | Path) -> list[Sample]:
     samples = []
     for folder in sorted(p for p in test.iterdir() if p.is_dir()):
         good = folder.name == "good"
+        stems: dict[str, Path] = {}
         for path in _images_in(folder):
+            if path.stem in stems:  # one mask name, one --maps / --scores file for both
+                raise DataError(f"{stems[path.stem]} and {path} share the name {path.stem!r}, so their mask and "
+                                "output files would be the same; rename one")
+            stems[path.stem] = path
             mask = None
             if not good:
                 mask = root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
                 if not mask.is_file():
-                    raise DataError(f"mask {mask} for defective image {path} not found; "
-                                    "give every defective test image a ground_truth/<type>/<stem>_mask.png")
+                    raise DataError(f"mask {mask} for defective image {path} not found; give every defective "
+                                    "test image a ground_truth/<type>/<stem>_mask.png (only test/good holds normal "
+                                    f"images: test/{folder.name} is read as a defect type)")
             samples.append(Sample(path, f"{folder.name}/{path.name}", 0 if good else 1, mask))
     if not samples:
         raise DataError(f"{test} holds no images; put test images in test/good/ and test/<defect type>/")

@@ -176,6 +176,21 @@ def test_evaluation_samples_missing_mask_names_it(tmp_path):
     assert str(missing) in str(err.value)
 
 
+def test_evaluation_samples_name_what_a_real_test_set_gets_wrong(tmp_path):
+    """A folder of normal images not named good (test/OK) is a defect type without masks: the error
+    says only test/good holds normal images. Two images of one stem (000.png, 000.jpg) would share a
+    mask and their --maps / --scores files: refused, naming both."""
+    root = _mvtec(tmp_path / "ok")
+    _write_rgb(root / "test" / "OK" / "000.png", _noise(16, 16))
+    with pytest.raises(DataError, match="only test/good holds normal images: test/OK is read as a defect type"):
+        evaluation_samples(root)
+    root = _mvtec(tmp_path / "stems")
+    _write_rgb(root / "test" / "good" / "000.jpg", _noise(16, 16))
+    with pytest.raises(DataError, match="share the name '000'") as err:
+        evaluation_samples(root)
+    assert "000.jpg" in str(err.value) and "000.png" in str(err.value)
+
+
 def test_evaluation_samples_missing_test_folder(tmp_path):
     with pytest.raises(DataError, match="test"):
         evaluation_samples(tmp_path)
