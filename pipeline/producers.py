@@ -66,9 +66,10 @@ class Source:
 
 
 class FolderSource(Source):
-    """Every image file under a folder (recursively, sorted); jpeg / png files are sent undecoded."""
+    """Every image file under a folder (recursively, sorted), `repeat` times, at most `limit` frames
+    (0: no limit); jpeg / png files are sent undecoded."""
 
-    def __init__(self, folder: Path, repeat: int = 1):
+    def __init__(self, folder: Path, repeat: int = 1, limit: int = 0):
         self.folder = Path(folder)
         self.name = str(folder)
         if not self.folder.is_dir():
@@ -76,16 +77,19 @@ class FolderSource(Source):
         self.paths = sorted(p for p in self.folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise SourceError(f"source folder {self.folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        self.repeat = repeat
+        self.repeat, self.limit = repeat, limit
 
     def __iter__(self) -> Iterator[SourceFrame]:
-        for _ in range(self.repeat):
-            for path in self.paths:
-                yield self.read(path)
+        paths = [p for _ in range(self.repeat) for p in self.paths]
+        for path in paths[:self.limit or None]:
+            yield self.read(path)
 
     def read(self, path: Path) -> SourceFrame:
-        data = path.read_bytes()
         rel = str(path.relative_to(self.folder))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:  # removed or unreadable since the folder was listed: an error result, not the line's end
+            return SourceFrame(meta={"file": rel}, error=f"{rel}: cannot be read ({exc.strerror})")
         encoding = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}.get(path.suffix.lower())
         shape = images.file_shape(memoryview(data), encoding) if encoding else None
         eight_bit = encoding == "jpeg" or (len(data) > 24 and data[24] == 8)  # png bit depth in IHDR
@@ -246,7 +250,7 @@ SOURCES: tuple[SourceKind, ...] = (
     SourceKind("stream", "an rtsp:// URL", lambda s: s.startswith(("rtsp://", "rtsps://", "http://", "https://")),
                str, lambda url, o: VideoSource(url, live=True, limit=o.frames)),
     SourceKind("folder", "a folder of images", lambda s: Path(s).is_dir(), Path,
-               lambda path, o: FolderSource(path)),
+               lambda path, o: FolderSource(path, limit=o.frames)),
     SourceKind("video", "a video file", lambda s: Path(s).is_file(), str,
                lambda path, o: VideoSource(path, live=False, limit=o.frames)),
 )
@@ -480,13 +484,16 @@ def produce(source: Source, frames_endpoint: str, sink_endpoint: str, stream: st
 
 def _message(stream: str, seq: int, item: SourceFrame) -> list:
     meta = dict(item.meta)
-    if item.encoded is not None:
-        return wire.encode_frame_encoded(stream, seq, item.encoded, item.shape, item.encoding, meta=meta)
-    if item.pixels is not None:
-        return wire.encode_frame(stream, seq, item.pixels, meta=meta)
+    try:
+        if item.encoded is not None:
+            return wire.encode_frame_encoded(stream, seq, item.encoded, item.shape, item.encoding, meta=meta)
+        if item.pixels is not None:
+            return wire.encode_frame(stream, seq, item.pixels, meta=meta)
+        error = item.error or "the source could not read this frame"
+    except wire.WireError as exc:  # beyond what the wire carries (a side over its limit): this frame's error
+        error = f"{meta.get('file', 'frame')}: {exc}"
     # unreadable source frame: still sent, so it ends as an error result
-    return wire.encode_frame(stream, seq, np.zeros((1, 1, 1), np.uint8), meta=meta,
-                             error=item.error or "the source could not read this frame")
+    return wire.encode_frame(stream, seq, np.zeros((1, 1, 1), np.uint8), meta=meta, error=error)
 
 
 def _live_frames(source: Source, ring: int, stats: ProducerStats, taking: Callable[[], bool]) -> Iterator[SourceFrame]:

@@ -15,6 +15,7 @@ closed terminal (SIGHUP) stops at once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.parse
 import time
 from pathlib import Path
 from typing import Callable
@@ -140,11 +142,13 @@ class Line:
             p if p.workers else dataclasses.replace(p, workers=auto_workers(p.deployment, cpu_products))
             for p in self.products))
         names = [p.name for p in self.products]
-        if not self.products or len(set(names)) != len(names):
-            raise ConfigError("a line needs at least one product, each with its own name")
         streams = [s.name for s in self.streams]
-        if not self.streams or len(set(streams)) != len(streams):
-            raise ConfigError("a line needs at least one stream, each with its own name")
+        for what, given in (("product", names), ("stream", streams)):
+            if not given:
+                raise ConfigError(f"a line needs at least one {what}")
+            twice = sorted({n for n in given if given.count(n) > 1})
+            if twice:
+                raise ConfigError(f"{what} names must differ: {', '.join(map(repr, twice))} given more than once")
         for stream in self.streams:
             if stream.product not in names:
                 raise ConfigError(f"stream {stream.name!r}: product {stream.product!r} is not one of the line's "
@@ -249,6 +253,18 @@ def ipc_folder(bases: tuple[str, ...] | None = None) -> Path:
                       f"path): tried {', '.join(bases)}; set TMPDIR to a short folder, e.g. TMPDIR=/tmp")
 
 
+MAX_START_FAILURES = 3  # restarts of one stage in a row that die before they are ready: the run fails
+
+
+def model_id(model: Path) -> str:
+    """What identifies a model folder's contents: its manifest's hash (the manifest holds every file's);
+    "" where there is none."""
+    try:
+        return hashlib.sha256((Path(model) / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
 class Supervisor:
     """Starts, watches and stops the stage processes of one line."""
 
@@ -266,6 +282,9 @@ class Supervisor:
         self.stop = threading.Event()
         self.ending = False  # the streams were ended on request (`end_streams`)
         self.spawned: dict[str, int] = {}  # product -> inference workers started so far (names of new ones)
+        self.ready: set[str] = set()  # stages that said "ready" since they were (last) started
+        self.start_failures: dict[Stage, int] = {}  # restarts in a row that died before they were ready
+        self.model_ids = {p.name: model_id(p.model) for p in line.products}  # what a restart must find again
         self.ports = self._ports()
         self.metrics = stage_metrics("run", "run", line.metrics_port)
         self.single = len(line.products) == 1
@@ -301,7 +320,8 @@ class Supervisor:
         return self.endpoint(f"post-{self.line.products.index(product)}-{i}")
 
     def spawn(self, name: str, stage: Stage, args: list[str]) -> None:
-        log = self.tmp / f"{name}.log"
+        self.ready.discard(name)
+        log = self.tmp / f"{urllib.parse.quote(name, safe='')}.log"  # a product or stream name may hold a '/'
         self.logs[name] = log
         self.stages[name] = stage
         with open(log, "wb") as f:
@@ -456,7 +476,9 @@ class Supervisor:
             return None
         if not isinstance(msg, wire.Control):
             return None
-        if msg.event == "stats":
+        if msg.event == "ready":
+            self.ready.add(msg.name)
+        elif msg.event == "stats":
             self.stats[msg.name] = msg.data
         elif msg.event == "status" and self.status is not None:
             self.status(msg.data)
@@ -470,6 +492,14 @@ class Supervisor:
         if not self.line.respawn:
             raise RunError(f"{name} died (exit {proc.returncode}: {self.log_tail(name)}) and restarts are off "
                            "(--no-respawn)")
+        failures = self.start_failures[stage] = 0 if name in self.ready else self.start_failures.get(stage, 0) + 1
+        if failures >= MAX_START_FAILURES:
+            raise RunError(f"{name} died {failures} times in a row before it was ready, last with: "
+                           f"{self.log_tail(name)}; fix that and run again")
+        if stage.role in ("infer", "post") and model_id(self.line.product(stage.unit).model) != self.model_ids[stage.unit]:
+            raise RunError(f"the model {self.line.product(stage.unit).model} changed on disk during the run (refitted, "
+                           f"moved or removed), so a restarted {name} would decide by another model than the rest "
+                           "of the line; run again to serve the model now there")
         del self.procs[name]
         if stage.role == "infer":
             self.spawn_worker(self.line.product(stage.unit), stage.index)

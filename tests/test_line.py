@@ -95,7 +95,7 @@ frames = 40
     ('[products.a]\nmodel = "{m}"\nprecision = "fp64"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
      "products.a: .*fp64"),
     ('[products.a]\nmodel = "{m}"\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n'
-     '[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n', "each with its own name"),
+     '[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n', "stream names must differ: 'c' given more than once"),
     ('metrics_port = 65533\n[products.a]\nmodel = "{m}"\nworkers = 1\n[[streams]]\nname = "c"\nsource = "synthetic"\nproduct = "a"\n',
      "needs ports 65533..65537"),
     ('[products.a\nmodel = 1\n', "not valid TOML"),
@@ -172,3 +172,16 @@ def test_a_stream_name_with_an_equals_sign_is_refused_with_a_name_that_works(fit
     """The sink is given each stream's model as STREAM=MODEL: a name with '=' would be split there."""
     with pytest.raises(ConfigError, match="stream name 'line=3' contains '='; name it without one .*'line-3'"):
         Stream("line=3", "synthetic", "a")
+
+
+def test_a_stream_named_like_a_path_runs(fitted_model, tmp_path):
+    """Stream names become file names (stage logs, defect maps, overlays): one with a '/' runs, its files
+    inside their folders (its stage log could not be made: the run failed once every worker had loaded)."""
+    from pipeline.cli import main
+
+    out = tmp_path / "out"
+    assert main(["run", str(fitted_model), "--source", "synthetic", "--frames", "24", "--stream", "line1/cam0",
+                 "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 24 and {r["stream"] for r in lines} == {"line1/cam0"}
+    assert all(p.parent == out / "maps" for p in (out / "maps").rglob("*")) and any((out / "maps").iterdir())

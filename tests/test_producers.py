@@ -165,6 +165,26 @@ def test_folder_source_reports_a_corrupt_file_as_an_error_frame(mixed_folder):
     assert "f_bad.png" in bad.error and bad.meta == {"file": "f_bad.png"}  # meta stays the user's
 
 
+def test_a_file_gone_or_a_frame_beyond_the_wire_is_that_frames_error_not_the_lines_end(tmp_path):
+    """A file removed after the folder was listed, and a frame with a side past the wire's limit (a
+    line-scan image): each becomes an error frame naming the file; the frames after it go on."""
+    from pipeline.producers import _message
+
+    folder = tmp_path / "frames"
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(folder / name, rgb(4, 5, 1))
+    frames = iter(FolderSource(folder))
+    first = next(frames)
+    (folder / "b.png").unlink()
+    gone, last = next(frames), next(frames)
+    assert first.error is None and last.error is None and last.meta == {"file": "c.png"}
+    assert gone.error.startswith("b.png: cannot be read") and gone.meta == {"file": "b.png"}
+    assert [f.meta["file"] for f in open_source(str(folder), frames=1)] == ["a.png"]  # --frames bounds a folder too
+    wide = SourceFrame(pixels=np.zeros((2, wire.MAX_SIDE + 1, 3), np.uint8), meta={"file": "scan.png"})
+    frame = wire.decode(_message("cam0", 7, wide))
+    assert frame.seq == 7 and frame.error.startswith("scan.png:") and frame.meta == {"file": "scan.png"}
+
+
 def test_folder_source_recurses_in_sorted_order_and_repeats(tmp_path):
     folder = tmp_path / "tree"
     names = ["sub/deeper/d.jpg", "b.png", "sub/c.png", "a.png", "E.PNG"]

@@ -222,6 +222,39 @@ def test_any_stage_killed_mid_run_loses_nothing(fitted_model, tmp_path, stage):
     assert _children(proc.pid) == []
 
 
+@pytest.mark.parametrize("change", ["refit", "damage"])
+def test_a_worker_that_cannot_come_back_ends_the_run_saying_why(fitted_model, tmp_path, change):
+    """A worker dies mid-run and its model is no longer the one the line started with (refitted into the
+    same folder: the restart would decide by another model than the rest), or can no longer load (a
+    damaged file: it would die at every restart): the run ends with one line saying why, instead of
+    mixing two models' verdicts or restarting forever."""
+    model = tmp_path / "model"
+    shutil.copytree(fitted_model, model)
+    proc, sub = _endless_run(model, tmp_path)
+    try:
+        sub.wait_for(5, 120, proc)
+        if change == "refit":
+            manifest = json.loads((model / "manifest.json").read_text())
+            manifest["fit"]["seed"] = 1  # another fit's manifest
+            (model / "manifest.json").write_text(json.dumps(manifest))
+        else:
+            with open(model / "bank.faiss", "r+b") as f:
+                f.seek(100)
+                f.write(b"\0" * 16)
+        worker = next(pid for pid, cmd in _children(proc.pid) if "pipeline.cli worker " in cmd)
+        os.kill(worker, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        sub.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2
+    if change == "refit":
+        assert "changed on disk during the run" in stderr
+    else:
+        assert "3 times in a row before it was ready" in stderr and "altered" in stderr
+
+
 def test_sigterm_stops_every_process(fitted_model, tmp_path):
     proc, sub = _endless_run(fitted_model, tmp_path)
     try:
