@@ -38,6 +38,9 @@ def calibrate(canvas_maps: list[np.ndarray], config: MapConfig, max_false_reject
         raise ConfigError("no held-out normal images to calibrate thresholds on")
     if max_false_reject is not None and not 0.0 < max_false_reject < 1.0:
         raise ConfigError(f"max false-reject rate {max_false_reject} must be in (0, 1), e.g. 0.01")
+    bad = [i for i, m in enumerate(canvas_maps) if not np.isfinite(m).all()]
+    if bad:  # a threshold of inf or NaN would pass or reject every frame without saying so
+        raise ValueError(f"calibration maps {bad[:5]} hold a score that is not finite: a bug, not the data")
     scores = np.array([image_score(m, config) for m in canvas_maps])
     smoothed = [smooth(m, config) for m in canvas_maps]
     peaks = np.array([s.max() for s in smoothed])

@@ -271,11 +271,20 @@ class MemoryBank:
         """queries float32 [P, d] -> (distances float32 [P, k] Euclidean, ids int64 [P, k]).
 
         exclude: a half-open id range [lo, hi) left out of the search (used to score a
-        training image against the bank without its own patches).
+        training image against the bank without its own patches). An approximate search that finds no
+        neighbour outside it (every probed IVF list excluded, an HNSW graph cut off) is searched again
+        exactly (k 1), so calibration never takes a missing neighbour for a distance.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self._matrix is not None:
             return self._search_exact(queries, k, exclude)
+        dist, ids = self._search_approximate(queries, k, exclude)
+        lost = np.flatnonzero(ids[:, 0] < 0)
+        if k == 1 and len(lost):
+            dist[lost], ids[lost] = self.search_exact(queries[lost], exclude)
+        return dist, ids
+
+    def _search_approximate(self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None):
         if self._lists is not None:
             return self._lists.search(queries, k, self.config.nprobe, exclude)
         faiss = _faiss()
@@ -290,7 +299,9 @@ class MemoryBank:
                 params = faiss.SearchParameters(sel=selector)
         dist, ids = self.index.search(queries, k, params=params)
         np.maximum(dist, 0, out=dist)
-        return np.sqrt(dist, out=dist), ids
+        np.sqrt(dist, out=dist)
+        dist[ids < 0] = np.inf  # none found: FAISS's placeholder distance is no distance
+        return dist, ids
 
     def _search_exact(self, queries: np.ndarray, k: int, exclude: tuple[int, int] | None):
         import torch

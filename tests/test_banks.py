@@ -168,6 +168,27 @@ def test_approximate_index_exclude(kind, clustered):
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_an_exclusion_that_leaves_the_approximate_search_nothing_is_searched_exactly(kind, flat_data):
+    """Scoring a training frame without its own patches where those are most of the bank (few-shot, a
+    coreset of every patch): the probed IVF lists or the HNSW graph around a query hold nothing else, and
+    FAISS answers id -1 with a placeholder distance (1.8e19 after the square root, or inf), which made
+    thresholds of 1.8e19 or NaN. Those queries are searched again exactly."""
+    bank, _, flat = flat_data
+    index = MemoryBank.build(bank, BankConfig(index=kind, nprobe=1, rerank=0))
+    queries = bank[:500] + np.float32(0.01)
+    exclude = (0, len(bank) - 10)
+    rough = index._search_approximate(queries, 1, exclude)[1][:, 0] < 0
+    assert rough.any()  # the case: FAISS alone finds nothing for some
+    dist, ids = index.search(queries, 1, exclude=exclude)
+    want_dist, want_ids = flat.search(queries, 1, exclude=exclude)
+    assert np.all(ids >= exclude[1]) and np.all(np.isfinite(dist))
+    np.testing.assert_array_equal(ids[rough], want_ids[rough])  # those searched again exactly
+    assert np.all(dist >= want_dist * (1 - 2e-3))  # the rest: approximate (fp16 HNSW vectors), never nearer
+    every = index.search(queries[:3], 1, exclude=(0, len(bank)))  # nothing left at all: none found
+    assert np.all(every[1] == -1) and np.all(np.isinf(every[0]))
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_index_save_load(kind, clustered, tmp_path):
     bank, queries, _ = clustered
     config = BankConfig(index=kind, nprobe=4, ef_search=32)
