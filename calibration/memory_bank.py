@@ -263,6 +263,9 @@ def fit(ctx: "FitContext") -> "FitOutput":
                                spec.height, spec.width, ctx.weights)
     if ctx.maps.stride != extractor.stride:
         raise ConfigError(f"map stride {ctx.maps.stride} differs from the embedding's {extractor.stride}")
+    if o.embedding.dim >= extractor.channels:  # as many dims as channels or more: every channel, as --dim 0
+        o = dataclasses.replace(o, embedding=dataclasses.replace(o.embedding, dim=0))  # (the served graph
+        # would not apply a learned projection of every channel, which the bank's vectors were rotated by)
     scored = ctx.maps.top_k if ctx.maps.image_score == "topk" else 1  # cells the image score reads
     if o.bank.index != "flat" and 0 < o.bank.rerank < scored:
         raise ConfigError(f"--rerank {o.bank.rerank} is below --top-k {scored}: the image score would read "

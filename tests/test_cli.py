@@ -226,6 +226,22 @@ def test_fit_flags_of_zero_are_values_not_absent(flags, field, value):
     assert read(options) == value != read(BankOptions())
 
 
+@pytest.mark.parametrize("dim", [152, 200])
+def test_a_dim_of_every_channel_or_more_keeps_every_channel(synthetic_data, tmp_path, dim):
+    """Lite0's stages 2 + 4 give 152 channels: --dim 152 (a learned rotation the served graph did not
+    apply: the bank's vectors and the served ones disagreed, image AUROC 0.17 to 0.75) and --dim 200 (an
+    IndexError) both mean every channel, as --dim 0, and detect as it does."""
+    model = tmp_path / "m"
+    assert main(["fit", str(synthetic_data), "-o", str(model), "--input-size", "128", "--coreset-ratio", "0.25",
+                 "--dim", str(dim)]) == 0
+    manifest = json.loads((model / "manifest.json").read_text())["memory_bank"]
+    assert manifest["embedding"]["dim"] == 0 and manifest["feature_dim"] == 152
+    assert not (model / "projection.npy").exists()
+    assert main(["eval", str(model), str(synthetic_data), "--json", str(tmp_path / "m.json")]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["image_auroc"] >= 0.9 and result["pixel_auroc"] >= 0.9
+
+
 def test_bank_search_flags_reach_the_bank_config():
     from pipeline.cli import _kind_options, build_parser
 
