@@ -143,9 +143,12 @@ class Decoder(nn.Module):
 
 
 def reconstruction_distance(feats: list[torch.Tensor], recon: list[torch.Tensor]) -> torch.Tensor:
-    """Per-position anomaly: sum over stages of (1 - cosine similarity): [N, h, w], in [0, 2 * stages]."""
+    """Per-position anomaly: sum over stages of (1 - cosine similarity): float32 [N, h, w], in [0, 2 * stages].
+    In float32 whatever the network ran in: a stage's squared norms reach 1e4, and their product
+    overflowed fp16 (65504) in most cells, where the cosine then read 0."""
     total = 0.0
     for f, r in zip(feats, recon):
+        f, r = f.float(), r.float()
         dot = (f * r).sum(1)
         norms = (f.square().sum(1) * r.square().sum(1)).clamp_min(1e-16).sqrt()
         total = total + (1.0 - dot / norms)

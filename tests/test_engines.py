@@ -475,3 +475,20 @@ def test_an_unset_thread_count_is_every_usable_core_in_each_pool(onnx_path, tmp_
     for threads, pool in ((None, 1), (3, 3)):
         with Deployment(threads=threads).build(tmp_path, H, W, lambda: None) as engine:
             assert engine.session.get_session_options().intra_op_num_threads == pool
+
+
+def test_the_reconstruction_distance_of_fp16_features_is_the_fp32_one():
+    """A decoder served in fp16 (torch or TensorRT on a GPU): stages of 112 channels of features around 8
+    have squared norms near 7000, whose product overflowed fp16 (65504) and read as a cosine of 0 (a
+    distance of 1 in most cells). The distance is taken in float32."""
+    import torch
+
+    from engines.heads import reconstruction_distance
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 112, 8, 8, generator=g) * 8 for _ in range(2)]
+    recon = [f + 0.1 * torch.randn(f.shape, generator=g) for f in feats]
+    want = reconstruction_distance(feats, recon)
+    got = reconstruction_distance([f.half() for f in feats], [r.half() for r in recon])
+    assert got.dtype == torch.float32 and float(want.max()) < 1e-3
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
