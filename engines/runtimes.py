@@ -286,10 +286,11 @@ def _build_torch(d: "Deployment", model_dir: Path, height: int, width: int, netw
 
 
 def _build_tensorrt(d: "Deployment", model_dir: Path, height: int, width: int, network) -> Engine:
-    from engines.compiled import engine_file
+    from engines.compiled import engine_file, read_record
     from engines.tensorrt import TensorRTEngine
 
-    return TensorRTEngine(engine_file(model_dir, d), height, width)
+    plan = engine_file(model_dir, d)
+    return TensorRTEngine(plan, height, width, read_record(plan)["max_batch"])  # the plan's profile bounds its batch
 
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (

@@ -492,3 +492,4 @@ def test_the_reconstruction_distance_of_fp16_features_is_the_fp32_one():
     got = reconstruction_distance([f.half() for f in feats], [r.half() for r in recon])
     assert got.dtype == torch.float32 and float(want.max()) < 1e-3
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
