@@ -364,6 +364,11 @@ def print_summary(summary: dict) -> None:
                   "re-calibrate: refit the model on current normal images")
 
 
+def _run_defaults() -> dict:
+    """`lineguard run`'s options as its parser leaves them when none is given."""
+    return vars(build_parser("run").parse_args(["run"]))
+
+
 def cmd_run(args) -> int:
     from pipeline.run import RunConfig, run_pipeline
 
@@ -372,6 +377,11 @@ def cmd_run(args) -> int:
             raise ConfigError("give a MODEL or --line FILE, not both (the line file names each stream's model)")
         from pipeline.linefile import load_line
 
+        given = [f"--{dest.replace('_', '-')}" for dest, default in _run_defaults().items()
+                 if dest not in ("line", "model", "json", "func", "command", "debug") and getattr(args, dest) != default]
+        if given:
+            raise ConfigError(f"{', '.join(given)} would be ignored with --line: the line file sets the run; set them "
+                              f"in {args.line} (pipeline/linefile.py lists its keys)")
         config = load_line(args.line)
     elif args.model is None:
         raise ConfigError("run needs a MODEL (lineguard run MODEL --source ...) or a line file (--line line.toml)")
@@ -381,7 +391,7 @@ def cmd_run(args) -> int:
                            batch_ms=args.batch_ms, deployment=_deployment(args), mode=args.mode, stream=args.stream,
                            pub=args.pub, drain_timeout=args.drain_timeout, retry_after=args.retry_after,
                            respawn=not args.no_respawn, metrics_port=args.metrics_port, view_port=args.view_port,
-                           camera=args.camera)
+                           camera=args.camera, ready_timeout=args.ready_timeout)
     ready_to_write([args.json])
     status = StatusLine()
     try:
@@ -529,6 +539,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--retry-after", type=float, default=10.0,
                      help="seconds without a verdict before the producer sends a frame again")
     run.add_argument("--no-respawn", action="store_true", help="do not restart stages that die")
+    run.add_argument("--ready-timeout", type=float, default=120.0,
+                     help="seconds every stage may take to load and warm up before the run gives up")
     run.add_argument("--view-port", type=int, default=None, help="serve the live web view at http://HOST:PORT/")
     run.add_argument("--metrics-port", type=int, default=None,
                      help="Prometheus: the run on PORT, the sink on PORT+1, the producer PORT+2, then the workers")

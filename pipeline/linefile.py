@@ -6,6 +6,8 @@
     pub = "tcp://*:5557"              # optional: the result stream
     drain_timeout = 5.0               # optional
     retry_after = 10.0                # optional
+    respawn = true                    # optional: restart stages that die
+    ready_timeout = 120.0             # optional: seconds every stage may take to load and warm up
 
     [products.tile]                   # one model and its workers
     model = "models/tile"
@@ -41,7 +43,7 @@ from pipeline.producers import parse_source
 from pipeline.run import Line, Product, Stream
 
 TOP = {"out": str, "metrics_port": int, "view_port": int, "pub": str, "drain_timeout": float, "retry_after": float,
-       "products": dict, "streams": list}
+       "respawn": bool, "ready_timeout": float, "products": dict, "streams": list}
 PRODUCT = {"model": str, "workers": int, "post_workers": int, "batch": int, "batch_ms": float, "runtime": str,
            "precision": str, "device": str, "threads": int}
 STREAM = {"name": str, "source": str, "product": str, "frames": int, "mode": str, "camera": dict}
@@ -113,6 +115,7 @@ def load_line(path: str | Path) -> Line:
         return Line(tuple(products), tuple(streams), out=base / data["out"] if "out" in data else None,
                     pub=data.get("pub"), drain_timeout=data.get("drain_timeout", 5.0),
                     retry_after=data.get("retry_after", 10.0), metrics_port=data.get("metrics_port"),
-                    view_port=data.get("view_port"))
+                    view_port=data.get("view_port"), respawn=data.get("respawn", True),
+                    ready_timeout=data.get("ready_timeout", 120.0))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

@@ -463,7 +463,8 @@ class Supervisor:
                 if self.procs[name].poll() is not None:
                     raise RunError(f"{name} exited while starting: {self.log_tail(name)}")
             if time.monotonic() > deadline:
-                raise RunError(f"{', '.join(sorted(waiting))} not ready after {self.line.ready_timeout:g} s")
+                raise RunError(f"{', '.join(sorted(waiting))} not ready after {self.line.ready_timeout:g} s; a slow "
+                               "machine may need longer: --ready-timeout (a line file's ready_timeout)")
             if control.poll(100):
                 msg = self._control(control)
                 if msg is not None and msg.event == "ready":

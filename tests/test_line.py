@@ -114,7 +114,13 @@ def test_run_takes_a_model_or_a_line_not_both(fitted_model, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["run"]) == 2
     assert "--line" in capsys.readouterr().err
+    # run's own options would be ignored with a line file: refused, naming them and where they go
+    assert main(["run", "--line", str(path), "--out", str(tmp_path / "o"), "--no-respawn", "--frames", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--frames, --out, --no-respawn would be ignored with --line" in err and str(path) in err
     assert main(["run", "--line", str(path)]) == 0
+    line = load_line(write_line(tmp_path, 'respawn = false\nready_timeout = 300\n' + path.read_text()))
+    assert line.respawn is False and line.ready_timeout == 300.0
 
 
 def test_workers_set_to_auto_get_one_per_core_on_the_cpu_and_one_on_a_gpu(tmp_path):
