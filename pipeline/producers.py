@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,8 @@ from engines.errors import ConfigError, LineguardError
 from pipeline import wire
 from pipeline.metrics import NoMetrics
 from pipeline.workers import send
+
+log = logging.getLogger("lineguard.producer")
 
 MODES = ("lossless", "live")
 
@@ -104,11 +107,15 @@ class FolderSource(Source):
 
 
 class VideoSource(Source):
-    """Frames of a video file (lossless) or an OpenCV camera / RTSP stream (live)."""
+    """Frames of a video file (lossless) or an OpenCV camera / RTSP stream (live). A video file that
+    ends before the frame count its container gives (cut short, damaged) counts the rest in `missed`,
+    with a warning; a camera or stream whose read fails is reopened every second, for up to `give_up_s`
+    (`reconnects`), then it ends (a file read live, as a stand-in camera, ends at its end)."""
 
-    def __init__(self, target: str | int, live: bool, limit: int = 0):
-        self.target, self.live, self.limit = target, live, limit
+    def __init__(self, target: str | int, live: bool, limit: int = 0, give_up_s: float = 60.0):
+        self.target, self.live, self.limit, self.give_up_s = target, live, limit, give_up_s
         self.name = str(target)
+        self.reconnects = 0
         self.capture = cv2.VideoCapture(target)
         if not self.capture.isOpened():
             what = "camera" if live else "video file"
@@ -119,10 +126,32 @@ class VideoSource(Source):
         n = 0
         while not self.limit or n < self.limit:
             ok, bgr = self.capture.read()
+            if not ok and self.live and not Path(self.name).is_file() and self._reopen():
+                continue
             if not ok:
-                return
+                break
             n += 1
             yield SourceFrame(pixels=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), meta={"frame": n - 1})
+        expected = 0 if self.live else int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if expected > n and not (self.limit and n >= self.limit):
+            self.missed = expected - n
+            log.warning("%s: read %d of the %d frames its container gives; the file is cut short or damaged",
+                        self.target, n, expected)
+
+    def _reopen(self) -> bool:
+        """A live source that failed to read: open it again every second until it delivers or give_up_s."""
+        deadline = time.monotonic() + self.give_up_s
+        while time.monotonic() < deadline:
+            self.capture.release()
+            time.sleep(1.0)
+            self.capture = cv2.VideoCapture(self.target)
+            if self.capture.isOpened():
+                self.reconnects += 1
+                log.warning("%s: read failed; reopened (%d so far)", self.target, self.reconnects)
+                return True
+        log.warning("%s: read failed and it could not be reopened within %g s; the stream ends", self.target,
+                    self.give_up_s)
+        return False
 
     def close(self) -> None:
         self.capture.release()

@@ -243,6 +243,54 @@ def test_video_source_limit(video):
         source.close()
 
 
+def test_a_video_file_cut_short_counts_the_frames_it_lacks(tmp_path, caplog):
+    """A file whose container promises 200 frames but holds about half (copied while it was being
+    written, damaged): those are read, the rest are missed (the eos's dropped count) with a warning, not
+    a quiet end."""
+    whole = tmp_path / "whole.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(200):
+        writer.write(np.full((48, 64, 3), i % 256, np.uint8))
+    writer.release()
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[:len(data) // 2])
+    source = VideoSource(str(cut), live=False)
+    with caplog.at_level("WARNING", "lineguard.producer"):
+        got = len(list(source))
+    source.close()
+    assert 0 < got < 200 and source.missed == 200 - got
+    assert f"read {got} of the 200 frames its container gives" in caplog.text
+
+
+def test_a_camera_that_stops_delivering_is_reopened(monkeypatch):
+    """A camera or RTSP stream whose read fails (a network hiccup, a replug) is opened again and read on."""
+    from pipeline import producers
+
+    class Capture:
+        opened = 0
+
+        def __init__(self, target):  # two frames, a failed read; reopened: two more; then it is gone
+            Capture.opened += 1
+            self.reads = [True, True, False] if Capture.opened == 1 else [True, True]
+            self.ok = Capture.opened <= 2
+
+        def isOpened(self):
+            return self.ok
+
+        def read(self):
+            ok = self.reads.pop(0) if self.reads else False
+            return ok, np.zeros((4, 4, 3), np.uint8) if ok else None
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(producers.cv2, "VideoCapture", Capture)
+    monkeypatch.setattr(producers.time, "sleep", lambda s: None)
+    source = VideoSource("rtsp://camera/stream", live=True, give_up_s=0.05)
+    assert len(list(source)) == 4 and source.reconnects == 1  # then it gave up: the stream ends
+
+
 def test_video_source_missing_file_is_a_source_error(tmp_path):
     with pytest.raises(SourceError, match="missing.avi"):
         VideoSource(str(tmp_path / "missing.avi"), live=False)
