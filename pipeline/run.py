@@ -580,13 +580,15 @@ def run_pipeline(config: RunConfig | Line, status: Callable[[dict], None] | None
         line.out.mkdir(parents=True, exist_ok=True)
         for earlier in ("maps", "overlays"):  # an earlier run's: its defect frames are not this run's
             shutil.rmtree(line.out / earlier, ignore_errors=True)
+    from pipeline.workers import SIGNAL_ACTIONS
+
     supervisor = Supervisor(line, sizes, status)
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: supervisor.end_streams())
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: SIGNAL_ACTIONS(supervisor.end_streams))
         for sig in (signal.SIGTERM, signal.SIGHUP):  # the stages are in their own process groups: a closed
             if signal.getsignal(sig) is not signal.SIG_IGN:  # terminal must stop them too, unless under nohup
-                previous[sig] = signal.signal(sig, lambda *_: supervisor.stop.set())
+                previous[sig] = signal.signal(sig, lambda *_: SIGNAL_ACTIONS(supervisor.stop.set))
     try:
         return supervisor.run()
     finally:

@@ -9,10 +9,12 @@ names its stream and seq), and stops on SIGTERM / SIGINT or a `stop` event.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -62,12 +64,38 @@ def send(sock: zmq.Socket, message: list, stop: threading.Event, idle=None) -> b
     return False
 
 
+class SignalActions:
+    """Runs what signal handlers ask for, one at a time. Python runs a handler between any two bytecodes
+    of the main thread, inside another handler too: a signal arriving while a handler is inside
+    `Event.set` (holding the event's lock) made the next `set` wait on that lock forever, and signals
+    come in bursts (Linux sends a stage its parent-death signal again at each reparenting, as a killed
+    supervisor's threads exit one by one). An action asked for while one runs is queued for it."""
+
+    def __init__(self):
+        self.pending: collections.deque = collections.deque()
+        self.running = False
+
+    def __call__(self, action: Callable[[], object]) -> None:
+        self.pending.append(action)
+        while not self.running and self.pending:  # (a handler that came in just as the last one ended)
+            self.running = True
+            try:
+                while self.pending:
+                    self.pending[0]()
+                    self.pending.popleft()
+            finally:
+                self.running = False
+
+
+SIGNAL_ACTIONS = SignalActions()  # the process's one: handlers run in the main thread only
+
+
 def stop_on_signals(stop: threading.Event, end: threading.Event | None = None) -> None:
     """Set `stop` on SIGTERM / SIGINT (main thread only). With `end`: the first SIGINT sets `end` (finish
     what was accepted, take nothing new), a second one `stop`."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: (stop if end is None or end.is_set() else end).set())
+        signal.signal(signal.SIGTERM, lambda *_: SIGNAL_ACTIONS(stop.set))
+        signal.signal(signal.SIGINT, lambda *_: SIGNAL_ACTIONS((stop if end is None or end.is_set() else end).set))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # `lineguard run` starts its stages with it blocked
 
 

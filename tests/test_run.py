@@ -378,10 +378,11 @@ def test_the_stages_end_with_a_supervisor_killed_outright(fitted_model, tmp_path
             time.sleep(0.2)
     finally:
         sub.close()
-        left = [pid for pid in children if not _gone([pid])]
-        for pid in left:  # reparented away from the test by now: ended by pid
+        left = [(pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:5]) for pid in children
+                if not _gone([pid])]
+        for pid, _ in left:  # reparented away from the test by now: ended by pid
             os.kill(pid, signal.SIGKILL)
-    assert not left, f"{len(left)} stages outlived their supervisor"
+    assert not left, f"{len(left)} stages outlived their supervisor: {left}"
 
 
 @pytest.mark.parametrize("case", ["missing_model", "bad_source", "engine_not_exported"])

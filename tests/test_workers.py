@@ -408,3 +408,26 @@ def test_postprocess_a_defect_below_the_pixel_threshold_still_has_a_region(fitte
     (region,) = result.regions  # ... yet the defect is located: the cell behind the image score
     x, y, w, h = region.bbox
     assert (x, y, w, h) == (9 * 4, 5 * 3, 4, 3)  # cell (5, 9) of 16 x 16 on a 48 x 64 frame
+
+
+def test_a_signal_arriving_while_a_handler_sets_an_event_is_queued_not_deadlocked():
+    """Python may run a handler inside another handler's Event.set, which holds the event's lock: the
+    inner one set the same event and waited on that lock forever (a killed supervisor's stage gets its
+    parent-death signal once per exiting thread). SignalActions queues what comes in meanwhile."""
+    from pipeline.workers import SignalActions
+
+    actions, stop, end, done = SignalActions(), threading.Event(), threading.Event(), []
+
+    def set_then_interrupted():  # the outer handler's action, "interrupted" by two more signals
+        with stop._cond:  # as inside Event.set: the lock held
+            actions(stop.set)  # a nested handler for the same event: queued, not run here
+            actions(end.set)
+            assert not end.is_set() and len(actions.pending) == 3
+            stop._flag = True
+        done.append(True)
+
+    finisher = threading.Thread(target=lambda: actions(set_then_interrupted))
+    finisher.start()
+    finisher.join(5)
+    assert not finisher.is_alive(), "deadlocked"
+    assert done and stop.is_set() and end.is_set() and not actions.pending and not actions.running
