@@ -68,8 +68,8 @@ class SignalActions:
     """Runs what signal handlers ask for, one at a time. Python runs a handler between any two bytecodes
     of the main thread, inside another handler too: a signal arriving while a handler is inside
     `Event.set` (holding the event's lock) made the next `set` wait on that lock forever, and signals
-    come in bursts (Linux sends a stage its parent-death signal again at each reparenting, as a killed
-    supervisor's threads exit one by one). An action asked for while one runs is queued for it."""
+    come in bursts (a worker of a killed supervisor was seen handling three SIGTERMs nested). An action
+    asked for while one runs is queued for it."""
 
     def __init__(self):
         self.pending: collections.deque = collections.deque()
