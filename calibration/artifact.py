@@ -82,6 +82,17 @@ def write_manifest(model_dir: Path, manifest: dict) -> dict:
     return full
 
 
+def replace_json(path: Path, data) -> None:
+    """Write `data` as JSON to `path` whole or not at all: a scratch file beside it, on disk, then renamed
+    over it, so a reader (or a process killed meanwhile) finds the earlier file or this one."""
+    scratch = Path(path).with_suffix(f".{os.getpid()}.tmp")
+    with open(scratch, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(scratch, path)
+
+
 def writable_folder(folder: Path) -> Path:
     """Make `folder` (and its parents) and check it can be written; OSError naming the path otherwise
     (a file where a folder must be, read-only, no permission), for `lineguard` to say in one line."""

@@ -112,7 +112,8 @@ def sample_bits(paths: Sequence[Path], sample: int = 32) -> int:
     high = -1
     for path in picks:
         data = _file_bytes(path)
-        if images.is_jpeg(data):
+        depth = images.png_bit_depth(data)
+        if images.is_jpeg(data) or (depth is not None and depth <= 8):  # 8-bit, from the header: no decoding
             continue
         pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
         if pixels is not None and pixels.dtype == np.uint16:

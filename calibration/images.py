@@ -123,6 +123,13 @@ def is_jpeg(data: bytes | memoryview | np.ndarray) -> bool:
     return bytes(data[:2]) == b"\xff\xd8"
 
 
+def png_bit_depth(data: bytes | memoryview | np.ndarray) -> int | None:
+    """A png file's bits per sample (its IHDR chunk), without decoding; None for any other file."""
+    if len(data) < 25 or bytes(data[:8]) != PNG_SIGNATURE or bytes(data[12:16]) != b"IHDR":
+        return None
+    return int(data[24])
+
+
 def shrunk(size: tuple[int, int], shrink: int) -> tuple[int, int]:
     """(H, W) of a JPEG of `size` decoded at 1/shrink: libjpeg rounds each side up."""
     return -(-int(size[0]) // shrink), -(-int(size[1]) // shrink)
@@ -195,7 +202,6 @@ def resize(image: np.ndarray, height: int, width: int, out: np.ndarray | None = 
     return out
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 def file_size(data: memoryview, encoding: str) -> tuple[int, int] | None:
     """(H, W) from a png IHDR chunk or a jpeg SOF segment, without decoding; None if there is none."""
@@ -212,7 +218,7 @@ def file_shape(data: memoryview, encoding: str) -> tuple[int, int, int] | None:
     length before reading it, so one corrupted length byte in a 100-byte file costs gigabytes.
     """
     if encoding == "png":
-        if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
             return None
         i = 8
         while i + 12 <= len(data):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from calibration.artifact import replace_json
 from calibration.coreset import greedy_coreset
 from calibration.kinds import Detector, Kind
 from engines.banks import BankConfig, MemoryBank, time_searches
@@ -158,9 +159,7 @@ def served_bank(model_dir: Path, manifest: dict, device: str = "cpu", precision:
         record = {"cpu": here, "fitted_on": candidates["timed_on"], "ms_per_1024": speeds, "index": kind,
                   "banks": files}
         try:
-            scratch = path.with_suffix(f".{os.getpid()}.tmp")
-            scratch.write_text(json.dumps(record, indent=2) + "\n")
-            os.replace(scratch, path)  # a reader sees no record or a whole one
+            replace_json(path, record)  # a reader sees no record or a whole one
             saved = f"recorded in {path}"
         except OSError as exc:
             saved = f"not recorded ({exc.strerror}: {path.parent}), so timed at every start"

@@ -95,7 +95,7 @@ class FolderSource(Source):
             return SourceFrame(meta={"file": rel}, error=f"{rel}: cannot be read ({exc.strerror})")
         encoding = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}.get(path.suffix.lower())
         shape = images.file_shape(memoryview(data), encoding) if encoding else None
-        eight_bit = encoding == "jpeg" or (len(data) > 24 and data[24] == 8)  # png bit depth in IHDR
+        eight_bit = encoding == "jpeg" or images.png_bit_depth(data) == 8
         if shape is not None and eight_bit:  # sent as the file; the worker decodes it once, grey or RGB
             return SourceFrame(encoded=data, encoding=encoding, shape=shape, meta={"file": rel})
         # other formats, 16-bit files and files whose header we cannot read: decode here, send raw (grey as

@@ -15,7 +15,6 @@ closed terminal (SIGHUP) stops at once.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import Callable
 import zmq
 
 from calibration.artifact import load_manifest
+from engines.compiled import sha256
 from engines.errors import ConfigError, LineguardError
 from engines.runtimes import Deployment, runtime, usable_cores
 from pipeline import wire
@@ -260,7 +260,7 @@ def model_id(model: Path) -> str:
     """What identifies a model folder's contents: its manifest's hash (the manifest holds every file's);
     "" where there is none."""
     try:
-        return hashlib.sha256((Path(model) / "manifest.json").read_bytes()).hexdigest()
+        return sha256(Path(model) / "manifest.json")
     except OSError:
         return ""
 

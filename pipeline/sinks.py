@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from calibration.artifact import replace_json
 from calibration.images import frame_file, png_gray
 from pipeline import wire
 from pipeline.drift import DriftWatch, drift_reference
@@ -241,13 +242,8 @@ class Sink:
         """Keep the stream ends beside the log, written through before any ack can say a stream is done."""
         if self.ends is None:
             return
-        ends = {l.stream: [l.expected, l.dropped] for l in self.streams.values() if l.expected is not None}
-        scratch = self.ends.with_suffix(f".{os.getpid()}.tmp")
-        with open(scratch, "w") as f:
-            json.dump(ends, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(scratch, self.ends)
+        replace_json(self.ends, {l.stream: [l.expected, l.dropped] for l in self.streams.values()
+                                 if l.expected is not None})
 
     def ledger(self, stream: str) -> Ledger:
         if stream not in self.streams:
