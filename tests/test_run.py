@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,13 +81,22 @@ def _gone(pids: list[int]) -> bool:
                for pid in pids)
 
 
-def _endless_run(fitted_model, tmp_path, *args: str) -> tuple[subprocess.Popen, Subscriber]:
-    """`lineguard run` of 100000 synthetic frames (longer than any test waits), results on a PUB the test reads."""
+@contextlib.contextmanager
+def _endless_run(fitted_model, tmp_path, *args: str, frames: int = 100000,
+                 **popen) -> Iterator[tuple[subprocess.Popen, Subscriber]]:
+    """`lineguard run` of `frames` synthetic frames (by default longer than any test waits), results on a
+    PUB the test reads; when the block ends the subscriber is closed and a run still going killed."""
     pub = f"ipc://{tmp_path}/pub"
     sub = Subscriber(pub)
-    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
-                                       "--pub", pub, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc, sub
+    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", str(frames),
+                                       "--pub", pub, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+    try:
+        yield proc, sub
+    finally:
+        sub.close()
+        if proc.poll() is None:
+            proc.kill()
 
 
 def _lines(path: Path) -> list[dict]:
@@ -188,13 +199,8 @@ def test_any_stage_killed_mid_run_loses_nothing(fitted_model, tmp_path, stage):
     """kill -9 of an inference worker, a postprocess worker or the sink: it is restarted, the producer
     sends again what has no verdict, the restarted sink resumes its log; every frame ends exactly once."""
     out = tmp_path / "out"
-    pub = f"ipc://{tmp_path}/pub"
-    sub = Subscriber(pub)
-    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "300", "--out",
-                                       str(out), "--json", str(tmp_path / "summary.json"), "--drain-timeout", "5",
-                                       "--retry-after", "2", "--batch-size", "4", "--pub", pub),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _endless_run(fitted_model, tmp_path, "--out", str(out), "--json", str(tmp_path / "summary.json"),
+                      "--drain-timeout", "5", "--retry-after", "2", "--batch-size", "4", frames=300) as (proc, sub):
         sub.wait_for(40, 120, proc)
         victims = [pid for pid, cmd in _children(proc.pid) if f"pipeline.cli {stage} " in cmd]
         assert len(victims) == (auto_workers(Deployment(), 1) if stage == "worker" else 1)  # the default count
@@ -204,10 +210,6 @@ def test_any_stage_killed_mid_run_loses_nothing(fitted_model, tmp_path, stage):
         if stage == "sink":
             assert len(_lines(out / "results.jsonl")) >= released >= 40
         proc.wait(timeout=180)
-    finally:
-        sub.close()
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, proc.stderr.read()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["frames_in"] == summary["results"] == 300
@@ -230,8 +232,7 @@ def test_a_worker_that_cannot_come_back_ends_the_run_saying_why(fitted_model, tm
     mixing two models' verdicts or restarting forever."""
     model = tmp_path / "model"
     shutil.copytree(fitted_model, model)
-    proc, sub = _endless_run(model, tmp_path)
-    try:
+    with _endless_run(model, tmp_path) as (proc, sub):
         sub.wait_for(5, 120, proc)
         if change == "refit":
             manifest = json.loads((model / "manifest.json").read_text())
@@ -244,10 +245,6 @@ def test_a_worker_that_cannot_come_back_ends_the_run_saying_why(fitted_model, tm
         worker = next(pid for pid, cmd in _children(proc.pid) if "pipeline.cli worker " in cmd)
         os.kill(worker, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=180)
-    finally:
-        sub.close()
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 2
     if change == "refit":
         assert "changed on disk during the run" in stderr
@@ -256,17 +253,12 @@ def test_a_worker_that_cannot_come_back_ends_the_run_saying_why(fitted_model, tm
 
 
 def test_sigterm_stops_every_process(fitted_model, tmp_path):
-    proc, sub = _endless_run(fitted_model, tmp_path)
-    try:
+    with _endless_run(fitted_model, tmp_path) as (proc, sub):
         sub.wait_for(5, 120, proc)
         children = [pid for pid, _ in _children(proc.pid)]
         assert len(children) >= 4  # sink, postprocess, worker, producer
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    finally:
-        sub.close()
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 130 and _gone(children)
 
 
@@ -275,16 +267,12 @@ def test_ctrl_c_ends_the_streams_and_finishes_every_frame_sent(fitted_model, tmp
     scored and logged, the summary says so and the command exits 0 (a live source's end:
     tests/test_producers.py)."""
     out = tmp_path / "out"
-    proc, sub = _endless_run(fitted_model, tmp_path, "--out", str(out), "--json", str(tmp_path / "summary.json"))
-    try:
+    with _endless_run(fitted_model, tmp_path, "--out", str(out),
+                      "--json", str(tmp_path / "summary.json")) as (proc, sub):
         sub.wait_for(20, 120, proc)
         children = [pid for pid, _ in _children(proc.pid)]
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        sub.close()
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, stderr
     assert "ending: no new frames" in stderr and "ended on request (Ctrl-C)" in stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -298,18 +286,13 @@ def test_ctrl_c_ends_the_streams_and_finishes_every_frame_sent(fitted_model, tmp
 def test_ctrl_c_as_the_producer_starts_still_ends_the_run_cleanly(fitted_model, tmp_path):
     """Ctrl-C the moment the producer process exists, before its Python has set its handler: the ending
     waits for it (stages start with SIGINT blocked) instead of killing it and failing the run."""
-    proc, sub = _endless_run(fitted_model, tmp_path, "--json", str(tmp_path / "summary.json"))
-    try:
+    with _endless_run(fitted_model, tmp_path, "--json", str(tmp_path / "summary.json")) as (proc, sub):
         deadline = time.monotonic() + 120
         while not any("pipeline.cli produce " in cmd for _, cmd in _children(proc.pid)):
             assert proc.poll() is None and time.monotonic() < deadline, "no producer started"
             time.sleep(0.005)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        sub.close()
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ended_on_request"] and summary["frames_in"] == summary["results"] and summary["lost"] == 0
@@ -318,29 +301,20 @@ def test_ctrl_c_as_the_producer_starts_still_ends_the_run_cleanly(fitted_model, 
 def test_a_run_under_nohup_goes_on_after_a_hangup(fitted_model, tmp_path):
     """`nohup lineguard run ... &`: SIGHUP ignored when the run starts stays ignored (a closed terminal
     or an ssh logout does not stop the line); Ctrl-C still ends it."""
-    pub = f"ipc://{tmp_path}/pub"
-    sub = Subscriber(pub)
-    proc = subprocess.Popen(_lineguard("run", str(fitted_model), "--source", "synthetic", "--frames", "100000",
-                                       "--pub", pub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    try:
+    with _endless_run(fitted_model, tmp_path,
+                      preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as (proc, sub):
         sub.wait_for(5, 120, proc)
         proc.send_signal(signal.SIGHUP)
         sub.wait_for(sub.received + 10, 60, proc)  # still scoring
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        sub.close()
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0 and "ended on request (Ctrl-C)" in stdout, stderr
 
 
 def test_a_second_ctrl_c_stops_at_once(fitted_model, tmp_path):
     """The postprocess worker is paused, so the frames in flight cannot finish: the first Ctrl-C waits for
     them, the second stops every process."""
-    proc, sub = _endless_run(fitted_model, tmp_path)
-    try:
+    with _endless_run(fitted_model, tmp_path) as (proc, sub):
         sub.wait_for(5, 120, proc)
         children = [pid for pid, _ in _children(proc.pid)]
         post = next(pid for pid, cmd in _children(proc.pid) if "pipeline.cli postprocess " in cmd)
@@ -351,10 +325,6 @@ def test_a_second_ctrl_c_stops_at_once(fitted_model, tmp_path):
         proc.send_signal(signal.SIGINT)
         os.kill(post, signal.SIGCONT)
         stderr = proc.communicate(timeout=60)[1]
-    finally:
-        sub.close()
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 130 and "lineguard: interrupted" in stderr and _gone(children)
 
 
@@ -362,26 +332,25 @@ def test_the_stages_end_with_a_supervisor_killed_outright(fitted_model, tmp_path
     """kill -9 of `lineguard run` itself (or the OOM killer): its stages get SIGTERM from Linux and end,
     so none is left holding a camera, a port or a GPU. The postprocess worker is held up first, so the
     inference workers are waiting to send into full queues when the signal comes."""
-    proc, sub = _endless_run(fitted_model, tmp_path)
-    try:
+    with _endless_run(fitted_model, tmp_path) as (proc, sub):
         sub.wait_for(5, 120, proc)
         children = [pid for pid, _ in _children(proc.pid)]
         assert len(children) >= 4
-        post = next(pid for pid, cmd in _children(proc.pid) if "pipeline.cli postprocess " in cmd)
-        os.kill(post, signal.SIGSTOP)
-        time.sleep(2.0)
-        proc.kill()
-        proc.wait(timeout=10)
-        os.kill(post, signal.SIGCONT)  # a stopped process takes its SIGTERM when it runs again
-        deadline = time.monotonic() + 20
-        while not _gone(children) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        sub.close()
-        left = [(pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:5]) for pid in children
-                if not _gone([pid])]
-        for pid, _ in left:  # reparented away from the test by now: ended by pid
-            os.kill(pid, signal.SIGKILL)
+        try:
+            post = next(pid for pid, cmd in _children(proc.pid) if "pipeline.cli postprocess " in cmd)
+            os.kill(post, signal.SIGSTOP)
+            time.sleep(2.0)
+            proc.kill()
+            proc.wait(timeout=10)
+            os.kill(post, signal.SIGCONT)  # a stopped process takes its SIGTERM when it runs again
+            deadline = time.monotonic() + 20
+            while not _gone(children) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            left = [(pid, Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:5]) for pid in children
+                    if not _gone([pid])]
+            for pid, _ in left:  # reparented away from the test by now: ended by pid
+                os.kill(pid, signal.SIGKILL)
     assert not left, f"{len(left)} stages outlived their supervisor: {left}"
 
 
